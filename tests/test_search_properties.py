@@ -1,0 +1,197 @@
+"""Properties every search backend must have, over many random shapes and options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BACKENDS, check_field, gen
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import psal
+
+
+@st.composite
+def problems(draw):
+    B = draw(st.integers(1, 3))
+    heads = draw(st.integers(1, 3))
+    C = heads * draw(st.integers(1, 3))
+    H, W = draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    Hk, Wk = draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    p = draw(st.sampled_from([1, 3, 5, 7, 2 * max(H, W, Hk, Wk) + 1]))
+    use_mask = draw(st.booleans())
+    K = draw(st.integers(1, min(5, Hk * Wk)))
+    seed = draw(st.integers(0, 2**31))
+    g = gen(seed)
+    mask = None
+    if use_mask:
+        mask = torch.rand(B, Hk, Wk, generator=g) < draw(st.sampled_from([0.2, 0.5, 0.9]))
+        # keep at least K allowed positions in every batch element
+        for b in range(B):
+            extra = torch.randperm(Hk * Wk, generator=g)[:K]
+            mask[b].view(-1)[extra] = True
+    return dict(
+        query=torch.randn(B, C, H, W, generator=g),
+        key=torch.randn(B, C, Hk, Wk, generator=g),
+        patch_size=p,
+        num_neighbors=K,
+        num_heads=heads,
+        key_mask=mask,
+        similarity=draw(st.sampled_from(["l2", "dot"])),
+        num_iters=draw(st.integers(0, 3)),
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=60)
+@given(problem=problems())
+def test_field_contract(backend, problem):
+    seed = problem.pop("seed")
+    iters = problem.pop("num_iters")
+    field = psal.patchmatch(**problem, num_iters=iters, generator=gen(seed), backend=backend)
+    check_field(
+        field,
+        problem["query"],
+        problem["key"],
+        patch_size=problem["patch_size"],
+        num_neighbors=problem["num_neighbors"],
+        num_heads=problem["num_heads"],
+        key_mask=problem["key_mask"],
+        similarity=problem["similarity"],
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_elements_never_mix(backend):
+    """Each batch element's query is a crop of its own noise key at its own offset: find it."""
+    g = gen(7)
+    shifts = [(0, 0), (5, 2), (3, 9), (8, 8)]
+    key = torch.rand(len(shifts), 3, 32, 32, generator=g)
+    query = torch.stack([key[b, :, dy : dy + 22, dx : dx + 20] for b, (dy, dx) in enumerate(shifts)])
+    field = psal.patchmatch(query, key, patch_size=5, num_neighbors=2, generator=gen(1), backend=backend)
+    check_field(field, query, key, patch_size=5, num_neighbors=2)
+    rows = torch.arange(22).view(22, 1)
+    cols = torch.arange(20).view(1, 20)
+    interior = (slice(2, -2), slice(2, -2))  # pixels whose whole patch lies inside the crop
+    for b, (dy, dx) in enumerate(shifts):
+        want = ((rows + dy) * 32 + cols + dx)[interior]
+        found = field.indices[b, 0, 0][interior] == want
+        assert found.float().mean() > 0.98, f"element {b}: shift found for {found.float().mean():.2%}"
+        assert field.costs[b, 0, 0][interior][found].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_allowed_key_takes_every_query(backend):
+    g = gen(3)
+    q, k = torch.randn(3, 2, 9, 7, generator=g), torch.randn(3, 2, 6, 8, generator=g)
+    mask = torch.zeros(3, 6, 8, dtype=torch.bool)
+    spots = [(0, 0), (5, 7), (2, 3)]
+    for b, (y, x) in enumerate(spots):
+        mask[b, y, x] = True
+    field = psal.patchmatch(q, k, num_neighbors=1, key_mask=mask, generator=gen(0), backend=backend)
+    for b, (y, x) in enumerate(spots):
+        assert (field.indices[b] == y * 8 + x).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_field(backend):
+    g = gen(5)
+    q, k = torch.rand(2, 3, 20, 17, generator=g), torch.rand(2, 3, 15, 22, generator=g)
+    a = psal.patchmatch(q, k, generator=gen(11), backend=backend)
+    b = psal.patchmatch(q, k, generator=gen(11), backend=backend)
+    c = psal.patchmatch(q, k, generator=gen(12), backend=backend, num_iters=0)
+    d = psal.patchmatch(q, k, generator=gen(13), backend=backend, num_iters=0)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.costs, b.costs)
+    assert not torch.equal(c.indices, d.indices)
+    torch.manual_seed(4)
+    e = psal.patchmatch(q, k, backend=backend)
+    torch.manual_seed(4)
+    f = psal.patchmatch(q, k, backend=backend)
+    assert torch.equal(e.indices, f.indices), "generator=None must follow torch.manual_seed"
+
+
+def test_numba_result_does_not_depend_on_thread_count():
+    numba = pytest.importorskip("numba")
+    g = gen(9)
+    q, k = torch.rand(2, 3, 40, 33, generator=g), torch.rand(2, 3, 37, 30, generator=g)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        a = psal.patchmatch(q, k, generator=gen(2), backend="numba")
+        numba.set_num_threads(before)
+        b = psal.patchmatch(q, k, generator=gen(2), backend="numba")
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("similarity", ["l2", "dot"])
+def test_warm_start_is_never_worse(backend, similarity):
+    g = gen(21)
+    q, k = torch.rand(2, 4, 18, 21, generator=g), torch.rand(2, 4, 16, 19, generator=g)
+    opts = dict(patch_size=3, num_heads=2, similarity=similarity, backend=backend)
+    rough = psal.patchmatch(q, k, num_neighbors=3, num_iters=1, generator=gen(1), **opts)
+    for iters in (0, 2):
+        warm = psal.patchmatch(q, k, num_neighbors=3, num_iters=iters, init=rough, generator=gen(2), **opts)
+        assert (warm.costs <= rough.costs + 1e-6).all()
+    # a warm start with another k: the best match never gets worse
+    wide = psal.patchmatch(q, k, num_neighbors=5, num_iters=0, init=rough, generator=gen(3), **opts)
+    assert (wide.costs[:, :, 0] <= rough.costs[:, :, 0] + 1e-6).all()
+    # from the exact field, the exact field comes back
+    exact = psal.exact_knn(q, k, patch_size=3, num_neighbors=3, num_heads=2, similarity=similarity)
+    again = psal.patchmatch(q, k, num_neighbors=3, num_iters=1, init=exact, generator=gen(4), **opts)
+    torch.testing.assert_close(again.costs, exact.costs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_iterations_approach_exact(backend):
+    g = gen(8)
+    q, k = torch.rand(1, 3, 24, 24, generator=g), torch.rand(1, 3, 24, 24, generator=g)
+    exact = psal.exact_knn(q, k, patch_size=3, num_neighbors=2).costs.mean()
+    ratios = [
+        float(psal.patchmatch(q, k, patch_size=3, num_neighbors=2, num_iters=n, generator=gen(0), backend=backend).costs.mean() / exact)
+        for n in (0, 2, 8)
+    ]
+    assert ratios[0] > ratios[1] > ratios[2] >= 1.0 - 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_inputs_stay_in_range(backend):
+    g = gen(4)
+    q, k = torch.randn(2, 3, 12, 13, generator=g), torch.randn(2, 3, 10, 9, generator=g)
+    q[0, :, 3:6, 3:6] = float("nan")
+    k[1, 1, 2:4, :] = float("inf")
+    k[0, 0, 0, 0] = float("-inf")
+    for similarity in ("l2", "dot"):
+        field = psal.patchmatch(q, k, num_neighbors=3, similarity=similarity, generator=gen(0), backend=backend)
+        idx = field.indices
+        assert int(idx.min()) >= 0 and int(idx.max()) < 90
+        assert (idx.sort(2).values.diff(dim=2) != 0).all()
+        assert not torch.isnan(field.costs).any()
+    everything_nan = psal.patchmatch(torch.full_like(q, float("nan")), k, num_neighbors=3, backend=backend)
+    assert int(everything_nan.indices.max()) < 90 and torch.isinf(everything_nan.costs).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs_give_empty_fields(backend):
+    field = psal.patchmatch(torch.rand(0, 3, 8, 8), torch.rand(0, 3, 5, 5), num_neighbors=2, backend=backend)
+    assert field.indices.shape == (0, 1, 2, 8, 8) and field.costs.shape == (0, 1, 2, 8, 8)
+    field = psal.patchmatch(torch.rand(2, 4, 0, 8), torch.rand(2, 4, 5, 5), num_heads=2, backend=backend)
+    assert field.indices.shape == (2, 2, 3, 0, 8)
+    exact = psal.exact_knn(torch.rand(0, 3, 8, 8), torch.rand(0, 3, 5, 5))
+    assert exact.costs.shape == (0, 1, 3, 8, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_low_precision_and_non_contiguous_inputs(backend):
+    g = gen(6)
+    q = torch.rand(2, 3, 16, 20, generator=g)
+    k = torch.rand(2, 20, 14, 3, generator=g).permute(0, 3, 2, 1)  # non-contiguous (2, 3, 14, 20)
+    ref = psal.patchmatch(q, k.contiguous(), generator=gen(1), backend=backend)
+    again = psal.patchmatch(q, k, generator=gen(1), backend=backend)
+    assert torch.equal(ref.indices, again.indices)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        field = psal.patchmatch(q.to(dtype), k.to(dtype), generator=gen(1), backend=backend)
+        check_field(field, q.to(dtype), k.to(dtype), patch_size=3, num_neighbors=3)
