@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 
 import torch
 
@@ -62,6 +63,13 @@ def search_backend(fn: str, backend: str, device: torch.device):
     if backend == "auto":
         for name in SEARCH_ORDER:
             if _PREDICATES[name](device):
+                if name == "torch" and device.type == "cpu":
+                    warnings.warn(
+                        "psal: numba is not installed, so the CPU search runs on the much slower "
+                        "pure-PyTorch backend; pip install numba",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                 return _module(name)
         raise ValueError(f"{fn}: no backend can run on {device}: {explain_search_backend(device)}")
     if backend not in _PREDICATES:
