@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m psal.bench knn ...`` (see ``psal.bench.knn``)."""

@@ -1,0 +1,21 @@
+"""``python -m psal.bench <suite> [options]``; suites: knn."""
+
+from __future__ import annotations
+
+import sys
+
+SUITES = {"knn": "psal.bench.knn"}
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in SUITES:
+        print(f"usage: python -m psal.bench {{{','.join(SUITES)}}} [options]  (add --help after a suite)", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(SUITES[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

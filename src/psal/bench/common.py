@@ -1,0 +1,85 @@
+"""What every benchmark shares: the environment line, peak-memory probes, markdown tables."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "numpy", "numba", "faiss", "triton"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "?")
+        except Exception:
+            pass
+    return out
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_dict() -> dict:
+    import torch
+
+    env = {"versions": _versions(), "cpu": _cpu(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        import numba
+
+        env["numba_threads"] = numba.get_num_threads()
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def environment() -> str:
+    env = environment_dict()
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    threads = f"torch threads {env['torch_threads']}" + (f", numba threads {env['numba_threads']}" if "numba_threads" in env else "")
+    gpu = f"; GPU: {env['gpu']}" if "gpu" in env else ""
+    return f"{versions}\nCPU: {env['cpu']}, {env['cores']} cores ({threads}){gpu}; {sys.platform}"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_kib() -> int:
+    """Resident set size now (Linux), KiB."""
+    return _status_kib("VmRSS")
+
+
+def peak_kib() -> int:
+    """Resident set high-water mark since the last :func:`reset_peak` (Linux), KiB."""
+    return _status_kib("VmHWM")
+
+
+def reset_peak() -> None:
+    """Resets the high-water mark to the current size (Linux >= 4.0; silently nothing elsewhere)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def markdown_table(header, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])

@@ -1,0 +1,98 @@
+"""Image helpers for demos, benchmarks and tests: bundled images, PNG files, PSNR.
+
+The bundled images are scikit-image's (they load without a network); install the ``demo`` extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+BUNDLED = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")
+
+
+def _need(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"psal.images needs {module}: pip install 'psal[demo]' ({exc})") from None
+
+
+def to_tensor(array) -> torch.Tensor:
+    """``uint8 (H, W)`` or ``(H, W, C)`` array -> ``Tensor[1, C, H, W]`` float32 in ``[0, 1]``."""
+    t = torch.as_tensor(array)
+    if t.dim() == 2:
+        t = t[..., None]
+    return t.permute(2, 0, 1)[None].float().div(255.0)
+
+
+def resize(image: torch.Tensor, size) -> torch.Tensor:
+    """Area-style resize of ``Tensor[B, C, H, W]`` to ``size = (H', W')`` with antialiasing."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=tuple(size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def load_bundled(name: str, size=None, gray: bool = False) -> torch.Tensor:
+    """A scikit-image sample as ``Tensor[1, 3, H, W]`` (``[1, 1, H, W]`` if ``gray``) in ``[0, 1]``.
+
+    Args:
+        name: one of :data:`BUNDLED`.
+        size: ``int`` for a square or ``(H, W)``; ``None`` keeps the original size.
+    """
+    if name not in BUNDLED:
+        raise ValueError(f"load_bundled: name must be one of {', '.join(BUNDLED)}, got {name!r}")
+    data = _need("skimage.data")
+    image = to_tensor(getattr(data, name)())
+    if gray and image.shape[1] == 3:
+        image = (image * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    elif not gray and image.shape[1] == 1:
+        image = image.expand(1, 3, *image.shape[-2:]).contiguous()
+    if size is not None:
+        image = resize(image, (size, size) if isinstance(size, int) else size)
+    return image
+
+
+def save_png(image: torch.Tensor, path) -> None:
+    """Write ``Tensor[1, C, H, W]`` (or ``[C, H, W]``) in ``[0, 1]`` as PNG, atomically.
+
+    The file is written beside its destination and renamed into place, so an existing file is
+    never left half-written.
+    """
+    Image = _need("PIL.Image")
+    if image.dim() == 4:
+        image = image[0]
+    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two images in ``[0, 1]``."""
+    mse = (a.float() - b.float()).square().mean()
+    return float(10 * torch.log10(1.0 / mse.clamp_min(1e-12)))
+
+
+def side_by_side(pictures, height: int = 256, gap: int = 4) -> torch.Tensor:
+    """Pictures ``Tensor[1, C, H, W]`` resized to one height and laid in a row on white."""
+    rows = []
+    for pic in pictures:
+        pic = pic.expand(1, 3, *pic.shape[-2:]) if pic.shape[1] == 1 else pic
+        width = max(1, round(pic.shape[-1] * height / pic.shape[-2]))
+        rows.append(resize(pic, (height, width)))
+        rows.append(torch.ones(1, 3, height, gap))
+    return torch.cat(rows[:-1], dim=3)
