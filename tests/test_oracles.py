@@ -73,6 +73,19 @@ def test_exact_knn_mask_and_heads():
             torch.testing.assert_close(field.costs[b, h].double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_exact_knn_with_exactly_k_allowed_keys():
+    """Fewer allowed keys than the K + 8 candidates it pre-selects: only allowed ones come back."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 6, generator=g), torch.randn(2, 3, 6, 5, generator=g)
+    mask = torch.zeros(2, 6, 5, dtype=torch.bool)
+    mask[0, 0, 0] = mask[0, 5, 4] = True
+    mask[1, 2, 2] = mask[1, 3, 1] = True
+    field = psal.exact_knn(q, k, patch_size=3, num_neighbors=2, key_mask=mask)
+    for b in range(2):
+        allowed = set(mask[b].flatten().nonzero().flatten().tolist())
+        assert set(field.indices[b].unique().tolist()) == allowed
+
+
 def test_exact_knn_chunking_does_not_change_the_answer():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 9, 11, generator=g)

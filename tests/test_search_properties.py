@@ -100,10 +100,11 @@ def test_same_seed_same_field(backend):
     q, k = torch.rand(2, 3, 20, 17, generator=g), torch.rand(2, 3, 15, 22, generator=g)
     a = psal.patchmatch(q, k, generator=gen(11), backend=backend)
     b = psal.patchmatch(q, k, generator=gen(11), backend=backend)
-    c = psal.patchmatch(q, k, generator=gen(12), backend=backend, num_iters=0)
-    d = psal.patchmatch(q, k, generator=gen(13), backend=backend, num_iters=0)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.costs, b.costs)
-    assert not torch.equal(c.indices, d.indices)
+    for iters in (0, 2):
+        c = psal.patchmatch(q, k, generator=gen(12), backend=backend, num_iters=iters)
+        d = psal.patchmatch(q, k, generator=gen(13), backend=backend, num_iters=iters)
+        assert not torch.equal(c.indices, d.indices)
     torch.manual_seed(4)
     e = psal.patchmatch(q, k, backend=backend)
     torch.manual_seed(4)
@@ -112,18 +113,41 @@ def test_same_seed_same_field(backend):
 
 
 def test_numba_result_does_not_depend_on_thread_count():
+    """One tall map: its bands are split between threads, so a read across a band boundary (a
+    race) or a schedule-dependent random stream would show."""
     numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads")
     g = gen(9)
-    q, k = torch.rand(2, 3, 40, 33, generator=g), torch.rand(2, 3, 37, 30, generator=g)
+    q, k = torch.rand(1, 3, 160, 24, generator=g), torch.rand(1, 3, 150, 30, generator=g)
     before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         a = psal.patchmatch(q, k, generator=gen(2), backend="numba")
-        numba.set_num_threads(before)
-        b = psal.patchmatch(q, k, generator=gen(2), backend="numba")
     finally:
         numba.set_num_threads(before)
+    b = psal.patchmatch(q, k, generator=gen(2), backend="numba")
     assert torch.equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_propagation_crosses_the_whole_column(backend):
+    """A 64x1 query cut from a 400x400 noise key, far too large for random search to hit the
+    exact match: only the first 4 rows start on it, so propagation must carry it down the column
+    (through every parallel band boundary)."""
+    g = gen(1)
+    H, dy, dx = 64, 100, 200
+    key = torch.rand(1, 3, 400, 400, generator=g)
+    query = key[:, :, dy : dy + H, dx : dx + 1].clone()
+    want = (torch.arange(H) + dy) * 400 + dx
+    init = torch.zeros(1, 1, 1, H, 1, dtype=torch.int64)
+    init[0, 0, 0, :4, 0] = want[:4]
+    field = psal.patchmatch(
+        query, key, patch_size=1, num_neighbors=1, num_iters=40,
+        init=psal.KNNField(init, torch.zeros(1, 1, 1, H, 1)), generator=gen(0), backend=backend,
+    )  # fmt: skip
+    found = field.indices[0, 0, 0, :, 0] == want
+    assert found.all(), found.int().tolist()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,12 +7,13 @@ import torch
 
 import psal
 
-Q = torch.rand(2, 4, 8, 9)
-K = torch.rand(2, 4, 7, 6)
+_G = torch.Generator().manual_seed(0)
+Q = torch.rand(2, 4, 8, 9, generator=_G)
+K = torch.rand(2, 4, 7, 6, generator=_G)
 
 
 def search(**kw):
-    args = dict(query=Q, key=K)
+    args = dict(query=Q, key=K, generator=torch.Generator().manual_seed(1))
     args.update(kw)
     return psal.patchmatch(args.pop("query"), args.pop("key"), **args)
 
@@ -64,7 +65,7 @@ def test_bad_warm_start():
     good = search(num_iters=0)
     with pytest.raises(ValueError, match=r"init.indices must have shape \(B, heads, k, H, W\) = \(2, 1, k, 8, 9\), got \(2, 1, 3, 9, 8\)"):
         search(init=psal.KNNField(good.indices.transpose(3, 4), good.costs))
-    with pytest.raises(ValueError, match=r"init.indices must hold flat key positions in \[0, 42\).*got values in \[0, 42\]"):
+    with pytest.raises(ValueError, match=r"init.indices must hold flat key positions in \[0, 42\).*got values in \[\d+, 42\]"):
         bad = good.indices.clone()
         bad[1, 0, 2, 7, 8] = 42
         search(init=psal.KNNField(bad, good.costs))
