@@ -1,0 +1,32 @@
+# Two commands from nothing: `make demo` and `make test`. Each creates .venv, installs the pinned
+# CPU build of torch and the package with what the job needs, then runs the job.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# One stamp per set of extras, remade when pyproject.toml changes.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[$*]"
+	@touch $@
+
+setup: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/python -m psal.demo --out out
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m psal.bench knn --sizes 128 256 512
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
