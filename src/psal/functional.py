@@ -23,6 +23,15 @@ def _unfold_field(idx: torch.Tensor, cost: torch.Tensor, shapes: checks.MapShape
     return KNNField(idx.reshape(size), cost.reshape(size))
 
 
+def _folded(query, key, key_mask, num_heads: int):
+    """Detached query, key and mask with the heads moved into the batch (see ``reference.fold_heads``)."""
+    return (
+        reference.fold_heads(query.detach(), num_heads),
+        reference.fold_heads(key.detach(), num_heads),
+        reference.fold_mask(key_mask, num_heads),
+    )
+
+
 def _draw_seed(generator) -> int:
     """A 62-bit seed from the caller's generator (or torch's default one): one small draw."""
     if generator is None:
@@ -86,12 +95,9 @@ def patchmatch(
     impl = search_backend(fn, backend, query.device)
     if shapes.batch == 0 or shapes.height * shapes.width == 0:
         return _empty_field(shapes, k, query.device)
-    h = shapes.num_heads
     with torch.no_grad():
         idx, cost = impl.patchmatch(
-            reference.fold_heads(query.detach(), h),
-            reference.fold_heads(key.detach(), h),
-            reference.fold_mask(key_mask, h),
+            *_folded(query, key, key_mask, shapes.num_heads),
             k,
             patch_size,
             num_iters,
@@ -130,16 +136,8 @@ def exact_knn(
     k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
     if shapes.batch == 0 or shapes.height * shapes.width == 0:
         return _empty_field(shapes, k, query.device)
-    h = shapes.num_heads
     with torch.no_grad():
-        idx, cost = reference.exact_knn(
-            reference.fold_heads(query.detach(), h),
-            reference.fold_heads(key.detach(), h),
-            reference.fold_mask(key_mask, h),
-            k,
-            patch_size,
-            similarity,
-        )
+        idx, cost = reference.exact_knn(*_folded(query, key, key_mask, shapes.num_heads), k, patch_size, similarity)
     return _unfold_field(idx, cost, shapes)
 
 
@@ -171,13 +169,7 @@ def patch_costs(
     indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device)
     if indices.numel() == 0:
         return torch.empty(indices.shape, dtype=torch.float32, device=query.device)
-    h = shapes.num_heads
     with torch.no_grad():
-        cost = reference.patch_costs(
-            reference.fold_heads(query.detach(), h),
-            reference.fold_heads(key.detach(), h),
-            indices.flatten(0, 1),
-            patch_size,
-            similarity,
-        )
+        q, k, _ = _folded(query, key, None, shapes.num_heads)
+        cost = reference.patch_costs(q, k, indices.flatten(0, 1), patch_size, similarity)
     return cost.reshape(indices.shape)

@@ -88,9 +88,9 @@ def _cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
 
 
 @njit(inline="always", **_HOT)
-def _insert(li, lc, cand, c):
-    """Insert (cand, c) into the ascending list, dropping the worst."""
-    j = li.shape[0] - 1
+def _insert(li, lc, cand, c, last):
+    """Insert (cand, c) into the ascending list ``li[:last + 1]``, dropping what was at ``last``."""
+    j = last
     while j > 0 and lc[j - 1] > c:
         lc[j] = lc[j - 1]
         li[j] = li[j - 1]
@@ -130,7 +130,7 @@ def _try(qp, kp, sq, sk, mask, has_mask, n, i, j, li, lc, ki, kj, Wk, p, C, dot)
         return
     c = _cost(qp, kp, n, i, j, ki, kj, p, C, dot, worst)
     if c < worst:  # False for NaN
-        _insert(li, lc, cand, c)
+        _insert(li, lc, cand, c, K - 1)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
@@ -180,16 +180,7 @@ def _init(qp, kp, sq, sk, mask, has_mask, allowed, n_allowed, init_idx, has_init
             for m in range(K):
                 y = li[m]
                 c = _cost(qp, kp, n, i, j, y // Wk, y % Wk, p, C, dot, inf)
-                if c != c:
-                    c = inf
-                # insertion sort by cost as the list fills
-                q = m
-                while q > 0 and lc[q - 1] > c:
-                    lc[q] = lc[q - 1]
-                    li[q] = li[q - 1]
-                    q -= 1
-                lc[q] = c
-                li[q] = y
+                _insert(li, lc, y, inf if c != c else c, m)  # sorted as the list fills
             if has_init:
                 for m in range(init_idx.shape[3]):
                     y = init_idx[n, i, j, m]

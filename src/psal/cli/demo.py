@@ -4,7 +4,7 @@ Every pixel of the target (scikit-image's astronaut, 512 x 512) takes the colour
 its best-matching 7 x 7 patch in the source (coffee, 400 x 600), found by PatchMatch. The result
 shows how far a global, full-resolution patch search gets with somebody else's pixels.
 
-    python -m psal.demo --out out [--target astronaut] [--source coffee] [--size 512]
+    python -m psal.cli.demo --out out [--target astronaut] [--source coffee] [--size 512]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def rebuild(target: torch.Tensor, source: torch.Tensor, *, patch_size: int, num_
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m psal.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m psal.cli.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out", help="folder for the PNG files (created)")
     ap.add_argument("--target", default="astronaut", choices=images.BUNDLED)
     ap.add_argument("--source", default="coffee", choices=images.BUNDLED)

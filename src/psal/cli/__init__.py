@@ -1,0 +1,1 @@
+"""Programs run from the command line (``python -m psal.cli.demo``); they print, the library does not."""
