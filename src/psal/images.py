@@ -24,7 +24,7 @@ def _need(module: str):
 
 def to_tensor(array) -> torch.Tensor:
     """``uint8 (H, W)`` or ``(H, W, C)`` array -> ``Tensor[1, C, H, W]`` float32 in ``[0, 1]``."""
-    t = torch.as_tensor(array)
+    t = torch.tensor(array)  # a copy: the array may be read-only
     if t.dim() == 2:
         t = t[..., None]
     return t.permute(2, 0, 1)[None].float().div(255.0)
