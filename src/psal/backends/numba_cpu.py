@@ -14,6 +14,8 @@ Compiled once, cached on disk (numba ``cache=True``), so later processes load in
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -257,8 +259,16 @@ def _padded_rows(x: torch.Tensor, r: int) -> np.ndarray:
     return xp.permute(0, 2, 3, 1).contiguous().numpy().reshape(N, H + 2 * r, (W + 2 * r) * C)
 
 
-def _sketch_basis(p: int, C: int, key: torch.Tensor, dims: int) -> torch.Tensor:
-    """``dims`` orthonormal patch filters ``(dims, C, p, p)`` that capture most of the key's variance.
+class _SketchBasis(NamedTuple):
+    """``D`` orthonormal patch filters, each a channel direction times a spatial DCT patch."""
+
+    chans: torch.Tensor  # (m, C): orthonormal channel directions
+    spatial: torch.Tensor  # (D, p, p): the spatial patch of each filter
+    which: torch.Tensor  # (D,): the channel direction of each filter
+
+
+def _sketch_basis(p: int, C: int, key: torch.Tensor, dims: int) -> _SketchBasis:
+    """``dims`` orthonormal patch filters that capture most of the key's variance.
 
     Candidates are the tensor products of orthonormal channel directions (the principal
     directions of the key's channels) and the lowest 2-D DCT-II patches (frequencies 0..2 on each
@@ -271,28 +281,36 @@ def _sketch_basis(p: int, C: int, key: torch.Tensor, dims: int) -> torch.Tensor:
     x = torch.arange(p, dtype=torch.float64)
     freqs = range(min(p, 3))
     dct = [torch.cos(torch.pi * f * (2 * x + 1) / (2 * p)) * ((1.0 if f == 0 else 2.0) / p) ** 0.5 for f in freqs]
-    spatial = torch.stack([a.outer(b) for a in dct for b in dct])  # (s, p, p)
+    spatial = torch.stack([a.outer(b) for a in dct for b in dct]).float()  # (s, p, p)
     # Statistics only choose among orthonormal filters: non-finite values may not break them.
-    k = torch.nan_to_num(key.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
-    f = k.transpose(0, 1).reshape(C, -1)
+    k = torch.nan_to_num(key.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+    f = k.transpose(0, 1).reshape(C, -1).double()
     f = f - f.mean(1, keepdim=True)
     try:
         chans = torch.linalg.eigh(f @ f.T).eigenvectors.T  # (C, C), rows orthonormal
     except RuntimeError:  # pragma: no cover - eigh failing to converge
         chans = torch.eye(C, dtype=torch.float64)
-    chans = chans[-min(C, _SKETCH_CHANNELS):]
-    filt = (chans[:, None, :, None, None] * spatial[None, :, None]).reshape(-1, C, p, p)
+    chans = chans[-min(C, _SKETCH_CHANNELS):].float()  # (m, C)
+    m, s = chans.shape[0], spatial.shape[0]
     stride = max(1, int((key.shape[-2] * key.shape[-1] / 4096) ** 0.5))  # about 4096 patches
-    k = F.pad(k, (p // 2,) * 4, mode="replicate")
-    var = F.conv2d(k, filt, stride=stride).transpose(0, 1).reshape(filt.shape[0], -1).var(1, correction=0)
+    y = _project(k, chans, p // 2)  # (N, m, Hk + 2r, Wk + 2r)
+    resp = F.conv2d(y.flatten(0, 1)[:, None], spatial[:, None], stride=stride)  # (N * m, s, h, w)
+    var = resp.reshape(-1, m * s, resp.shape[-2] * resp.shape[-1]).transpose(0, 1).flatten(1).var(1, correction=0)
     keep = var.argsort(descending=True)[:dims]
-    return filt[keep].float()
+    return _SketchBasis(chans, spatial[keep % s], keep // s)
 
 
-def _sketch(x: torch.Tensor, r: int, basis: torch.Tensor) -> np.ndarray:
-    """Sketch ``(N, H, W, D)`` of every patch of ``x (N, C, H, W)`` (replicate padded)."""
-    xp = F.pad(x.detach().float(), (r, r, r, r), mode="replicate")
-    return F.conv2d(xp, basis).permute(0, 2, 3, 1).contiguous().numpy()
+def _project(x: torch.Tensor, chans: torch.Tensor, r: int) -> torch.Tensor:
+    """Channels of ``x (N, C, H, W)`` onto the directions ``chans (m, C)``, replicate padded by r."""
+    y = torch.einsum("mc,nchw->nmhw", chans, x.detach().float())
+    return F.pad(y, (r, r, r, r), mode="replicate")
+
+
+def _sketch(x: torch.Tensor, r: int, basis: _SketchBasis) -> np.ndarray:
+    """Sketch ``(N, H, W, D)`` of every patch of ``x (N, C, H, W)``: one depthwise filter each."""
+    y = _project(x, basis.chans, r)[:, basis.which]  # (N, D, H + 2r, W + 2r)
+    z = F.conv2d(y, basis.spatial[:, None], groups=basis.spatial.shape[0])
+    return z.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int):
