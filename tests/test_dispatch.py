@@ -65,3 +65,12 @@ def test_numba_kernels_load_from_the_disk_cache_in_a_new_process(tmp_path):
     warm = [int(x) for x in runs[1].stdout.split()]
     assert cold[0] == 2, f"first process should compile both kernels, got misses/hits {cold}"
     assert warm == [0, 2], f"second process should load both kernels from disk, got misses/hits {warm}"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import psal.functional
+
+    result = doctest.testmod(psal.functional, extraglobs={"torch": torch, "psal": psal})
+    assert result.attempted >= 6 and result.failed == 0

@@ -158,8 +158,9 @@ def patch_costs(
     Computed in float64 for float64 inputs, else float32. No gradient flows through it.
 
     Example:
+        >>> q, k = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 12, 20)
         >>> field = psal.patchmatch(q, k)
-        >>> torch.allclose(psal.patch_costs(q, k, field.indices), field.costs)
+        >>> torch.allclose(psal.patch_costs(q, k, field.indices), field.costs, rtol=1e-4)
         True
     """
     fn = "psal.patch_costs"
