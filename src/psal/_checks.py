@@ -49,12 +49,6 @@ def check_similarity(fn: str, similarity) -> str:
     return similarity
 
 
-def check_choice(fn: str, name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{fn}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class MapShapes:
     """Sizes read off a validated query/key pair."""

@@ -43,6 +43,16 @@ def sanitize_costs(costs: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(costs), torch.full_like(costs, float("inf")), costs)
 
 
+def best_k(costs: torch.Tensor, barred: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """Positions along ``dim`` of the ``k`` lowest costs, ascending, never a ``barred`` one.
+
+    Infinite costs (sanitised NaN) still rank before every barred entry, so the pick stays valid
+    whenever at least ``k`` entries are not barred.
+    """
+    rank = torch.where(torch.isinf(costs), torch.full_like(costs, _FINITE_MAX), costs)
+    return rank.masked_fill(barred, float("inf")).topk(k, dim=dim, largest=False).indices
+
+
 class PatchCosts:
     """Evaluates patch costs of arbitrary matches, ``p * p`` gathers at a time.
 
@@ -136,10 +146,9 @@ def exact_knn_patches(qpat, kpat, mask, num_neighbors: int, similarity: str, bud
         q = qc.unsqueeze(3)
         cost = -(q * kv).sum(1) if knorm is None else (q - kv).square().sum(1)  # (N, s, kc)
         cost = sanitize_costs(cost)
-        rank = torch.where(torch.isinf(cost), torch.full_like(cost, _FINITE_MAX), cost)
-        if barred is not None:
-            rank = rank.masked_fill(barred.gather(1, cand.view(N, s * kc)).view(N, s, kc), float("inf"))
-        best = rank.topk(K, dim=2, largest=False).indices  # (N, s, K), ascending
+        no = torch.zeros_like(cand, dtype=torch.bool)
+        cand_barred = no if barred is None else barred.gather(1, cand.view(N, s * kc)).view(N, s, kc)
+        best = best_k(cost, cand_barred, K, dim=2)  # (N, s, K)
         out_idx[:, :, start : start + s] = cand.gather(2, best).transpose(1, 2)
         out_cost[:, :, start : start + s] = cost.gather(2, best).transpose(1, 2)
     return out_idx, out_cost
@@ -210,9 +219,7 @@ class _Search:
         dup_sorted = torch.zeros_like(sorted_i, dtype=torch.bool)
         dup_sorted[:, 1:] = sorted_i[:, 1:] == sorted_i[:, :-1]
         dup = torch.empty_like(dup_sorted).scatter_(1, perm, dup_sorted)
-        rank = torch.where(torch.isinf(all_c), torch.full_like(all_c, _FINITE_MAX), all_c)
-        rank = rank.masked_fill(dup, float("inf"))
-        best = rank.topk(self.K, dim=1, largest=False).indices  # ascending
+        best = best_k(all_c, dup, self.K, dim=1)
         return all_i.gather(1, best), all_c.gather(1, best)
 
     def init(self, init_idx):
@@ -232,7 +239,7 @@ class _Search:
         N, K, H, W, Hk, Wk = self.N, self.K, self.H, self.W, self.Hk, self.Wk
         grid = idx.view(N, K, H, W)
         yr, yc = grid // Wk, grid % Wk
-        rows, cols, ok = [], [], []
+        rows, cols = [], []
         for dy, dx in ((0, step), (0, -step), (step, 0), (-step, 0)):
             if abs(dy) >= H or abs(dx) >= W:
                 continue  # no neighbour at that distance
