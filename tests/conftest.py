@@ -74,3 +74,57 @@ def check_field(field: psal.KNNField, query, key, *, patch_size, num_neighbors, 
         assert ok.all(), "a match falls on a masked key position"
     recomputed = psal.patch_costs(query, key, idx, patch_size=patch_size, similarity=similarity, num_heads=num_heads)
     torch.testing.assert_close(field.costs, recomputed, rtol=1e-4, atol=1e-4)
+
+
+def naive_attention(q, k, v, idx, T: float, p: int, aggregation: str, similarity: str = "l2") -> torch.Tensor:
+    """float64 attention of one head, ``(B, Cv, H, W)``, by explicit loops over pixels, matches and
+    offsets with clamped coordinates, straight from the formulas of ``PSAL.md``. ``idx (B, k, H, W)``."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, _, H, W = q.shape
+    Wk = k.shape[-1]
+    K, r = idx.shape[1], p // 2
+
+    def at(x, i, j):  # replicate padding
+        return x[:, min(max(i, 0), x.shape[1] - 1), min(max(j, 0), x.shape[2] - 1)]
+
+    out = torch.zeros(B, v.shape[1], H, W, dtype=torch.float64)
+    for b in range(B):
+        match = [[[divmod(int(idx[b, m, i, j]), Wk) for m in range(K)] for j in range(W)] for i in range(H)]
+        score = torch.zeros(H, W, K, dtype=torch.float64)
+        for i in range(H):
+            for j in range(W):
+                for m, (yr, yc) in enumerate(match[i][j]):
+                    c = 0.0
+                    for di in range(-r, r + 1):
+                        for dj in range(-r, r + 1):
+                            a, e = at(q[b], i + di, j + dj), at(k[b], yr + di, yc + dj)
+                            c += float(((a - e) ** 2).sum()) if similarity == "l2" else -float((a * e).sum())
+                    score[i, j, m] = -c / T
+        for i in range(H):
+            for j in range(W):
+                if aggregation == "center":
+                    w = score[i, j].softmax(0)
+                    out[b, :, i, j] = sum(w[m] * at(v[b], *match[i][j][m]) for m in range(K))
+                    continue
+                votes, values = [], []
+                for di in range(-r, r + 1):
+                    for dj in range(-r, r + 1):
+                        xi, xj = i - di, j - dj  # the query patch whose offset (di, dj) covers (i, j)
+                        if not (0 <= xi < H and 0 <= xj < W):
+                            continue
+                        for m, (yr, yc) in enumerate(match[xi][xj]):
+                            own = score[xi, xj].softmax(0)[m]
+                            votes.append(score[xi, xj, m] if aggregation == "patch" else own)
+                            values.append(at(v[b], yr + di, yc + dj))
+                if aggregation == "patch":
+                    w = torch.stack(votes).softmax(0)
+                    out[b, :, i, j] = sum(wt * val for wt, val in zip(w, values))
+                else:  # patch_mean: each patch's own weights, averaged over the covering patches
+                    out[b, :, i, j] = sum(wt * val for wt, val in zip(votes, values)) / (len(votes) // K)
+    return out
+
+
+def random_indices(B: int, heads: int, K: int, H: int, W: int, num_keys: int, seed: int) -> torch.Tensor:
+    """``(B, heads, K, H, W)`` int64: ``K`` distinct random key positions per query pixel."""
+    g = gen(seed)
+    return torch.rand(B * heads * H * W, num_keys, generator=g).argsort(1)[:, :K].reshape(B, heads, H, W, K).permute(0, 1, 4, 2, 3).contiguous()

@@ -4,9 +4,29 @@
 """
 
 from ._dispatch import explain_search_backend
-from .functional import exact_knn, patch_costs, patchmatch
+from .functional import (
+    attend,
+    exact_knn,
+    full_attention,
+    patch_costs,
+    patchmatch,
+    ps_attention,
+)
+from .nn import PSALBlock, PSAttention
 from .types import KNNField
 
 __version__ = "0.1.0"
 
-__all__ = ["KNNField", "exact_knn", "explain_search_backend", "patch_costs", "patchmatch", "__version__"]
+__all__ = [
+    "KNNField",
+    "PSALBlock",
+    "PSAttention",
+    "attend",
+    "exact_knn",
+    "explain_search_backend",
+    "full_attention",
+    "patch_costs",
+    "patchmatch",
+    "ps_attention",
+    "__version__",
+]

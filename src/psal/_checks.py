@@ -13,6 +13,16 @@ from dataclasses import dataclass
 import torch
 
 SIMILARITIES = ("l2", "dot")
+AGGREGATIONS = ("center", "patch", "patch_mean")
+
+
+def data_checks_enabled() -> bool:
+    """Checks that read tensor values (one device sync each) run in eager mode only.
+
+    Under ``torch.compile`` they would break the graph; shapes, dtypes and devices are still
+    checked there, since those are known while tracing.
+    """
+    return not torch.compiler.is_compiling()
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -41,12 +51,18 @@ def check_patch_size(fn: str, patch_size) -> int:
     return int(patch_size)
 
 
+def check_choice(fn: str, name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{fn}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_aggregation(fn: str, aggregation) -> str:
+    return check_choice(fn, "aggregation", aggregation, AGGREGATIONS)
+
+
 def check_similarity(fn: str, similarity) -> str:
-    if similarity not in SIMILARITIES:
-        raise ValueError(
-            f"{fn}: similarity must be one of {', '.join(map(repr, SIMILARITIES))}, got {similarity!r}"
-        )
-    return similarity
+    return check_choice(fn, "similarity", similarity, SIMILARITIES)
 
 
 @dataclass(frozen=True)
@@ -124,7 +140,7 @@ def check_num_neighbors(fn: str, num_neighbors, key_mask, shapes: MapShapes) -> 
             f"{fn}: num_neighbors={k} is more than the {shapes.num_keys} key positions of a "
             f"{shapes.key_height}x{shapes.key_width} key map"
         )
-    if key_mask is not None and shapes.batch > 0:
+    if key_mask is not None and shapes.batch > 0 and data_checks_enabled():
         # One explicit sync, at the boundary, only when a mask is given.
         allowed = key_mask.flatten(1).sum(1)
         fewest = int(allowed.min())
@@ -135,6 +151,16 @@ def check_num_neighbors(fn: str, num_neighbors, key_mask, shapes: MapShapes) -> 
                 f"{_shape(key_mask)} allows in batch element {b}"
             )
     return k
+
+
+def check_mask_allows_a_key(fn: str, key_mask, shapes: MapShapes) -> None:
+    """Every batch element must allow at least one key position (one sync, eager only)."""
+    if key_mask is None or shapes.batch == 0 or not data_checks_enabled():
+        return
+    allowed = key_mask.flatten(1).any(1)
+    if not bool(allowed.all()):
+        b = int((~allowed).nonzero()[0, 0])
+        raise ValueError(f"{fn}: key_mask {_shape(key_mask)} allows no key position in batch element {b}")
 
 
 def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: torch.device, k=None):
@@ -155,7 +181,7 @@ def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: 
         raise ValueError(f"{fn}: {name} must have shape {want}, got {_shape(indices)}")
     if indices.device != device:
         raise ValueError(f"{fn}: {name} must be on the inputs' device {device}, got {indices.device}")
-    if indices.numel() > 0:
+    if indices.numel() > 0 and data_checks_enabled():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= shapes.num_keys:
             raise ValueError(
@@ -179,3 +205,54 @@ def check_generator(fn: str, generator):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     return generator
+
+
+def check_value(fn: str, value, shapes: MapShapes, query: torch.Tensor) -> int:
+    """A value ``(B, Cv, Hk, Wk)`` on the query's device, same dtype; returns ``Cv``."""
+    _check_feature_tensor(fn, "value", value)
+    want = (shapes.batch, shapes.key_height, shapes.key_width)
+    if (value.shape[0], value.shape[2], value.shape[3]) != want:
+        raise ValueError(
+            f"{fn}: value must have the key's batch and spatial size (B, Cv, Hk, Wk) = "
+            f"({want[0]}, Cv, {want[1]}, {want[2]}), got value {_shape(value)}"
+        )
+    if value.device != query.device:
+        raise ValueError(f"{fn}: value must be on the query's device {query.device}, got {value.device}")
+    if value.shape[1] % shapes.num_heads != 0:
+        raise ValueError(
+            f"{fn}: the channels of value {_shape(value)} must be divisible by num_heads={shapes.num_heads}"
+        )
+    return value.shape[1]
+
+
+def check_same_dtype(fn: str, **tensors) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{name} {dt}" for name, dt in dtypes.items())
+        raise TypeError(f"{fn}: query, key and value must share one dtype, got {listed}")
+
+
+def check_temperature(fn: str, temperature, query: torch.Tensor) -> torch.Tensor:
+    """A positive number, or a one-element floating tensor (learnable): a 0-dim tensor on the
+    query's device. A tensor's value is not checked, since that would need a device sync."""
+    if isinstance(temperature, torch.Tensor):
+        if not temperature.dtype.is_floating_point or temperature.numel() != 1:
+            raise TypeError(
+                f"{fn}: temperature must be a number or a one-element floating tensor, got a "
+                f"{temperature.dtype} tensor of shape {_shape(temperature)}"
+            )
+        return temperature.reshape(()).to(query.device)
+    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+        raise TypeError(f"{fn}: temperature must be a positive number or a tensor, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature}")
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return torch.tensor(float(temperature), dtype=dtype, device=query.device)
+
+
+def check_backend(fn: str, backend, choices, device: torch.device) -> str:
+    """A known backend name; one that cannot run on ``device`` is refused here, by name."""
+    backend = check_choice(fn, "backend", backend, choices)
+    if backend == "numba" and device.type != "cpu":
+        raise ValueError(f"{fn}: backend 'numba' runs on CPU tensors only, got tensors on {device}")
+    return backend

@@ -42,8 +42,17 @@ def can_run_torch(device: torch.device, raise_error: bool = False) -> bool:
 _PREDICATES = {"numba": can_run_numba, "torch": can_run_torch}
 
 
-def _module(name: str):
-    return importlib.import_module(f"psal.backends.{'numba_cpu' if name == 'numba' else 'reference'}")
+# Modules per (operation, backend); each implements the same folded contract.
+_MODULES = {
+    ("search", "numba"): "numba_cpu",
+    ("search", "torch"): "reference",
+    ("attend", "numba"): "numba_attend",
+    ("attend", "torch"): "reference_attend",
+}
+
+
+def _module(name: str, op: str = "search"):
+    return importlib.import_module(f"psal.backends.{_MODULES[op, name]}")
 
 
 def explain_search_backend(device: torch.device) -> dict:
@@ -58,8 +67,9 @@ def explain_search_backend(device: torch.device) -> dict:
     return out
 
 
-def search_backend(fn: str, backend: str, device: torch.device):
-    """The module that implements ``patchmatch`` for ``backend`` on ``device``."""
+def search_backend(fn: str, backend: str, device: torch.device, op: str = "search"):
+    """The module that implements ``op`` (``"search"``: ``patchmatch``; ``"attend"``:
+    ``attend_forward``/``attend_backward``) for ``backend`` on ``device``."""
     if backend == "auto":
         for name in SEARCH_ORDER:
             if _PREDICATES[name](device):
@@ -70,7 +80,7 @@ def search_backend(fn: str, backend: str, device: torch.device):
                         RuntimeWarning,
                         stacklevel=3,
                     )
-                return _module(name)
+                return _module(name, op)
         raise ValueError(f"{fn}: no backend can run on {device}: {explain_search_backend(device)}")
     if backend not in _PREDICATES:
         raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, SEARCH_BACKENDS))}, got {backend!r}")
@@ -78,4 +88,4 @@ def search_backend(fn: str, backend: str, device: torch.device):
         _PREDICATES[backend](device, raise_error=True)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
-    return _module(backend)
+    return _module(backend, op)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from . import _checks as checks
-from ._dispatch import search_backend
-from .backends import reference
+from . import _ops
+from ._dispatch import SEARCH_BACKENDS
+from .backends import dense, reference
 from .types import KNNField
+
+FULL_ATTENTION_METHODS = ("auto", "sdpa", "chunked")
 
 
 def _empty_field(shapes: checks.MapShapes, k: int, device) -> KNNField:
@@ -32,11 +35,12 @@ def _folded(query, key, key_mask, num_heads: int):
     )
 
 
-def _draw_seed(generator) -> int:
-    """A 62-bit seed from the caller's generator (or torch's default one): one small draw."""
+def _draw_seed(generator) -> torch.Tensor:
+    """A 62-bit seed from the caller's generator (or torch's default one): one small draw, kept
+    as a tensor so that a compiled graph carries it without a sync."""
     if generator is None:
-        return int(torch.randint(0, 1 << 62, (1,)))
-    return int(torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device))
+        return torch.randint(0, 1 << 62, (1,))
+    return torch.randint(0, 1 << 62, (1,), generator=generator, device=generator.device)
 
 
 def patchmatch(
@@ -85,26 +89,32 @@ def patchmatch(
     """
     fn = "psal.patchmatch"
     shapes = checks.check_query_key(fn, query, key, num_heads)
+    key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
+    k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
+    return _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend)
+
+
+def _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend):
+    """The search once query, key, mask and ``k`` are checked: checks the rest, runs the op."""
     patch_size = checks.check_patch_size(fn, patch_size)
     num_iters = checks.check_int(fn, "num_iters", num_iters, 0)
     similarity = checks.check_similarity(fn, similarity)
-    key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
-    k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
     init_idx = checks.check_init(fn, init, shapes, query.device)
     generator = checks.check_generator(fn, generator)
-    impl = search_backend(fn, backend, query.device)
-    if shapes.batch == 0 or shapes.height * shapes.width == 0:
-        return _empty_field(shapes, k, query.device)
-    with torch.no_grad():
-        idx, cost = impl.patchmatch(
-            *_folded(query, key, key_mask, shapes.num_heads),
-            k,
-            patch_size,
-            num_iters,
-            similarity,
-            None if init_idx is None else init_idx.flatten(0, 1),
-            _draw_seed(generator),
-        )
+    backend = checks.check_backend(fn, backend, SEARCH_BACKENDS, query.device)
+    q, kk, mask = _folded(query, key, key_mask, shapes.num_heads)
+    idx, cost = _ops.patchmatch(
+        q,
+        kk,
+        mask,
+        k,
+        patch_size,
+        num_iters,
+        similarity,
+        None if init_idx is None else init_idx.flatten(0, 1),
+        _draw_seed(generator),
+        backend,
+    )
     return _unfold_field(idx, cost, shapes)
 
 
@@ -174,3 +184,201 @@ def patch_costs(
         q, k, _ = _folded(query, key, None, shapes.num_heads)
         cost = reference.patch_costs(q, k, indices.flatten(0, 1), patch_size, similarity)
     return cost.reshape(indices.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention.
+
+
+def _fold_value(value: torch.Tensor, num_heads: int) -> torch.Tensor:
+    return reference.fold_heads(value, num_heads)
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    patch_size: int = 3,
+    temperature: float | torch.Tensor = 1.0,
+    aggregation: str = "center",
+    similarity: str = "l2",
+    num_heads: int = 1,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over given matches: the differentiable half of PSAL.
+
+    Weights are ``softmax_j(-cost_j(x) / temperature)`` over the ``k`` matches of each query
+    pixel, with the patch costs recomputed from ``indices``. Aggregations (``PSAL.md``):
+    ``"center"`` averages the matched value pixels; ``"patch"`` lets every query patch vote for
+    each pixel it covers with the value at the same offset in its match, one softmax over all
+    ``p * p * k`` votes of a pixel; ``"patch_mean"`` normalises each patch's weights on their own
+    and averages its votes. Votes that would land outside the map are dropped.
+
+    Gradients reach query, key and value and a tensor temperature; the indices are not
+    differentiable. The backward recomputes costs from ``indices`` and never holds ``p * p * k``
+    copies of the features; it is deterministic on CPU.
+
+    Args:
+        query: ``Tensor[B, C, H, W]``.
+        key: ``Tensor[B, C, Hk, Wk]``, same dtype and device.
+        value: ``Tensor[B, Cv, Hk, Wk]``, same dtype and device; ``Cv`` divisible by ``num_heads``.
+        indices: ``Tensor[B, heads, k, H, W]`` int64 flat key positions, e.g. a field's indices.
+        patch_size: odd ``p >= 1``.
+        temperature: a number ``> 0``, or a one-element floating tensor (may require grad; its
+            value is not checked, which would cost a device sync).
+        aggregation: ``"center"``, ``"patch"`` or ``"patch_mean"``.
+        similarity: ``"l2"`` or ``"dot"``.
+        num_heads: channel groups of query/key and of value, one field per head; the heads'
+            outputs are concatenated along channels.
+        backend: ``"auto"``, ``"numba"`` (CPU) or ``"torch"`` (any device).
+
+    Returns:
+        ``Tensor[B, Cv, H, W]`` in the input dtype (float16/bfloat16 are computed in float32).
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed.
+
+    Example:
+        >>> q, k, v = torch.rand(1, 8, 32, 32), torch.rand(1, 8, 24, 24), torch.rand(1, 3, 24, 24)
+        >>> field = psal.patchmatch(q, k, num_neighbors=4)
+        >>> psal.attend(q, k, v, field.indices, aggregation="patch").shape
+        torch.Size([1, 3, 32, 32])
+    """
+    fn = "psal.attend"
+    shapes = checks.check_query_key(fn, query, key, num_heads)
+    indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device)
+    return _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend)
+
+
+def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend):
+    """``attend`` once query, key and indices are checked."""
+    checks.check_value(fn, value, shapes, query)
+    checks.check_same_dtype(fn, query=query, key=key, value=value)
+    patch_size = checks.check_patch_size(fn, patch_size)
+    aggregation = checks.check_aggregation(fn, aggregation)
+    similarity = checks.check_similarity(fn, similarity)
+    temperature = checks.check_temperature(fn, temperature, query)
+    backend = checks.check_backend(fn, backend, SEARCH_BACKENDS, query.device)
+    h = shapes.num_heads
+    out, _ = _ops.attend(
+        reference.fold_heads(query, h),
+        reference.fold_heads(key, h),
+        _fold_value(value, h),
+        indices.flatten(0, 1),
+        temperature,
+        patch_size,
+        aggregation,
+        similarity,
+        backend,
+    )
+    return out.reshape(shapes.batch, value.shape[1], shapes.height, shapes.width)
+
+
+def ps_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    patch_size: int = 3,
+    num_neighbors: int = 3,
+    num_iters: int = 5,
+    temperature: float | torch.Tensor = 1.0,
+    aggregation: str = "center",
+    key_mask: torch.Tensor | None = None,
+    similarity: str = "l2",
+    num_heads: int = 1,
+    init: KNNField | None = None,
+    generator: torch.Generator | None = None,
+    return_field: bool = False,
+    backend: str = "auto",
+):
+    """Patch-based stochastic attention: :func:`patchmatch` (no gradient), then :func:`attend`.
+
+    Memory and time are ``O(B * H * W * k)``, not ``O((H * W)^2)``: each query pixel attends to
+    its ``k`` approximate nearest key patches, anywhere in the key map. The arguments are those
+    of :func:`patchmatch` and :func:`attend`; ``backend`` applies to both.
+
+    Returns:
+        ``Tensor[B, Cv, H, W]``, or ``(output, KNNField)`` with ``return_field=True``.
+
+    Example:
+        >>> x = torch.rand(2, 16, 40, 40, requires_grad=True)
+        >>> out = psal.ps_attention(x, x, x, num_neighbors=4, temperature=0.5)
+        >>> out.shape
+        torch.Size([2, 16, 40, 40])
+        >>> out.sum().backward()
+    """
+    fn = "psal.ps_attention"
+    shapes = checks.check_query_key(fn, query, key, num_heads)
+    checks.check_value(fn, value, shapes, query)
+    key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
+    k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
+    field = _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend)
+    out = _attend(fn, query, key, value, field.indices, shapes, patch_size, temperature, aggregation, similarity, backend)
+    return (out, field) if return_field else out
+
+
+def full_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    patch_size: int = 3,
+    temperature: float | torch.Tensor = 1.0,
+    aggregation: str = "center",
+    key_mask: torch.Tensor | None = None,
+    similarity: str = "l2",
+    num_heads: int = 1,
+    method: str = "auto",
+) -> torch.Tensor:
+    """PSAL's attention over *all* allowed key patches (a dense softmax): the exact baseline.
+
+    Same arguments and output as :func:`ps_attention` with every allowed key as a neighbour.
+    Time is ``O((H * W) * (Hk * Wk) * C * p^2)``; memory stays ``O(H * W * C * p^2)``:
+
+    - ``method="sdpa"``: ``scaled_dot_product_attention`` on patch vectors (PyTorch's flash
+      kernel where it applies); not for ``aggregation="patch"``, which needs the softmax
+      normaliser that SDPA does not return.
+    - ``method="chunked"``: query pixels in chunks, scores recomputed in the backward.
+    - ``method="auto"``: ``"sdpa"`` where it applies, else ``"chunked"``.
+
+    Differentiable by autograd in all arguments but the mask.
+
+    Example:
+        >>> q, v = torch.rand(1, 4, 16, 16), torch.rand(1, 2, 16, 16)
+        >>> psal.full_attention(q, q, v, aggregation="patch_mean").shape
+        torch.Size([1, 2, 16, 16])
+    """
+    fn = "psal.full_attention"
+    shapes = checks.check_query_key(fn, query, key, num_heads)
+    checks.check_value(fn, value, shapes, query)
+    checks.check_same_dtype(fn, query=query, key=key, value=value)
+    patch_size = checks.check_patch_size(fn, patch_size)
+    aggregation = checks.check_aggregation(fn, aggregation)
+    similarity = checks.check_similarity(fn, similarity)
+    key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
+    checks.check_mask_allows_a_key(fn, key_mask, shapes)
+    temperature = checks.check_temperature(fn, temperature, query)
+    method = checks.check_choice(fn, "method", method, FULL_ATTENTION_METHODS)
+    if method == "sdpa" and aggregation == "patch":
+        raise ValueError(f"{fn}: method='sdpa' cannot compute aggregation='patch'; use 'chunked' or 'auto'")
+    if method == "auto":
+        method = "chunked" if aggregation == "patch" else "sdpa"
+    B, Cv = shapes.batch, value.shape[1]
+    if B == 0 or shapes.height * shapes.width == 0:
+        return value.new_zeros(B, Cv, shapes.height, shapes.width)
+    h = shapes.num_heads
+    out = dense.full_attention(
+        reference.fold_heads(query, h),
+        reference.fold_heads(key, h),
+        _fold_value(value, h),
+        reference.fold_mask(key_mask, h),
+        temperature,
+        patch_size,
+        aggregation,
+        similarity,
+        method,
+    )
+    return out.reshape(B, Cv, shapes.height, shapes.width).to(value.dtype)

@@ -1,0 +1,165 @@
+"""The operators, registered with ``torch.library`` so that ``torch.compile`` sees them whole.
+
+Three custom ops on folded tensors (heads in the batch), each with a fake kernel for tracing:
+
+- ``psal::patchmatch``: the k-NN search; no gradient (its outputs are integer indices and
+  detached costs).
+- ``psal::attend``: attention over a field; autograd is registered and calls
+- ``psal::attend_backward``: the gradients, recomputed from the saved indices.
+
+Each op picks its backend inside (``"auto"``: numba on CPU, pure PyTorch elsewhere), so that a
+compiled graph holds one opaque call per op and no Python dispatch. Inputs are trusted:
+``psal.functional`` validates them. float16/bfloat16 are computed in float32 and returned in the
+input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._dispatch import search_backend
+from .backends.reference import compute_dtype
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+@torch.library.custom_op("psal::patchmatch", mutates_args=())
+def patchmatch(
+    query: Tensor,
+    key: Tensor,
+    key_mask: Optional[Tensor],
+    num_neighbors: int,
+    patch_size: int,
+    num_iters: int,
+    similarity: str,
+    init: Optional[Tensor],
+    seed: Tensor,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Folded search: query ``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, key_mask ``(N, Hk * Wk)``,
+    init ``(N, k0, H, W)``, seed a one-element int64 tensor -> indices and costs ``(N, k, H, W)``."""
+    N, _, H, W = query.shape
+    if N == 0 or H * W == 0:
+        size = (N, num_neighbors, H, W)
+        return query.new_empty(size, dtype=torch.int64), query.new_empty(size, dtype=torch.float32)
+    impl = search_backend("psal.patchmatch", backend, query.device)
+    query, key, key_mask, init = _contiguous(query, key, key_mask, init)
+    idx, cost = impl.patchmatch(
+        query, key, key_mask, num_neighbors, patch_size, num_iters, similarity, init, int(seed.reshape(-1)[0])
+    )
+    return idx.contiguous(), cost.contiguous()
+
+
+@patchmatch.register_fake
+def _(query, key, key_mask, num_neighbors, patch_size, num_iters, similarity, init, seed, backend):
+    N, _, H, W = query.shape
+    size = (N, num_neighbors, H, W)
+    return query.new_empty(size, dtype=torch.int64), query.new_empty(size, dtype=torch.float32)
+
+
+@torch.library.custom_op("psal::attend", mutates_args=())
+def attend(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    indices: Tensor,
+    temperature: Tensor,
+    patch_size: int,
+    aggregation: str,
+    similarity: str,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Folded attention: -> ``out (N, Cv, H, W)`` in the value's dtype and the per-pixel statistic
+    ``(N, H, W)`` in the compute dtype that the backward needs (see ``reference_attend``)."""
+    N, _, H, W = indices.shape
+    if N * H * W == 0:
+        return _attend_empty(value, indices, query.dtype)
+    impl = search_backend("psal.attend", backend, query.device, op="attend")
+    out, stat = impl.attend_forward(
+        *_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity
+    )
+    # Outputs must be contiguous: the fake kernels promise it, and compiled code checks strides.
+    return out.to(value.dtype).contiguous(), stat.to(compute_dtype(query.dtype)).contiguous()
+
+
+def _attend_empty(value, indices, query_dtype):
+    N, _, H, W = indices.shape
+    out = value.new_zeros(N, value.shape[1], H, W)
+    return out, value.new_zeros(N, H, W, dtype=compute_dtype(query_dtype))
+
+
+@attend.register_fake
+def _(query, key, value, indices, temperature, patch_size, aggregation, similarity, backend):
+    return _attend_empty(value, indices, query.dtype)
+
+
+@torch.library.custom_op("psal::attend_backward", mutates_args=())
+def attend_backward(
+    grad: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    indices: Tensor,
+    temperature: Tensor,
+    out: Tensor,
+    stat: Tensor,
+    patch_size: int,
+    aggregation: str,
+    similarity: str,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``psal::attend`` for query, key, value and temperature, in their dtypes."""
+    N, _, H, W = indices.shape
+    if N * H * W == 0:
+        return _backward_empty(query, key, value, temperature)
+    impl = search_backend("psal.attend", backend, query.device, op="attend")
+    gq, gk, gv, gt = impl.attend_backward(
+        *_contiguous(grad, query, key, value, indices, temperature, out, stat),
+        patch_size,
+        aggregation,
+        similarity,
+    )
+    return (
+        gq.to(query.dtype).contiguous(),
+        gk.to(key.dtype).contiguous(),
+        gv.to(value.dtype).contiguous(),
+        gt.reshape(()).to(temperature.dtype),
+    )
+
+
+def _backward_empty(query, key, value, temperature):
+    return (
+        torch.zeros_like(query),
+        torch.zeros_like(key),
+        torch.zeros_like(value),
+        torch.zeros_like(temperature),
+    )
+
+
+@attend_backward.register_fake
+def _(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity, backend):
+    return _backward_empty(query, key, value, temperature)
+
+
+def _attend_setup_context(ctx, inputs, output):
+    query, key, value, indices, temperature, patch_size, aggregation, similarity, backend = inputs
+    out, stat = output
+    ctx.save_for_backward(query, key, value, indices, temperature, out, stat)
+    ctx.options = (patch_size, aggregation, similarity, backend)
+    ctx.mark_non_differentiable(stat)
+
+
+def _attend_backward(ctx, grad_out, grad_stat):
+    query, key, value, indices, temperature, out, stat = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    gq, gk, gv, gt = attend_backward(grad_out, query, key, value, indices, temperature, out, stat, *ctx.options)
+    return gq, gk, gv, None, gt, None, None, None, None
+
+
+attend.register_autograd(_attend_backward, setup_context=_attend_setup_context)

@@ -1,0 +1,140 @@
+"""Full attention with PSAL's semantics: every allowed key patch, dense softmax, O(N) memory.
+
+The baseline for tests and benchmarks. Folded tensors (heads in the batch) and plain autograd:
+query ``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, value ``(N, Cv, Hk, Wk)``, mask ``(N, Hk * Wk)``
+bool or ``None``, temperature a 0-dim tensor.
+
+Both paths first compute, for every query pixel ``x``, the softmax-weighted mean ``A(x)`` of the
+value columns over all keys (the value pixel for ``"center"``, the whole replicate-padded value
+patch for the patch aggregations) and ``lse(x) = logsumexp_y s(x, y)``. The patch aggregations
+then combine the per-patch means into pixels (``PSAL.md``): ``"patch_mean"`` by an average of
+the votes (``F.fold``), ``"patch"`` weighting each patch by ``exp(lse(x))``, stabilised per pixel.
+
+- ``"sdpa"``: through ``scaled_dot_product_attention`` on patch vectors (PyTorch's flash kernel
+  where it applies). The l2 score ``-(|q|^2 + |k|^2 - 2 q.k) / T`` becomes a dot product of
+  ``[2q / T, -1 / T]`` and ``[k, |k|^2]``, up to ``-|q|^2 / T``, which softmax ignores. SDPA does
+  not return ``lse``, so ``"patch"`` cannot take this path.
+- ``"chunked"``: query pixels in chunks; each chunk's scores ``(chunk, Nk)`` are recomputed in
+  the backward (activation checkpointing), so memory stays ``O(chunk * Nk)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+from .reference import compute_dtype, unfold_patches
+from .reference_attend import vote_counts
+
+# Score elements per chunk of the chunked path (a (chunk, Nk) matrix of this many entries).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _value_columns(value, patch_size: int, aggregation: str):
+    """``(N, E, Nk)``: the value pixel (center) or the whole value patch of every key position."""
+    if aggregation == "center":
+        return value.to(compute_dtype(value.dtype)).flatten(2)
+    return unfold_patches(value, patch_size)
+
+
+def _chunk_scores(qc, kpat, knorm, mask, T, dot: bool):
+    """``s(x, y)`` for a chunk of query columns ``qc (N, D, s)``: ``(N, s, Nk)``, exact for l2."""
+    score = torch.bmm(qc.transpose(1, 2), kpat)
+    if dot:
+        s = score / T
+    else:
+        qnorm = qc.square().sum(1)  # (N, s)
+        s = (2 * score - knorm[:, None, :] - qnorm[:, :, None]) / T
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+    return s
+
+
+def _chunk(qc, kpat, knorm, vcols, mask, T, dot: bool):
+    s = _chunk_scores(qc, kpat, knorm, mask, T, dot)
+    lse = torch.logsumexp(s, 2)  # (N, s)
+    A = torch.bmm(torch.exp(s - lse[:, :, None]), vcols.transpose(1, 2))  # (N, s, E)
+    return A.transpose(1, 2), lse
+
+
+def _chunked(qpat, kpat, vcols, mask, T, dot: bool):
+    N, L = qpat.shape[0], qpat.shape[2]
+    knorm = None if dot else kpat.square().sum(1)
+    chunk = max(1, CHUNK_ELEMENTS // max(N * kpat.shape[2], 1))
+    outs, lses = [], []
+    for start in range(0, L, chunk):
+        args = (qpat[:, :, start : start + chunk], kpat, knorm, vcols, mask, T, dot)
+        if torch.is_grad_enabled():
+            A, lse = checkpoint(_chunk, *args, use_reentrant=False)
+        else:
+            A, lse = _chunk(*args)
+        outs.append(A)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 1)
+
+
+# Never the math kernel: it materialises the (L, Nk) score matrix, which is what this avoids.
+_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def _sdpa(qpat, kpat, vcols, mask, T, dot: bool):
+    if dot:
+        q, k = qpat / T, kpat
+    else:
+        one = qpat.new_ones(qpat.shape[0], 1, qpat.shape[2])
+        q = torch.cat([2 * qpat / T, -one / T], 1)
+        k = torch.cat([kpat, kpat.square().sum(1, keepdim=True)], 1)
+    # The CPU flash kernel wants one last dimension for q, k and v: pad the shorter with zeros,
+    # which changes no dot product and no output channel that is kept.
+    D, E = q.shape[1], vcols.shape[1]
+    if E < D:
+        vcols = F.pad(vcols, (0, 0, 0, D - E))
+    elif D < E:
+        q, k = F.pad(q, (0, 0, 0, E - D)), F.pad(k, (0, 0, 0, E - D))
+    attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, Nk)
+    with sdpa_kernel(_SDPA_KERNELS):
+        # Fused kernels read rows with stride 1: (N, 1, L, D) contiguous.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2).contiguous()[:, None],
+            k.transpose(1, 2).contiguous()[:, None],
+            vcols.transpose(1, 2).contiguous()[:, None],
+            attn_mask=attn_mask,
+            scale=1.0,
+        )
+    return out[:, 0, :, :E].transpose(1, 2), None
+
+
+def full_attention(query, key, value, mask, temperature, patch_size: int, aggregation: str, similarity: str, method: str):
+    """``(N, Cv, H, W)`` in the compute dtype; differentiable by autograd."""
+    N, _, H, W = query.shape
+    Cv = value.shape[1]
+    p, r = patch_size, patch_size // 2
+    dt = compute_dtype(query.dtype)
+    T = temperature.to(dt)
+    qpat = unfold_patches(query, p)  # (N, C * p * p, L)
+    kpat = unfold_patches(key, p)  # (N, C * p * p, Nk)
+    vcols = _value_columns(value, p, aggregation)  # (N, E, Nk)
+    run = _sdpa if method == "sdpa" else _chunked
+    A, lse = run(qpat, kpat, vcols, mask, T, similarity == "dot")  # A: (N, E, L)
+    if aggregation == "center":
+        return A.reshape(N, Cv, H, W)
+    if aggregation == "patch_mean":
+        votes = F.fold(A, (H, W), p, padding=r)
+        return votes / vote_counts(H, W, p, A.device, A.dtype)
+    # "patch": out(z) = sum_d exp(lse(z - d)) A(z - d)[d] / sum_d exp(lse(z - d)).
+    lse = lse.view(N, 1, H, W)
+    m = F.max_pool2d(lse, p, 1, r)  # (N, 1, H, W), the largest weight reaching each pixel
+    lsep = F.pad(lse, (r, r, r, r), value=float("-inf"))
+    Ap = F.pad(A.view(N, Cv, p, p, H, W), (r, r, r, r))
+    num = A.new_zeros(N, Cv, H, W)
+    den = A.new_zeros(N, 1, H, W)
+    for a in range(p):
+        for b in range(p):
+            # Patch x = z - d, d = (a - r, b - r), sits at padded z + (p - 1 - a, p - 1 - b).
+            sl = (slice(p - 1 - a, p - 1 - a + H), slice(p - 1 - b, p - 1 - b + W))
+            wgt = torch.exp(lsep[..., sl[0], sl[1]] - m)
+            den = den + wgt
+            num = num + wgt * Ap[:, :, a, b, sl[0], sl[1]]
+    return num / den

@@ -1,0 +1,93 @@
+"""The ops are registered with torch.library: opcheck passes and torch.compile(fullgraph=True)
+takes a model with PSAL without graph breaks, recompilations or changed results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import gen
+
+import psal
+
+# Two test files use torch.compile; its first use in a process costs several seconds.
+
+
+def _attend_args(dtype=torch.float64):
+    g = gen(0)
+    q = torch.randn(2, 3, 5, 4, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 3, 3, 6, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 2, 3, 6, generator=g, dtype=dtype, requires_grad=True)
+    T = torch.tensor(1.5, dtype=dtype, requires_grad=True)
+    idx = torch.randint(0, 18, (2, 3, 5, 4), generator=g)
+    return q, k, v, idx, T
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("aggregation", ["center", "patch", "patch_mean"])
+def test_opcheck_attend(backend, aggregation):
+    q, k, v, idx, T = _attend_args()
+    torch.library.opcheck(torch.ops.psal.attend.default, (q, k, v, idx, T, 3, aggregation, "l2", backend))
+    out, stat = torch.ops.psal.attend(q, k, v, idx, T, 3, aggregation, "dot", backend)
+    grad = torch.randn(out.shape, dtype=out.dtype, generator=gen(1))
+    detached = [t.detach() for t in (q, k, v)]
+    torch.library.opcheck(
+        torch.ops.psal.attend_backward.default,
+        (grad, *detached, idx, T.detach(), out.detach(), stat, 3, aggregation, "dot", backend),
+    )
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_opcheck_patchmatch(backend):
+    q, k, _, idx, _ = (t.detach() for t in _attend_args(torch.float32))
+    mask = torch.ones(2, 18, dtype=torch.bool)
+    mask[0, :5] = False
+    seed = torch.tensor([11])
+    torch.library.opcheck(torch.ops.psal.patchmatch.default, (q, k, mask, 3, 3, 2, "l2", idx, seed, backend))
+    torch.library.opcheck(torch.ops.psal.patchmatch.default, (q, k, None, 2, 1, 0, "dot", None, seed, backend))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, aggregation):
+        super().__init__()
+        self.inp = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.block = psal.PSALBlock(8, num_neighbors=4, aggregation=aggregation, learn_temperature=True, num_heads=2)
+        torch.nn.init.normal_(self.block.out.weight, std=0.5)  # not the identity, so gradients flow through PSAL
+        self.head = torch.nn.Conv2d(8, 1, 1)
+
+    def forward(self, x, mask):
+        return self.head(self.block(self.inp(x), key_mask=mask))
+
+
+@pytest.mark.parametrize("aggregation", ["center", "patch"])
+def test_compiled_model_equals_eager(aggregation):
+    import torch._dynamo
+    import torch._inductor.config
+
+    # Inductor draws random numbers its own way; fall back to eager's so both runs get one seed.
+    with torch._inductor.config.patch(fallback_random=True), torch._dynamo.config.patch(error_on_recompile=True):
+        _compare_compiled_and_eager(aggregation)
+
+
+def _compare_compiled_and_eager(aggregation):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = _Net(aggregation)
+    compiled = torch.compile(net, fullgraph=True)
+    x = torch.rand(2, 3, 12, 10, generator=gen(1))
+    mask = torch.ones(2, 12, 10, dtype=torch.bool)
+    mask[:, :, :3] = False
+
+    def run(model, x):
+        torch.manual_seed(5)
+        out = model(x, mask)
+        grads = torch.autograd.grad(out.square().sum(), list(net.parameters()))
+        return out, grads
+
+    for step in range(2):  # the second call must reuse the graph (error_on_recompile)
+        xs = x + step
+        out_c, grads_c = run(compiled, xs)
+        out_e, grads_e = run(net, xs)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+        for a, b in zip(grads_c, grads_e):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    torch._dynamo.reset()
