@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-knn bench-attention clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ demo: $(VENV)/.installed-demo
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
-bench: $(VENV)/.installed-bench
+bench: bench-knn bench-attention
+
+bench-knn: $(VENV)/.installed-bench
 	$(BIN)/python -m psal.bench knn --sizes 128 256 512
+
+bench-attention: $(VENV)/.installed-bench
+	$(BIN)/python -m psal.bench attention --sizes 64 128 256 --repeats 3
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

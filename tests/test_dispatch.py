@@ -71,6 +71,8 @@ def test_docstring_examples_run():
     import doctest
 
     import psal.functional
+    import psal.nn
 
-    result = doctest.testmod(psal.functional, extraglobs={"torch": torch, "psal": psal})
-    assert result.attempted >= 6 and result.failed == 0
+    for module, at_least in ((psal.functional, 15), (psal.nn, 4)):
+        result = doctest.testmod(module, extraglobs={"torch": torch, "psal": psal})
+        assert result.attempted >= at_least and result.failed == 0, module.__name__

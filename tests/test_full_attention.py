@@ -90,3 +90,19 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     whole = psal.full_attention(q, k, v, aggregation="patch")
     monkeypatch.setattr(dense, "CHUNK_ELEMENTS", 2 * 15 * 3)  # 3 query pixels per chunk
     torch.testing.assert_close(psal.full_attention(q, k, v, aggregation="patch"), whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("aggregation, similarity", [("patch", "l2"), ("center", "dot"), ("patch_mean", "l2")])
+def test_chunked_backward_gradcheck(aggregation, similarity, monkeypatch):
+    from psal.backends import dense
+
+    monkeypatch.setattr(dense, "CHUNK_ELEMENTS", 2 * 12 * 5)  # several chunks
+    q, k, v = _inputs(C=2, Cv=2, H=4, W=3, Hk=3, Wk=4)
+    T = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 3, 4, dtype=torch.bool)
+    mask[0, 1, 1:] = False
+
+    def f(q, k, v, T):
+        return psal.full_attention(q, k, v, temperature=T, aggregation=aggregation, similarity=similarity, key_mask=mask, method="chunked")
+
+    assert torch.autograd.gradcheck(f, (q, k, v, T))

@@ -15,7 +15,7 @@ the votes (``F.fold``), ``"patch"`` weighting each patch by ``exp(lse(x))``, sta
   ``[2q / T, -1 / T]`` and ``[k, |k|^2]``, up to ``-|q|^2 / T``, which softmax ignores. SDPA does
   not return ``lse``, so ``"patch"`` cannot take this path.
 - ``"chunked"``: query pixels in chunks; each chunk's scores ``(chunk, Nk)`` are recomputed in
-  the backward (activation checkpointing), so memory stays ``O(chunk * Nk)``.
+  an explicit backward from the saved softmax normalisers, so memory stays ``O(chunk * Nk)``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 
 from .reference import compute_dtype, unfold_patches
 from .reference_attend import vote_counts
@@ -41,38 +40,76 @@ def _value_columns(value, patch_size: int, aggregation: str):
 
 def _chunk_scores(qc, kpat, knorm, mask, T, dot: bool):
     """``s(x, y)`` for a chunk of query columns ``qc (N, D, s)``: ``(N, s, Nk)``, exact for l2."""
-    score = torch.bmm(qc.transpose(1, 2), kpat)
-    if dot:
-        s = score / T
-    else:
-        qnorm = qc.square().sum(1)  # (N, s)
-        s = (2 * score - knorm[:, None, :] - qnorm[:, :, None]) / T
+    s = torch.bmm(qc.transpose(1, 2), kpat)
+    if not dot:
+        s.mul_(2).sub_(knorm[:, None, :]).sub_(qc.square().sum(1)[:, :, None])
+    s.div_(T)
     if mask is not None:
-        s = s.masked_fill(~mask[:, None, :], float("-inf"))
+        s.masked_fill_(~mask[:, None, :], float("-inf"))
     return s
 
 
-def _chunk(qc, kpat, knorm, vcols, mask, T, dot: bool):
-    s = _chunk_scores(qc, kpat, knorm, mask, T, dot)
-    lse = torch.logsumexp(s, 2)  # (N, s)
-    A = torch.bmm(torch.exp(s - lse[:, :, None]), vcols.transpose(1, 2))  # (N, s, E)
-    return A.transpose(1, 2), lse
+def _chunks(L: int, Nk: int, N: int):
+    step = max(1, CHUNK_ELEMENTS // max(N * Nk, 1))
+    return [slice(start, start + step) for start in range(0, L, step)]
 
 
-def _chunked(qpat, kpat, vcols, mask, T, dot: bool):
-    N, L = qpat.shape[0], qpat.shape[2]
-    knorm = None if dot else kpat.square().sum(1)
-    chunk = max(1, CHUNK_ELEMENTS // max(N * kpat.shape[2], 1))
-    outs, lses = [], []
-    for start in range(0, L, chunk):
-        args = (qpat[:, :, start : start + chunk], kpat, knorm, vcols, mask, T, dot)
-        if torch.is_grad_enabled():
-            A, lse = checkpoint(_chunk, *args, use_reentrant=False)
-        else:
-            A, lse = _chunk(*args)
-        outs.append(A)
-        lses.append(lse)
-    return torch.cat(outs, 2), torch.cat(lses, 1)
+class _Chunked(torch.autograd.Function):
+    """Dense attention of patch vectors, flash style: ``A (N, E, L)`` and ``lse (N, L)`` by chunks
+    of query columns, with a backward that recomputes each chunk's scores from the saved
+    ``lse``. Only ``(chunk, Nk)`` blocks ever exist, in the forward and in the backward.
+
+    ``s = (2 q.k - |k|^2 - |q|^2) / T`` (l2) or ``q.k / T`` (dot); ``P = softmax_y s``;
+    ``A = P v``. Backward: ``dv = P^T dA``; ``ds = P * (dA.v - dA.A + dlse)``; then the
+    derivatives of ``s`` in ``q``, ``k`` and ``T``.
+    """
+
+    @staticmethod
+    def forward(ctx, qpat, kpat, vcols, mask, T, dot: bool):
+        N, L = qpat.shape[0], qpat.shape[2]
+        knorm = None if dot else kpat.square().sum(1)
+        # Results go into buffers allocated once: small results kept alive between the large
+        # freed temporaries of each chunk would fragment the heap, which then grows chunk by chunk.
+        A = qpat.new_empty(N, vcols.shape[1], L)
+        lse = qpat.new_empty(N, L)
+        for sl in _chunks(L, kpat.shape[2], N):
+            s = _chunk_scores(qpat[:, :, sl], kpat, knorm, mask, T, dot)
+            lse[:, sl] = torch.logsumexp(s, 2)
+            A[:, :, sl] = torch.bmm(torch.softmax(s, 2), vcols.transpose(1, 2)).transpose(1, 2)
+        ctx.save_for_backward(qpat, kpat, vcols, mask, T, A, lse)
+        ctx.dot = dot
+        return A, lse
+
+    @staticmethod
+    def backward(ctx, dA, dlse):
+        qpat, kpat, vcols, mask, T, A, lse = ctx.saved_tensors
+        dot = ctx.dot
+        N, L = qpat.shape[0], qpat.shape[2]
+        knorm = None if dot else kpat.square().sum(1)
+        dq = torch.empty_like(qpat)
+        dk = torch.zeros_like(kpat)
+        dv = torch.zeros_like(vcols)
+        dT = torch.zeros((), dtype=qpat.dtype, device=qpat.device)
+        rowdot = (dA * A).sum(1)  # (N, L): dA . A
+        for sl in _chunks(L, kpat.shape[2], N):
+            qc = qpat[:, :, sl]
+            s = _chunk_scores(qc, kpat, knorm, mask, T, dot)  # (N, c, Nk)
+            P = torch.exp(s - lse[:, sl, None])
+            dAc = dA[:, :, sl]  # (N, E, c)
+            dv += torch.bmm(dAc, P)
+            ds = torch.bmm(dAc.transpose(1, 2), vcols)  # dA . v, (N, c, Nk)
+            ds.sub_(rowdot[:, sl, None]).add_(dlse[:, sl, None]).mul_(P)
+            del P
+            if mask is not None:
+                s.masked_fill_(~mask[:, None, :], 0)  # ds is 0 there; keeps 0 * -inf out of dT
+            dT -= (ds * s).sum() / T
+            if dot:
+                dq[:, :, sl] = torch.bmm(kpat, ds.transpose(1, 2)) / T
+                dk += torch.bmm(qc, ds) / T
+            else:
+                dq[:, :, sl] = (torch.bmm(kpat, ds.transpose(1, 2)) - qc * ds.sum(2)[:, None, :]) * (2 / T)
+                dk += (torch.bmm(qc, ds) - kpat * ds.sum(1)[:, None, :]) * (2 / T)
+        return dq, dk, dv, None, dT, None
 
 
 # Never the math kernel: it materialises the (L, Nk) score matrix, which is what this avoids.
@@ -116,8 +153,10 @@ def full_attention(query, key, value, mask, temperature, patch_size: int, aggreg
     qpat = unfold_patches(query, p)  # (N, C * p * p, L)
     kpat = unfold_patches(key, p)  # (N, C * p * p, Nk)
     vcols = _value_columns(value, p, aggregation)  # (N, E, Nk)
-    run = _sdpa if method == "sdpa" else _chunked
-    A, lse = run(qpat, kpat, vcols, mask, T, similarity == "dot")  # A: (N, E, L)
+    if method == "sdpa":
+        A, lse = _sdpa(qpat, kpat, vcols, mask, T, similarity == "dot")  # A: (N, E, L)
+    else:
+        A, lse = _Chunked.apply(qpat, kpat, vcols, mask, T, similarity == "dot")
     if aggregation == "center":
         return A.reshape(N, Cv, H, W)
     if aggregation == "patch_mean":

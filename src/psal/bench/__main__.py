@@ -1,10 +1,10 @@
-"""``python -m psal.bench <suite> [options]``; suites: knn."""
+"""``python -m psal.bench <suite> [options]``; suites: knn, attention."""
 
 from __future__ import annotations
 
 import sys
 
-SUITES = {"knn": "psal.bench.knn"}
+SUITES = {"knn": "psal.bench.knn", "attention": "psal.bench.attention"}
 
 
 def main(argv=None) -> int:
