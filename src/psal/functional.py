@@ -190,10 +190,6 @@ def patch_costs(
 # Attention.
 
 
-def _fold_value(value: torch.Tensor, num_heads: int) -> torch.Tensor:
-    return reference.fold_heads(value, num_heads)
-
-
 def attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -265,7 +261,7 @@ def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, agg
     out, _ = _ops.attend(
         reference.fold_heads(query, h),
         reference.fold_heads(key, h),
-        _fold_value(value, h),
+        reference.fold_heads(value, h),
         indices.flatten(0, 1),
         temperature,
         patch_size,
@@ -312,7 +308,7 @@ def ps_attention(
     """
     fn = "psal.ps_attention"
     shapes = checks.check_query_key(fn, query, key, num_heads)
-    checks.check_value(fn, value, shapes, query)
+    checks.check_value(fn, value, shapes, query)  # before the search, so a bad value fails fast
     key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
     k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
     field = _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend)
@@ -373,7 +369,7 @@ def full_attention(
     out = dense.full_attention(
         reference.fold_heads(query, h),
         reference.fold_heads(key, h),
-        _fold_value(value, h),
+        reference.fold_heads(value, h),
         reference.fold_mask(key_mask, h),
         temperature,
         patch_size,

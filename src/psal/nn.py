@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import _checks as checks
+from ._dispatch import SEARCH_BACKENDS
 from .functional import ps_attention
 from .types import KNNField
 
@@ -57,7 +58,7 @@ class PSAttention(nn.Module):
         self.aggregation = checks.check_aggregation(fn, aggregation)
         self.similarity = checks.check_similarity(fn, similarity)
         self.num_heads = checks.check_int(fn, "num_heads", num_heads, 1)
-        self.backend = checks.check_choice(fn, "backend", backend, ("auto", "numba", "torch"))
+        self.backend = checks.check_choice(fn, "backend", backend, SEARCH_BACKENDS)
         self.warm_start = bool(warm_start)
         self.learn_temperature = bool(learn_temperature)
         if self.learn_temperature:
