@@ -152,14 +152,29 @@ def test_nan_in_a_value_stays_local(attend_backend):
 
 @pytest.mark.parametrize("aggregation", ["patch", "patch_mean"])
 def test_votes_off_the_map_read_nothing(attend_backend, aggregation):
-    # Every match is key (3, 3) of a 6x6 key, so the votes read value rows and columns 2..4 only;
-    # a NaN at value (0, 0) must not leak in through a vote that would land off the query map.
+    # Pixels of the first row and column match key (1, 1), all others key (3, 3) of a 6x6 key:
+    # value (0, 0) is then read only by votes that would land off the query map (offset (-1, -1)
+    # of the first row and column), so a NaN there must reach neither the output nor a gradient.
     q, k, v = _inputs(H=4, W=5, Hk=6, Wk=6)
     v[:, :, 0, 0] = float("nan")
     idx = torch.full((2, 1, 2, 4, 5), 3 * 6 + 3, dtype=torch.int64)
-    q.requires_grad_()
-    v.requires_grad_()
+    idx[..., 0, :] = 1 * 6 + 1
+    idx[..., :, 0] = 1 * 6 + 1
+    for t in (q, k, v):
+        t.requires_grad_()
     out = psal.attend(q, k, v, idx, aggregation=aggregation, backend=attend_backend)
     assert torch.isfinite(out).all()
     out.sum().backward()
-    assert torch.isfinite(q.grad).all() and torch.isfinite(v.grad[:, :, 1:, 1:]).all()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert torch.isfinite(v.grad[:, :, 1:, 1:]).all()
+
+
+def test_patch_softmax_is_stable_for_large_scores(attend_backend):
+    # Costs in the tens of thousands over T = 0.01: exp underflows everywhere unless the softmax
+    # over each pixel's votes is shifted by their max.
+    q, k, v = _inputs(C=3, Cv=2, H=6, W=6, Hk=4, Wk=4)
+    idx = torch.randint(0, 16, (2, 1, 4, 6, 6), generator=gen(3))
+    out = psal.attend(q * 30, k * 30, v, idx, temperature=0.01, aggregation="patch", backend=attend_backend)
+    assert torch.isfinite(out).all()
+    want = naive_attention(q * 30, k * 30, v, idx[:, 0], 0.01, 3, "patch")
+    torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)

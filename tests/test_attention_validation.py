@@ -31,6 +31,7 @@ def attend(**kw):
         (dict(value=torch.rand(2, 3, 7, 6), num_heads=2, query=torch.rand(2, 4, 8, 9), key=torch.rand(2, 4, 7, 6), indices=torch.zeros(2, 2, 3, 8, 9, dtype=torch.int64)), ValueError, r"channels of value \(2, 3, 7, 6\) must be divisible by num_heads=2"),
         (dict(temperature=0.0), ValueError, r"temperature must be a finite number > 0, got 0.0"),
         (dict(temperature=-1), ValueError, r"temperature must be a finite number > 0, got -1"),
+        (dict(temperature=float("inf")), ValueError, r"temperature must be a finite number > 0, got inf"),
         (dict(temperature=float("nan")), ValueError, r"temperature must be a finite number > 0, got nan"),
         (dict(temperature="hot"), TypeError, r"temperature must be a positive number or a tensor, got str"),
         (dict(temperature=torch.ones(2)), TypeError, r"temperature must be a number or a one-element floating tensor, got a torch.float32 tensor of shape \(2\)"),
@@ -75,3 +76,21 @@ def test_full_attention_bad_arguments():
 def test_value_on_another_device():
     with pytest.raises(ValueError, match=r"value must be on the query's device cpu, got meta"):
         attend(value=torch.empty(2, 3, 7, 6, device="meta"))
+
+
+def test_numba_is_refused_off_cpu_before_any_op_runs():
+    # On meta tensors the ops would run their fake kernels and return silently empty results.
+    meta = torch.empty(1, 2, 4, 4, device="meta")
+    idx = torch.zeros(1, 1, 1, 4, 4, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match=r"^psal\.patchmatch: backend 'numba' runs on CPU tensors only, got tensors on meta"):
+        psal.patchmatch(meta, meta, backend="numba")
+    with pytest.raises(ValueError, match=r"^psal\.attend: backend 'numba' runs on CPU tensors only"):
+        psal.attend(meta, meta, meta, idx, backend="numba")
+
+
+def test_full_attention_of_an_empty_batch_keeps_the_graph():
+    q = torch.rand(0, 2, 4, 4, requires_grad=True)
+    out = psal.full_attention(q, q, q)
+    assert out.shape == (0, 2, 4, 4)
+    out.sum().backward()
+    assert q.grad.shape == q.shape

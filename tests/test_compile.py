@@ -37,6 +37,15 @@ def test_opcheck_attend(backend, aggregation):
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_opcheck_attend_half_precision(backend):
+    # The statistic comes out in float32 for half inputs: the fake kernel must say so too.
+    q, k, v, idx, _ = (t.detach() for t in _attend_args(torch.float32))
+    T = torch.tensor(1.5)
+    args = (q.half(), k.half(), v.half(), idx, T, 3, "patch", "l2", backend)
+    torch.library.opcheck(torch.ops.psal.attend.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
 def test_opcheck_patchmatch(backend):
     q, k, _, idx, _ = (t.detach() for t in _attend_args(torch.float32))
     mask = torch.ones(2, 18, dtype=torch.bool)

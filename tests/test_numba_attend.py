@@ -157,3 +157,19 @@ def test_nan_propagates(aggregation):
         assert torch.equal(e.isnan(), a.isnan())
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, equal_nan=True)
     assert all(t.isnan().any() for t in actual)
+
+
+def test_infinite_scores_give_the_reference_statistic():
+    # An infinite query value makes every l2 cost of its pixel +inf, every score -inf: the
+    # logsumexp is then -inf (torch's rule), not NaN.
+    from psal.backends import numba_attend, reference_attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=g) for _ in range(3))
+    q[0, 0, 1, 1] = float("inf")
+    idx = torch.randint(0, 9, (1, 2, 3, 3), generator=g)
+    T = torch.tensor(1.0, dtype=torch.float64)
+    _, want = reference_attend.attend_forward(q, k, v, idx, T, 1, "center", "l2")
+    _, got = numba_attend.attend_forward(q, k, v, idx, T, 1, "center", "l2")
+    assert want[0, 1, 1] == float("-inf")
+    torch.testing.assert_close(got, want, equal_nan=True)

@@ -16,13 +16,13 @@ SIMILARITIES = ("l2", "dot")
 AGGREGATIONS = ("center", "patch", "patch_mean")
 
 
-def data_checks_enabled() -> bool:
-    """Checks that read tensor values (one device sync each) run in eager mode only.
+def data_checks_enabled(t: torch.Tensor) -> bool:
+    """Checks that read tensor values (one device sync each) run in eager mode, on real tensors.
 
-    Under ``torch.compile`` they would break the graph; shapes, dtypes and devices are still
-    checked there, since those are known while tracing.
+    Under ``torch.compile`` they would break the graph, and meta tensors have no values; shapes,
+    dtypes and devices are still checked there.
     """
-    return not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -140,7 +140,7 @@ def check_num_neighbors(fn: str, num_neighbors, key_mask, shapes: MapShapes) -> 
             f"{fn}: num_neighbors={k} is more than the {shapes.num_keys} key positions of a "
             f"{shapes.key_height}x{shapes.key_width} key map"
         )
-    if key_mask is not None and shapes.batch > 0 and data_checks_enabled():
+    if key_mask is not None and shapes.batch > 0 and data_checks_enabled(key_mask):
         # One explicit sync, at the boundary, only when a mask is given.
         allowed = key_mask.flatten(1).sum(1)
         fewest = int(allowed.min())
@@ -155,7 +155,7 @@ def check_num_neighbors(fn: str, num_neighbors, key_mask, shapes: MapShapes) -> 
 
 def check_mask_allows_a_key(fn: str, key_mask, shapes: MapShapes) -> None:
     """Every batch element must allow at least one key position (one sync, eager only)."""
-    if key_mask is None or shapes.batch == 0 or not data_checks_enabled():
+    if key_mask is None or shapes.batch == 0 or not data_checks_enabled(key_mask):
         return
     allowed = key_mask.flatten(1).any(1)
     if not bool(allowed.all()):
@@ -181,7 +181,7 @@ def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: 
         raise ValueError(f"{fn}: {name} must have shape {want}, got {_shape(indices)}")
     if indices.device != device:
         raise ValueError(f"{fn}: {name} must be on the inputs' device {device}, got {indices.device}")
-    if indices.numel() > 0 and data_checks_enabled():
+    if indices.numel() > 0 and data_checks_enabled(indices):
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= shapes.num_keys:
             raise ValueError(

@@ -364,7 +364,9 @@ def full_attention(
         method = "chunked" if aggregation == "patch" else "sdpa"
     B, Cv = shapes.batch, value.shape[1]
     if B == 0 or shapes.height * shapes.width == 0:
-        return value.new_zeros(B, Cv, shapes.height, shapes.width)
+        # Nothing to compute, but still a result of the graph, so that a backward runs.
+        empty = value.new_zeros(B, Cv, shapes.height, shapes.width)
+        return empty + 0 * (query.sum() + key.sum() + value.sum())
     h = shapes.num_heads
     out = dense.full_attention(
         reference.fold_heads(query, h),
