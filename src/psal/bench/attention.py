@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -92,20 +89,11 @@ def worker(args) -> None:
 
 
 def _run_worker(method: str, size: int, args) -> dict | None:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.pt")
-        cmd = [
-            sys.executable, "-m", "psal.bench.attention", "--worker", method, "--size", str(size),
-            "--repeats", str(args.repeats), "--patch-size", str(args.patch_size), "--k", str(args.k),
-            "--iters", str(args.iters), "--channels", str(args.channels),
-            "--time-budget", str(args.time_budget), "--out", out,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-            print(f"  {method} at {size}: failed ({tail})", file=sys.stderr)
-            return None
-        return torch.load(out)
+    options = [
+        "--repeats", str(args.repeats), "--patch-size", str(args.patch_size), "--k", str(args.k),
+        "--iters", str(args.iters), "--channels", str(args.channels), "--time-budget", str(args.time_budget),
+    ]  # fmt: skip
+    return common.run_worker("psal.bench.attention", method, size, options)
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 
 
 def _versions() -> dict:
@@ -83,3 +85,19 @@ def markdown_table(header, rows) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def run_worker(module: str, method: str, size: int, options: list[str]):
+    """Runs ``python -m module --worker method --size size *options --out FILE`` in a fresh
+    process and returns what it saved (``torch.load``), or ``None`` after printing why it failed."""
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        cmd = [sys.executable, "-m", module, "--worker", method, "--size", str(size), *options, "--out", out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"  {method} at {size}: failed ({tail})", file=sys.stderr)
+            return None
+        return torch.load(out)
