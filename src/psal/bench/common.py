@@ -101,3 +101,13 @@ def run_worker(module: str, method: str, size: int, options: list[str]):
             print(f"  {method} at {size}: failed ({tail})", file=sys.stderr)
             return None
         return torch.load(out)
+
+
+def add_worker_arguments(ap) -> None:
+    """``--json`` and the hidden options by which :func:`run_worker` calls a suite back."""
+    import argparse
+
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)

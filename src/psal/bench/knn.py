@@ -143,10 +143,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patch-size", type=int, default=7)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    common.add_worker_arguments(ap)
     args = ap.parse_args(argv)
     if args.worker:
         args.method = args.worker
