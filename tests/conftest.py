@@ -7,12 +7,23 @@ something written differently.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 
-import psal
+# Without a GPU, the Triton kernels run on CPU tensors through Triton's interpreter. Triton reads
+# the variable when a kernel is defined, so it is set before anything imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import psal  # noqa: E402
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ["numba", "torch"]
+# The same contract, with the Triton kernels (interpreted on CPU: small sizes only).
+ATTEND_BACKENDS = ["numba", "torch"] + (["triton"] if HAVE_TRITON else [])
 
 
 def pytest_configure(config):

@@ -6,11 +6,10 @@ import itertools
 
 import pytest
 import torch
-from conftest import gen, naive_attention, random_indices
+from conftest import ATTEND_BACKENDS, gen, naive_attention, random_indices
 
 import psal
 
-ATTEND_BACKENDS = ["numba", "torch"]
 AGGREGATIONS = ["center", "patch", "patch_mean"]
 
 
@@ -79,6 +78,8 @@ def test_gradcheck(attend_backend, aggregation, similarity, heads):
 
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_gradcheck_full_jacobian_with_a_mask(attend_backend, aggregation):
+    if attend_backend == "triton" and not torch.cuda.is_available():
+        pytest.skip("one backward per output element: minutes through Triton's interpreter (fast gradcheck covers it)")
     mask = torch.rand(2, 3, 5, generator=gen(9)) > 0.4
     mask[:, 0, :3] = True
     _gradcheck(attend_backend, aggregation, "l2", 3, 1, fast=False, mask=mask)

@@ -43,7 +43,7 @@ def attend(**kw):
         (dict(indices=IDX + 42), ValueError, r"indices must hold flat key positions in \[0, 42\) for a 7x6 key map, got values in \[42, 42\]"),
         (dict(indices=IDX - 1), ValueError, r"indices must hold flat key positions in \[0, 42\).*got values in \[-1, -1\]"),
         (dict(patch_size=2), ValueError, r"patch_size must be an odd int >= 1, got 2"),
-        (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'numba', 'torch', got 'cuda'"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'numba', 'triton', 'torch', got 'cuda'"),
     ],
 )
 def test_attend_bad_arguments(kwargs, error, pattern):
@@ -86,6 +86,8 @@ def test_numba_is_refused_off_cpu_before_any_op_runs():
         psal.patchmatch(meta, meta, backend="numba")
     with pytest.raises(ValueError, match=r"^psal\.attend: backend 'numba' runs on CPU tensors only"):
         psal.attend(meta, meta, meta, idx, backend="numba")
+    with pytest.raises(ValueError, match=r"^psal\.attend: backend 'triton' runs on CUDA tensors, got tensors on meta"):
+        psal.attend(meta, meta, meta, idx, backend="triton")
 
 
 def test_full_attention_of_an_empty_batch_keeps_the_graph():

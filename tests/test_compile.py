@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gen
+from conftest import ATTEND_BACKENDS, gen
 
 import psal
 
@@ -22,7 +22,7 @@ def _attend_args(dtype=torch.float64):
     return q, k, v, idx, T
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("backend", ATTEND_BACKENDS)
 @pytest.mark.parametrize("aggregation", ["center", "patch", "patch_mean"])
 def test_opcheck_attend(backend, aggregation):
     q, k, v, idx, T = _attend_args()
@@ -36,7 +36,7 @@ def test_opcheck_attend(backend, aggregation):
     )
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("backend", ATTEND_BACKENDS)
 def test_opcheck_attend_half_precision(backend):
     # The statistic comes out in float32 for half inputs: the fake kernel must say so too.
     q, k, v, idx, _ = (t.detach() for t in _attend_args(torch.float32))

@@ -119,7 +119,7 @@ def test_block_bad_input(call, error, pattern):
         (dict(aggregation="mean"), ValueError, r"aggregation must be one of 'center', 'patch', 'patch_mean', got 'mean'"),
         (dict(similarity="cos"), ValueError, r"similarity must be one of 'l2', 'dot'"),
         (dict(num_neighbors=0), ValueError, r"num_neighbors must be >= 1"),
-        (dict(backend="triton"), ValueError, r"backend must be one of 'auto', 'numba', 'torch'"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'numba', 'triton', 'torch', got 'cuda'"),
     ],
 )
 def test_layer_bad_options(kwargs, error, pattern):

@@ -43,7 +43,7 @@ def search(**kw):
         (dict(key_mask=torch.ones(2, 7, 6)), TypeError, r"key_mask must have dtype torch.bool"),
         (dict(key_mask=[[True]]), TypeError, r"key_mask must be a bool torch.Tensor"),
         (dict(similarity="cosine"), ValueError, r"similarity must be one of 'l2', 'dot', got 'cosine'"),
-        (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'numba', 'torch', got 'cuda'"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'numba', 'triton', 'torch', got 'cuda'"),
         (dict(generator=0), TypeError, r"generator must be a torch.Generator"),
         (dict(init=torch.zeros(1)), TypeError, r"init must be a psal.KNNField"),
     ],

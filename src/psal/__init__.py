@@ -3,7 +3,7 @@
 ``import psal`` needs only torch; compiled backends load on first use.
 """
 
-from ._dispatch import explain_search_backend
+from ._dispatch import available_backends, explain_search_backend
 from .functional import (
     attend,
     exact_knn,
@@ -22,6 +22,7 @@ __all__ = [
     "PSALBlock",
     "PSAttention",
     "attend",
+    "available_backends",
     "exact_knn",
     "explain_search_backend",
     "full_attention",

@@ -255,4 +255,11 @@ def check_backend(fn: str, backend, choices, device: torch.device) -> str:
     backend = check_choice(fn, "backend", backend, choices)
     if backend == "numba" and device.type != "cpu":
         raise ValueError(f"{fn}: backend 'numba' runs on CPU tensors only, got tensors on {device}")
+    if backend == "triton":
+        from ._dispatch import can_run_triton
+
+        try:
+            can_run_triton(device, raise_error=True)
+        except ValueError as exc:
+            raise ValueError(f"{fn}: {exc}") from None
     return backend

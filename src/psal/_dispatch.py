@@ -1,5 +1,8 @@
 """Backend choice: every backend has a ``can_run_*`` predicate that says why it cannot run.
 
+``numba`` runs on CPU tensors, ``triton`` on CUDA tensors (and on CPU tensors through Triton's
+interpreter when ``TRITON_INTERPRET=1``, for tests), ``torch`` anywhere.
+
 ``backend="auto"`` picks the first backend whose predicate holds, in the order of ``SEARCH_ORDER``,
 so the choice is explainable: ``explain_search_backend(device)`` lists each verdict.
 """
@@ -8,14 +11,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import warnings
 
 import torch
 
 logger = logging.getLogger("psal")
 
-SEARCH_BACKENDS = ("auto", "numba", "torch")
-SEARCH_ORDER = ("numba", "torch")
+SEARCH_BACKENDS = ("auto", "numba", "triton", "torch")
+SEARCH_ORDER = ("numba", "triton", "torch")
 
 
 def _fail(reason: str, raise_error: bool) -> bool:
@@ -35,18 +39,44 @@ def can_run_numba(device: torch.device, raise_error: bool = False) -> bool:
     return True
 
 
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+
+    Triton reads the variable when a kernel is defined, so it must be set before the first use of
+    the Triton backend in a process."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def can_run_triton(device: torch.device, raise_error: bool = False) -> bool:
+    if device.type == "cpu" and not triton_interpreted():
+        return _fail(
+            "backend 'triton' runs on CUDA tensors (on CPU tensors only through Triton's interpreter, "
+            f"TRITON_INTERPRET=1), got tensors on {device}",
+            raise_error,
+        )
+    if device.type not in ("cpu", "cuda"):
+        return _fail(f"backend 'triton' runs on CUDA tensors, got tensors on {device}", raise_error)
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return _fail(f"backend 'triton' needs the triton package ({exc}); pip install triton", raise_error)
+    return True
+
+
 def can_run_torch(device: torch.device, raise_error: bool = False) -> bool:
     return True
 
 
-_PREDICATES = {"numba": can_run_numba, "torch": can_run_torch}
+_PREDICATES = {"numba": can_run_numba, "triton": can_run_triton, "torch": can_run_torch}
 
 
 # Modules per (operation, backend); each implements the same folded contract.
 _MODULES = {
     ("search", "numba"): "numba_cpu",
+    ("search", "triton"): "triton_search",
     ("search", "torch"): "reference",
     ("attend", "numba"): "numba_attend",
+    ("attend", "triton"): "triton_attend",
     ("attend", "torch"): "reference_attend",
 }
 
@@ -55,8 +85,14 @@ def _module(name: str, op: str = "search"):
     return importlib.import_module(f"psal.backends.{_MODULES[op, name]}")
 
 
-def explain_search_backend(device: torch.device) -> dict:
-    """``{backend: None or the reason it cannot run}`` for tensors on ``device``."""
+def available_backends(device="cpu") -> dict:
+    """``{backend: None if it can run, else the reason it cannot}`` for tensors on ``device``,
+    in the order ``backend="auto"`` tries them (numba, triton, torch).
+
+    >>> psal.available_backends("cpu")["torch"] is None
+    True
+    """
+    device = torch.device(device)
     out = {}
     for name in SEARCH_ORDER:
         try:
@@ -67,16 +103,22 @@ def explain_search_backend(device: torch.device) -> dict:
     return out
 
 
+explain_search_backend = available_backends  # the name of version 0.1.0
+
+
 def search_backend(fn: str, backend: str, device: torch.device, op: str = "search"):
     """The module that implements ``op`` (``"search"``: ``patchmatch``; ``"attend"``:
     ``attend_forward``/``attend_backward``) for ``backend`` on ``device``."""
     if backend == "auto":
         for name in SEARCH_ORDER:
+            if name == "triton" and device.type == "cpu":
+                continue  # the interpreter is for tests, never a choice
             if _PREDICATES[name](device):
-                if name == "torch" and device.type == "cpu":
+                if name == "torch" and device.type in ("cpu", "cuda"):
+                    missing = "numba" if device.type == "cpu" else "triton"
                     warnings.warn(
-                        "psal: numba is not installed, so the CPU search runs on the much slower "
-                        "pure-PyTorch backend; pip install numba",
+                        f"psal: {missing} is not installed, so {device.type.upper()} tensors run on the "
+                        f"much slower pure-PyTorch backend; pip install {missing}",
                         RuntimeWarning,
                         stacklevel=3,
                     )

@@ -72,7 +72,8 @@ def patchmatch(
         num_heads: splits the channels into this many groups, each with its own field.
         init: a ``KNNField`` (any ``k``) to warm-start from; the result is never worse than it.
         generator: the source of randomness; the same seed gives the same field.
-        backend: ``"auto"``, ``"numba"`` (CPU, compiled, all cores) or ``"torch"`` (any device).
+        backend: ``"auto"`` (numba on CPU, Triton on CUDA, else torch), ``"numba"`` (CPU,
+            compiled, all cores), ``"triton"`` (CUDA) or ``"torch"`` (any device).
 
     Returns:
         ``KNNField(indices, costs)``, both ``Tensor[B, heads, k, H, W]``; indices int64 flat
@@ -228,7 +229,8 @@ def attend(
         similarity: ``"l2"`` or ``"dot"``.
         num_heads: channel groups of query/key and of value, one field per head; the heads'
             outputs are concatenated along channels.
-        backend: ``"auto"``, ``"numba"`` (CPU) or ``"torch"`` (any device).
+        backend: ``"auto"`` (numba on CPU, Triton on CUDA, else torch), ``"numba"`` (CPU),
+            ``"triton"`` (CUDA) or ``"torch"`` (any device).
 
     Returns:
         ``Tensor[B, Cv, H, W]`` in the input dtype (float16/bfloat16 are computed in float32).

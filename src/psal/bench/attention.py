@@ -1,6 +1,7 @@
 """Attention benchmark: PSAL forward + backward against full attention, in one run.
 
     python -m psal.bench attention --sizes 64 128 256 --repeats 3
+    python -m psal.bench attention --device cuda --dtype bfloat16 --sizes 256 512 1024 2048
 
 For each size S: query, key and value ``(1, C, S, S)`` drawn from a normal distribution (C = 64),
 patch size p = 3, l2 costs, ``"center"`` aggregation; the loss is ``sum(out * g)`` for a fixed
@@ -12,13 +13,20 @@ random ``g``, and one step is its forward and backward (gradients for query, key
   kernel over patch vectors, the same semantics over all keys.
 - ``full-chunked``: :func:`psal.full_attention` with ``method="chunked"``: dense scores in
   chunks, recomputed in the backward.
+- ``sdpa``: plain ``scaled_dot_product_attention`` over the ``S * S`` pixels as tokens of
+  dimension C (no patches): what a network would use instead of PSAL, flash attention on CUDA
+  with float16/bfloat16 inputs. Default on CUDA, where ``full-chunked`` is left out.
+
+``--device cuda`` puts the inputs on the GPU (PSAL then runs its Triton kernels), synchronises
+around every timed phase and reports the caching allocator's peak over the inputs.
 
 Every method runs in a fresh worker process, so that its peak memory (the rise of the resident-set
 high-water mark over its size with the inputs loaded) is its own. PSAL makes one untimed call
-first (numba loads its kernels); full attention has nothing to warm up, and at 256² one call takes
-minutes, so its first call is timed. Calls repeat up to ``--repeats`` or ``--time-budget``
-seconds; the median is reported. ``vs flash`` is the flash method's median over this method's,
-from the same run.
+first (numba loads its kernels; Triton compiles them); on CPU full attention has nothing to warm
+up, and at 256² one call takes minutes, so its first call is timed; on CUDA every method gets one
+untimed call. Calls repeat up to ``--repeats`` or ``--time-budget`` seconds; the median is
+reported. ``vs sdpa`` (``vs full-flash`` where sdpa is not run) is that method's median over this
+method's, from the same run.
 """
 
 from __future__ import annotations
@@ -33,35 +41,49 @@ import torch
 
 from psal.bench import common
 
-METHODS = ("psal", "full-flash", "full-chunked")
+METHODS = ("psal", "full-flash", "full-chunked", "sdpa")
+DEFAULT_METHODS = {"cpu": ("psal", "full-flash", "full-chunked"), "cuda": ("psal", "sdpa", "full-flash")}
 
 
-def _inputs(size: int, channels: int, seed: int = 0):
+def _inputs(size: int, channels: int, device: str = "cpu", dtype: str = "float32", seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    q, k, v, grad = (torch.randn(1, channels, size, size, generator=g) for _ in range(4))
-    return q, k, v, grad
+    dt = getattr(torch, dtype)
+    return [torch.randn(1, channels, size, size, generator=g).to(device=device, dtype=dt) for _ in range(4)]
+
+
+def _sdpa(q, k, v):
+    """Pixels as tokens: ``(1, C, H, W)`` -> ``(1, 1, H * W, C)``, attention, and back."""
+    B, C, H, W = q.shape
+    tokens = [t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*tokens)
+    return out.squeeze(1).transpose(1, 2).reshape(B, v.shape[1], H, W)
 
 
 def _step(method: str, args):
     """A function (query, key, value, grad) -> (forward s, backward s) for ``method``."""
     import psal
 
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=args.device).manual_seed(0)
 
     def forward(q, k, v):
         if method == "psal":
             return psal.ps_attention(
                 q, k, v, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters, generator=gen
             )
+        if method == "sdpa":
+            return _sdpa(q, k, v)
         how = "sdpa" if method == "full-flash" else "chunked"
         return psal.full_attention(q, k, v, patch_size=args.patch_size, method=how)
 
     def step(q, k, v, grad):
         q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        common.sync(args.device)
         t0 = time.perf_counter()
         out = forward(q, k, v)
+        common.sync(args.device)
         t1 = time.perf_counter()
         (out * grad).sum().backward()
+        common.sync(args.device)
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1
 
@@ -70,28 +92,26 @@ def _step(method: str, args):
 
 def worker(args) -> None:
     """Runs one method at one size; writes times and memory to ``args.out``."""
-    q, k, v, grad = _inputs(args.size, args.channels)
+    q, k, v, grad = _inputs(args.size, args.channels, args.device, args.dtype)
     step = _step(args.method, args)
     first = None
-    if args.method == "psal":
-        t0 = time.perf_counter()
-        step(q, k, v, grad)
-        first = time.perf_counter() - t0
-    rest = common.rss_kib()
-    common.reset_peak()
+    if args.method == "psal" or args.device != "cpu":
+        first = sum(step(q, k, v, grad))
+    memory = common.PeakMemory(args.device)
+    memory.start()
     times = []
     for _ in range(args.repeats):
         times.append(step(q, k, v, grad))
         if sum(f + b for f, b in times) > args.time_budget:
             break
-    peak = common.peak_kib() - rest
-    torch.save({"times": times, "first": first, "peak_kib": peak}, args.out)
+    torch.save({"times": times, "first": first, "peak_kib": memory.peak_kib()}, args.out)
 
 
 def _run_worker(method: str, size: int, args) -> dict | None:
     options = [
         "--repeats", str(args.repeats), "--patch-size", str(args.patch_size), "--k", str(args.k),
         "--iters", str(args.iters), "--channels", str(args.channels), "--time-budget", str(args.time_budget),
+        "--device", args.device, "--dtype", args.dtype,
     ]  # fmt: skip
     return common.run_worker("psal.bench.attention", method, size, options)
 
@@ -99,7 +119,8 @@ def _run_worker(method: str, size: int, args) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench attention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, help="default: psal, full-flash, full-chunked (CPU); psal, sdpa, full-flash (CUDA)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")
     ap.add_argument("--time-budget", type=float, default=120.0, help="stop repeating a method after this many seconds")
     ap.add_argument("--channels", type=int, default=64)
@@ -112,18 +133,22 @@ def main(argv=None) -> int:
         args.method = args.worker
         worker(args)
         return 0
+    if args.methods is None:
+        args.methods = list(DEFAULT_METHODS["cuda" if args.device.startswith("cuda") else "cpu"])
 
     print(common.environment())
     print(
-        f"\nattention forward + backward: query, key, value (1, {args.channels}, S, S), p = {args.patch_size}, "
-        f"l2, center; PSAL k = {args.k}, {args.iters} iterations; median of up to {args.repeats} steps\n",
+        f"\nattention forward + backward on {args.device}: query, key, value (1, {args.channels}, S, S) {args.dtype}, "
+        f"p = {args.patch_size}, l2, center; PSAL k = {args.k}, {args.iters} iterations; median of up to "
+        f"{args.repeats} steps\n",
         flush=True,
     )
-    header = ["size", "method", "fwd+bwd s", "forward s", "backward s", "steps", "peak MiB", "vs flash (time)", "memory / flash"]
+    base = "sdpa" if "sdpa" in args.methods else "full-flash"  # the competitor the ratios are against
+    header = ["size", "method", "fwd+bwd s", "forward s", "backward s", "steps", "peak MiB", f"vs {base} (time)", f"memory / {base}"]
     rows, records = [], []
     for size in args.sizes:
         results = {m: r for m in args.methods if (r := _run_worker(m, size, args)) is not None}
-        flash = results.get("full-flash")
+        flash = results.get(base)
         flash_med = statistics.median(f + b for f, b in flash["times"]) if flash else float("nan")
         for method, res in results.items():
             total = [f + b for f, b in res["times"]]

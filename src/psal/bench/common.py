@@ -81,6 +81,41 @@ def reset_peak() -> None:
         pass
 
 
+def sync(device: str) -> None:
+    """Waits for the device's queued work, so that wall-clock times measure it."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory of what runs between :meth:`start` and :meth:`peak_kib`, over the resting
+    level at start: the process's resident set on CPU, the caching allocator's peak on CUDA."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+
+    def start(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.rest = torch.cuda.memory_allocated() // 1024
+        else:
+            self.rest = rss_kib()
+            reset_peak()
+
+    def peak_kib(self) -> int:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() // 1024 - self.rest
+        return peak_kib() - self.rest
+
+
 def markdown_table(header, rows) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -108,6 +143,7 @@ def add_worker_arguments(ap) -> None:
     import argparse
 
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (tensors, timings and peak memory on it)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)

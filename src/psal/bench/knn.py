@@ -1,6 +1,7 @@
 """Patch k-NN benchmark: PatchMatch backends against exact search and faiss, in one run.
 
     python -m psal.bench knn --sizes 128 256 512 --repeats 3
+    python -m psal.bench knn --device cuda --sizes 512 --iters 10
 
 For each size S, the query is scikit-image's ``astronaut`` and the key its ``coffee``, both resized
 to S x S RGB; all S*S patches (p = 7, replicate padded) of the query are matched against all of
@@ -14,6 +15,10 @@ random sample of ``--quality-sample`` query pixels where the image has more: ``c
 mean cost of the j-th match over the exact j-th mean (one number per j, and their mean),
 ``recall@1`` the share of query pixels whose first match has the exact best cost. The costs of
 every method's matches are recomputed by one oracle (``psal.patch_costs``).
+
+``--device cuda`` runs the PatchMatch backends that take CUDA tensors (``psal-triton``,
+``psal-torch``) and the exact search on the GPU, synchronising around every call; peak memory is
+then the caching allocator's.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ import torch
 import psal
 from psal.bench import common
 
-METHODS = ("psal-numba", "psal-torch", "torch-exact", "faiss-flat", "faiss-hnsw32")
+METHODS = ("psal-numba", "psal-triton", "psal-torch", "torch-exact", "faiss-flat", "faiss-hnsw32")
+DEFAULT_METHODS = {
+    "cpu": ("psal-numba", "psal-torch", "torch-exact", "faiss-flat", "faiss-hnsw32"),
+    "cuda": ("psal-triton", "psal-torch", "torch-exact"),
+}
 EXACT = ("torch-exact", "faiss-flat")
 
 
@@ -48,13 +57,13 @@ def _patch_rows(x: torch.Tensor, p: int):
     return unfold_patches(x, p)[0].T.contiguous().numpy()  # (H*W, C*p*p) float32
 
 
-def _runner(method: str, p: int, k: int, iters: int):
+def _runner(method: str, p: int, k: int, iters: int, device: str = "cpu"):
     """A function (query, key) -> (indices (k, L) int64, costs (k, L) float32) for ``method``."""
     import psal
 
     if method.startswith("psal-"):
         backend = method.split("-", 1)[1]
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator(device=device).manual_seed(0)
 
         def run(q, key):
             f = psal.patchmatch(q, key, patch_size=p, num_neighbors=k, num_iters=iters, generator=gen, backend=backend)
@@ -82,22 +91,26 @@ def _runner(method: str, p: int, k: int, iters: int):
 
 def worker(args) -> None:
     """Runs one method at one size; writes times, memory and the field to ``args.out``."""
-    q, key = _inputs(args.size)
-    run = _runner(args.method, args.patch_size, args.k, args.iters)
+    device = "cpu" if args.method.startswith("faiss") else args.device
+    q, key = (t.to(device) for t in _inputs(args.size))
+    run = _runner(args.method, args.patch_size, args.k, args.iters, device)
     t0 = time.perf_counter()
     run(q, key)
+    common.sync(device)
     first = time.perf_counter() - t0
-    rest = common.rss_kib()
-    common.reset_peak()
+    memory = common.PeakMemory(device)
+    memory.start()
     times = []
     for _ in range(args.repeats):
+        common.sync(device)
         t0 = time.perf_counter()
         idx, cost = run(q, key)
+        common.sync(device)
         times.append(time.perf_counter() - t0)
         if sum(times) > args.time_budget:
             break
-    peak = common.peak_kib() - rest
-    torch.save({"times": times, "first": first, "peak_kib": peak, "indices": idx, "costs": cost}, args.out)
+    peak = memory.peak_kib()
+    torch.save({"times": times, "first": first, "peak_kib": peak, "indices": idx.cpu(), "costs": cost.cpu()}, args.out)
 
 
 def _exact_sample(q, key, p: int, k: int, sample: int, seed: int = 0):
@@ -127,7 +140,7 @@ def compile_times() -> tuple[float, float]:
 def _run_worker(method: str, size: int, args) -> dict | None:
     options = [
         "--repeats", str(args.repeats), "--patch-size", str(args.patch_size), "--k", str(args.k),
-        "--iters", str(args.iters), "--time-budget", str(args.time_budget),
+        "--iters", str(args.iters), "--time-budget", str(args.time_budget), "--device", args.device,
     ]  # fmt: skip
     return common.run_worker("psal.bench.knn", method, size, options)
 
@@ -135,7 +148,7 @@ def _run_worker(method: str, size: int, args) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench knn", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, help="default: all but psal-triton (CPU); psal-triton, psal-torch, torch-exact (CUDA)")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per method (median reported)")
     ap.add_argument("--time-budget", type=float, default=60.0, help="stop repeating a method after this many seconds")
     ap.add_argument("--max-exact", type=int, default=256, help="largest size at which exact methods are timed")
@@ -149,16 +162,19 @@ def main(argv=None) -> int:
         args.method = args.worker
         worker(args)
         return 0
+    if args.methods is None:
+        args.methods = list(DEFAULT_METHODS["cuda" if args.device.startswith("cuda") else "cpu"])
 
     print(common.environment())
     if "psal-numba" in args.methods:
         cold, warm = compile_times()
         print(f"numba kernels, first call in a new process: {cold:.1f} s compiling (empty cache), {warm:.2f} s loading the disk cache")
     print(
-        f"\npatch k-NN: query astronaut, key coffee, S x S RGB, p = {args.patch_size}, k = {args.k}, "
+        f"\npatch k-NN on {args.device}: query astronaut, key coffee, S x S RGB, p = {args.patch_size}, k = {args.k}, "
         f"PatchMatch iterations = {args.iters}; median of up to {args.repeats} calls after one untimed call\n"
     )
-    header = ["size", "method", "median s", "first call s", "peak MiB", "cost ratio (per k)", "recall@1", "vs faiss-hnsw32"]
+    base = "faiss-hnsw32" if "faiss-hnsw32" in args.methods else "torch-exact"  # the time ratios' competitor
+    header = ["size", "method", "median s", "first call s", "peak MiB", "cost ratio (per k)", "recall@1", f"vs {base}"]
     rows, records = [], []
     for size in args.sizes:
         q, key = _inputs(size)
@@ -170,7 +186,7 @@ def main(argv=None) -> int:
             res = _run_worker(method, size, args)
             if res is not None:
                 results[method] = res
-        hnsw = results.get("faiss-hnsw32")
+        hnsw = results.get(base)
         for method, res in results.items():
             med = statistics.median(res["times"])
             # Every method's matches are re-costed by the same direct oracle: faiss reports

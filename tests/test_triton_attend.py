@@ -1,0 +1,187 @@
+"""The Triton attention kernels beyond the shared contract of test_attend.py: the atomic and the
+deterministic key-side paths, repeated backward passes (a race would show), half precision against
+plain PyTorch at the same precision, backend choice, and no recompilation for new sizes.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest sets
+``TRITON_INTERPRET=1``), so the sizes stay small; with one, the same tests run on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import HAVE_TRITON, gen
+
+import psal
+from psal.backends import reference, reference_attend
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+AGGREGATIONS = ["center", "patch", "patch_mean"]
+
+
+def _problem(dtype=torch.float32, B=2, C=6, Cv=5, H=7, W=6, Hk=5, Wk=7, K=3, collide=False, seed=0):
+    g = gen(seed)
+    q = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    k = torch.randn(B, C, Hk, Wk, generator=g, dtype=dtype)
+    v = torch.randn(B, Cv, Hk, Wk, generator=g, dtype=dtype)
+    if collide:  # every query pixel matches among three key positions: many writes per entry
+        idx = torch.randint(0, 3, (B, 1, K, H, W), generator=g) * 11
+    else:
+        idx = torch.argsort(torch.rand(B, 1, H, W, Hk * Wk, generator=g), -1)[..., :K].permute(0, 1, 4, 2, 3)
+    grad = torch.randn(B, Cv, H, W, generator=g, dtype=dtype)
+    return [t.to(DEVICE) for t in (q, k, v, idx, grad)]
+
+
+def _grads(q, k, v, idx, grad, backend, aggregation, similarity="l2", T=0.8):
+    args = [t.detach().requires_grad_() for t in (q, k, v)]
+    temp = torch.tensor(T, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype, device=q.device)
+    temp.requires_grad_()
+    out = psal.attend(*args, idx, patch_size=3, temperature=temp, aggregation=aggregation, similarity=similarity, backend=backend)
+    return (out.detach(), *torch.autograd.grad(out, (*args, temp), grad))
+
+
+def _error(a, exact) -> float:
+    return float((a.detach().cpu().double() - exact).abs().max())
+
+
+class _Reference:
+    """float64 results, and the larger error of the float32 CPU backends (pure PyTorch, numba)
+    against them: the problem's own float32 conditioning (the temperature gradient, a sum with
+    cancellation, loses up to 2% here in every backend), which Triton must match within 2x."""
+
+    def __init__(self, q, k, v, idx, grad, aggregation, similarity="l2"):
+        cpu = [t.cpu() for t in (q, k, v, idx, grad)]
+        self.exact = _grads(*(t.double() if t.is_floating_point() else t for t in cpu), "torch", aggregation, similarity)
+        others = [_grads(*cpu, backend, aggregation, similarity) for backend in ("torch", "numba")]
+        self.baseline = [max(_error(a, e), _error(b, e)) for a, b, e in zip(*others, self.exact)]
+
+    def check(self, got):
+        for name, a, e, base in zip(["out", "query", "key", "value", "temperature"], got, self.exact, self.baseline):
+            err = _error(a, e)
+            # The temperature gradient is one sum of K * L terms of either sign: the error of each
+            # float32 backend scatters over 1e-6..5e-4 with the seed (measured), so it gets a floor.
+            floor = 3e-4 * max(1.0, float(e.abs())) if name == "temperature" else 1e-6 * float(e.abs().max())
+            assert err <= 2 * base + floor, f"{name}: error {err:.3g}, float32 CPU backends {base:.3g}"
+
+
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("similarity", ["l2", "dot"])
+def test_atomic_path_matches_the_reference_under_collisions(aggregation, similarity):
+    q, k, v, idx, grad = _problem(collide=True)
+    want = _Reference(q, k, v, idx, grad, aggregation, similarity)
+    repeats = 30 if CUDA else 1  # a race changes results from run to run
+    for _ in range(repeats):
+        want.check(_grads(q, k, v, idx, grad, "triton", aggregation, similarity))
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_deterministic_path_is_bitwise_repeatable_and_correct(deterministic, aggregation):
+    q, k, v, idx, grad = _problem(collide=True, seed=1)
+    first = _grads(q, k, v, idx, grad, "triton", aggregation)
+    _Reference(q, k, v, idx, grad, aggregation).check(first)
+    for _ in range(20 if CUDA else 1):
+        again = _grads(q, k, v, idx, grad, "triton", aggregation)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def _plain_torch(monkeypatch, *args):
+    """The pure-PyTorch backend computing in the inputs' own dtype, as plain PyTorch code would."""
+    with monkeypatch.context() as m:
+        m.setattr(reference, "compute_dtype", lambda dtype: dtype)
+        m.setattr(reference_attend, "compute_dtype", lambda dtype: dtype)
+        return _grads(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_half_precision_error_within_twice_plain_torch(monkeypatch, dtype, aggregation):
+    """Error against float64 (from the same rounded inputs) of the output and of every gradient:
+    Triton's, which accumulates in float32, at most twice that of plain PyTorch in ``dtype``."""
+    q, k, v, idx, grad = _problem(dtype=torch.float32, H=8, W=8, Hk=8, Wk=8, C=16, Cv=8, K=4, seed=2)
+    q, k, v = (t * 0.25 for t in (q, k, v))  # costs of order one: the softmax is not saturated
+    low = [t.to(dtype) for t in (q, k, v)]
+    exact = _grads(*(t.double().cpu() for t in low), idx.cpu(), grad.to(dtype).double().cpu(), "torch", aggregation)
+    ours = _grads(*low, idx, grad.to(dtype), "triton", aggregation)
+    plain = _plain_torch(monkeypatch, *(t.cpu() for t in low), idx.cpu(), grad.to(dtype).cpu(), "torch", aggregation)
+    names = ["out", "query", "key", "value", "temperature"]
+    for name, a, b, e in zip(names, ours, plain, exact):
+        assert a.dtype == dtype or name == "temperature"
+        err_ours = float((a.detach().cpu().double() - e).abs().max())
+        err_plain = float((b.detach().double() - e).abs().max())
+        assert err_ours <= 2 * err_plain + 1e-6, f"{name}: triton {err_ours:.3g} vs plain {dtype} {err_plain:.3g}"
+
+
+def test_float64_matches_the_reference_exactly_enough():
+    q, k, v, idx, grad = _problem(dtype=torch.float64, seed=3)
+    for aggregation in AGGREGATIONS:
+        want = _grads(q.cpu(), k.cpu(), v.cpu(), idx.cpu(), grad.cpu(), "torch", aggregation, "dot")
+        got = _grads(q, k, v, idx, grad, "triton", aggregation, "dot")
+        for a, b in zip(got, want):
+            assert a.dtype == torch.float64
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+
+
+def test_available_backends_says_why_not():
+    code = "import psal; print(psal.available_backends('cpu')['triton'])"
+    out = _python(code, TRITON_INTERPRET="0")
+    assert "runs on CUDA tensors" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stderr
+    out = _python("import sys; sys.modules['triton'] = None\n" + code, TRITON_INTERPRET="1")
+    assert "needs the triton package" in out.stdout, out.stderr
+    assert psal.available_backends("cpu")["numba"] is None
+
+
+def test_import_psal_does_not_import_triton():
+    out = _python("import sys, psal; print('triton' in sys.modules)")
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_auto_keeps_numba_on_cpu_even_when_triton_can_interpret():
+    from psal import _dispatch
+
+    assert _dispatch.search_backend("f", "auto", torch.device("cpu"), op="attend").__name__ == "psal.backends.numba_attend"
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_auto_picks_triton_on_cuda():
+    from psal import _dispatch
+
+    assert _dispatch.search_backend("f", "auto", torch.device("cuda"), op="attend").__name__ == "psal.backends.triton_attend"
+    assert _dispatch.search_backend("f", "auto", torch.device("cuda")).__name__ == "psal.backends.triton_search"
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter compiles nothing")
+def test_new_sizes_do_not_recompile():
+    from psal.backends import triton_attend as ta
+
+    kernels = [ta._costs, ta._votes, ta._score_grad, ta._query_grad, ta._scatter]
+
+    def compiled():
+        return sum(len(cache[0]) for kernel in kernels for cache in kernel.device_caches.values())
+
+    _grads(*_problem(H=9, W=7, Hk=6, Wk=8, K=3), "triton", "patch")
+    before = compiled()
+    for H, W, K in ((33, 17, 5), (16, 16, 2)):
+        q, k, v, idx, grad = _problem(H=H, W=W, Hk=H + 2, Wk=W + 3, K=K, seed=H)
+        args = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = psal.attend(*args, idx, patch_size=5, aggregation="patch", backend="triton")
+        out.backward(grad)
+    assert compiled() == before
