@@ -21,9 +21,11 @@ if not torch.cuda.is_available():
 import psal  # noqa: E402
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
-BACKENDS = ["numba", "torch"]
-# The same contract, with the Triton kernels (interpreted on CPU: small sizes only).
-ATTEND_BACKENDS = ["numba", "torch"] + (["triton"] if HAVE_TRITON else [])
+# The shared contract tests use CPU tensors, on which the Triton kernels run through the
+# interpreter; with a GPU, test_triton_search.py and test_triton_attend.py run them on CUDA.
+INTERPRETED_TRITON = ["triton"] if HAVE_TRITON and not torch.cuda.is_available() else []
+BACKENDS = ["numba", "torch"] + INTERPRETED_TRITON
+ATTEND_BACKENDS = ["numba", "torch"] + INTERPRETED_TRITON
 
 
 def pytest_configure(config):

@@ -73,6 +73,6 @@ def test_docstring_examples_run():
     import psal.functional
     import psal.nn
 
-    for module, at_least in ((psal.functional, 15), (psal.nn, 4)):
+    for module, at_least in ((psal.functional, 15), (psal.nn, 4), (_dispatch, 1)):
         result = doctest.testmod(module, extraglobs={"torch": torch, "psal": psal})
         assert result.attempted >= at_least and result.failed == 0, module.__name__

@@ -57,6 +57,8 @@ def problems():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mean_cost_within_five_percent_of_exact(backend, problems):
     """128x128 RGB, p = 7, k = 3, default iterations: each of the k mean costs within 5%."""
+    if backend == "triton":
+        pytest.skip("3 minutes through Triton's interpreter; test_triton_search.py checks quality at 32x32")
     for qname, kname, q, k, exact in problems:
         field = psal.patchmatch(q, k, patch_size=7, num_neighbors=3, generator=gen(0), backend=backend)
         ratio = field.costs.mean((0, 1, 3, 4)) / exact.costs.mean((0, 1, 3, 4))

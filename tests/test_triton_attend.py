@@ -185,3 +185,60 @@ def test_new_sizes_do_not_recompile():
         out = psal.attend(*args, idx, patch_size=5, aggregation="patch", backend="triton")
         out.backward(grad)
     assert compiled() == before
+
+
+def test_gpu_tile_shapes_give_the_same_results(monkeypatch):
+    """The GPU's small blocks (many programs, lanes of several maps in one program, channel
+    chunks) against the interpreter's one big block: same values."""
+    from psal.backends import triton_attend as ta
+
+    # 70 channels: two chunks of 64; float64, so that the summation order does not show
+    q, k, v, idx, grad = _problem(dtype=torch.float64, C=70, Cv=3, H=9, W=7, K=2, seed=4)
+    for aggregation in AGGREGATIONS:
+        big = _grads(q, k, v, idx, grad, "triton", aggregation)
+        with monkeypatch.context() as m:
+            m.setattr(ta, "triton_interpreted", lambda: False)
+            assert ta._tiles(2 * 9 * 7, 70)["BLOCK"] < 2 * 9 * 7
+            small = _grads(q, k, v, idx, grad, "triton", aggregation)
+        for a, b in zip(small, big):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+_COMPILE_FOR_HOPPER = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from psal.backends import triton_attend as ta
+
+def signature(kernel, dtype, consts):
+    ints = {"C", "H", "W", "Hk", "Wk", "K", "P", "N", "longest"}
+    feats = {"q", "k", "v", "g", "src", "kf"}
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    return {n: "constexpr" if n in consts else "i32" if n in ints else "*i64" if n in ("idx", "order", "rowptr")
+            else "*" + dtype if n in feats else "*" + acc for n in kernel.arg_names}
+
+variants = [(ta._costs, dict(DOT=True)), (ta._costs, dict(DOT=False)), (ta._votes, dict(PATCH=True)),
+            (ta._votes, dict(PATCH=False)), (ta._score_grad, dict(WEIGHTED=True)), (ta._score_grad, dict(WEIGHTED=False)),
+            (ta._query_grad, dict(DOT=True)), (ta._query_grad, dict(DOT=False))]
+variants += [(kern, dict(MODE=mode, SHIFT=mode == 0)) for kern in (ta._scatter, ta._gather) for mode in (0, 1, 2)]
+for dtype in @DTYPES@:
+    tiles = ta._tiles(1 << 20, 64)
+    warps = tiles.pop("num_warps")
+    acc = tl.float64 if dtype == "fp64" else tl.float32
+    for kernel, flags in variants:
+        consts = dict(flags, ACC=acc, **tiles)
+        triton.compile(ASTSource(fn=kernel, signature=signature(kernel, dtype, consts), constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_hopper():
+    """The interpreter never compiles: compile every kernel variant for sm_90 (H100/H200), with
+    the GPU's tile shapes, down to a cubin with Triton's own ptxas, in a process without it."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    code = _COMPILE_FOR_HOPPER.replace("@DTYPES@", repr(["bf16", "fp64"]))
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -4,7 +4,7 @@
 interpreter when ``TRITON_INTERPRET=1``, for tests), ``torch`` anywhere.
 
 ``backend="auto"`` picks the first backend whose predicate holds, in the order of ``SEARCH_ORDER``,
-so the choice is explainable: ``explain_search_backend(device)`` lists each verdict.
+so the choice is explainable: ``available_backends(device)`` lists each verdict.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def search_backend(fn: str, backend: str, device: torch.device, op: str = "searc
                         stacklevel=3,
                     )
                 return _module(name, op)
-        raise ValueError(f"{fn}: no backend can run on {device}: {explain_search_backend(device)}")
+        raise ValueError(f"{fn}: no backend can run on {device}: {available_backends(device)}")
     if backend not in _PREDICATES:
         raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, SEARCH_BACKENDS))}, got {backend!r}")
     try:

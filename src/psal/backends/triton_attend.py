@@ -21,7 +21,8 @@ Scheme. The heavy loops (``C * p * p * K`` per pixel) are Triton kernels; what i
   position sums its own list.
 
 Layouts: features are made channel-last (``(N, H, W, C)``), so that one gathered key or value
-position is ``C`` contiguous values; per-match tensors are ``(N, K, H * W)``. Positions outside a
+position is ``C`` contiguous values; per-match tensors are ``(N, K, H * W)``. Positions within a
+map are int32 (cheaper division on GPUs; ``K * H * W < 2**31``); memory offsets are int64. Positions outside a
 map are clamped (replicate padding). Everything accumulates in float32 (float64 for float64
 inputs); float16/bfloat16 inputs are read as they are.
 
@@ -56,9 +57,9 @@ def _costs(q, k, idx, cost, C, H, W, Hk, Wk, K, P, N, DOT: tl.constexpr, BLOCK: 
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N * K * L
     n = f // (K * L)
-    x = f % L
+    x = (f % L).to(tl.int32)
     xi, xj = x // W, x % W
-    y = tl.load(idx + f, mask=on, other=0)
+    y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
     yi, yj = y // Wk, y % Wk
     cc = tl.arange(0, CB)
     r = P // 2
@@ -93,7 +94,7 @@ def _votes(
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N * L
-    n, z = f // L, f % L
+    n, z = f // L, (f % L).to(tl.int32)
     zi, zj = z // W, z % W
     ch = tl.program_id(1) * CB + tl.arange(0, CB)
     cm = ch < C
@@ -112,7 +113,7 @@ def _votes(
             x = tl.where(real, xi * W + xj, 0)
             for j in range(K):
                 row = (n * K + j) * L + x
-                y = tl.load(idx + row, mask=real, other=0)
+                y = tl.load(idx + row, mask=real, other=0).to(tl.int32)
                 w = tl.exp(tl.load(logw + row, mask=real, other=float("-inf")) - zs)
                 w = tl.where(real, w, 0.0)
                 kpos = ((n * Hk + _clamp(y // Wk + a - r, Hk)) * Wk + _clamp(y % Wk + b - r, Wk)) * C
@@ -141,9 +142,9 @@ def _score_grad(
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N * K * L
-    n, x = f // (K * L), f % L
+    n, x = f // (K * L), (f % L).to(tl.int32)
     xi, xj = x // W, x % W
-    y = tl.load(idx + f, mask=on, other=0)
+    y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
     yi, yj = y // Wk, y % Wk
     if WEIGHTED:
         lw = tl.load(logw + f, mask=on, other=0.0)
@@ -187,7 +188,7 @@ def _query_grad(
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N * Hp * Wp
-    n, u = f // (Hp * Wp), f % (Hp * Wp)
+    n, u = f // (Hp * Wp), (f % (Hp * Wp)).to(tl.int32)
     ui, uj = u // Wp, u % Wp
     ch = tl.program_id(1) * CB + tl.arange(0, CB)
     cm = ch < C
@@ -201,7 +202,7 @@ def _query_grad(
             x = tl.where(real, xi * W + xj, 0)
             for j in range(K):
                 row = (n * K + j) * L + x
-                y = tl.load(idx + row, mask=real, other=0)
+                y = tl.load(idx + row, mask=real, other=0).to(tl.int32)
                 gc = tl.load(gcost + row, mask=real, other=0.0)
                 kpos = ((n * Hk + _clamp(y // Wk + a - r, Hk)) * Wk + _clamp(y % Wk + b - r, Wk)) * C
                 kv = tl.load(k + kpos[:, None] + ch[None, :], mask=real[:, None] & cm[None, :], other=0.0).to(ACC)
@@ -262,9 +263,9 @@ def _scatter(
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N * K * L
-    n, j, x = f // (K * L), (f // L) % K, f % L
+    n, j, x = f // (K * L), ((f // L) % K).to(tl.int32), (f % L).to(tl.int32)
     xi, xj = x // W, x % W
-    y = tl.load(idx + f, mask=on, other=0)
+    y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
     yi, yj = y // Wk, y % Wk
     ch = tl.program_id(1) * CB + tl.arange(0, CB)
     cm = ch < C
@@ -291,7 +292,7 @@ def _gather(
     Nk = Hk * Wk
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N * Hp * Wp
-    n, u = f // (Hp * Wp), f % (Hp * Wp)
+    n, u = f // (Hp * Wp), (f % (Hp * Wp)).to(tl.int32)
     ui, uj = u // Wp, u % Wp
     kpos = n * Nk + _clamp(ui - r, Hk) * Wk + _clamp(uj - r, Wk)
     ch = tl.program_id(1) * CB + tl.arange(0, CB)
@@ -307,7 +308,7 @@ def _gather(
             count = tl.load(rowptr + y + 1, mask=has, other=0) - start
             for t in range(0, longest):
                 ok = has & (t < count)
-                e = tl.load(order + start + t, mask=ok, other=0)
+                e = tl.load(order + start + t, mask=ok, other=0).to(tl.int32)
                 j = e // L
                 x = e % L
                 acc += _contribution(
@@ -324,16 +325,21 @@ def _acc(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
-def _block(lanes: int) -> int:
-    """Lanes per program: few large programs under the interpreter (it runs them one by one)."""
+def _tiles(lanes: int, channels: int) -> dict:
+    """``BLOCK`` lanes x ``CB`` channels per program, and the warps to run them.
+
+    GPU: about two tile elements per thread. ptxas (sm_90a, Triton 3.6) needs roughly 28 registers
+    per tile element per thread in these kernels: a 64 x 64 tile on 4 warps used all 255 and
+    spilled kilobytes, 16 x 64 on 16 warps uses 64-83 and spills at most 20 bytes (compiled here,
+    not yet timed on a device). Interpreter: programs run one after another and every op costs
+    Python overhead whatever its size, so one large block does all the work.
+    """
+    cb = triton.next_power_of_2(max(channels, 1))
     if triton_interpreted():
-        return min(triton.next_power_of_2(max(lanes, 1)), 8192)
-    return 64
-
-
-def _chunk(channels: int) -> int:
-    cap = 256 if triton_interpreted() else 64
-    return min(triton.next_power_of_2(max(channels, 1)), cap)
+        return dict(BLOCK=min(triton.next_power_of_2(max(lanes, 1)), 8192), CB=min(cb, 256))
+    cb = min(cb, 64)
+    block = max(16, min(128, 1024 // cb))
+    return dict(BLOCK=block, CB=cb, num_warps=max(1, min(16, block * cb // 64)))
 
 
 def _last(x: torch.Tensor) -> torch.Tensor:
@@ -358,15 +364,17 @@ class _Call:
         self.C, self.Cv = query.shape[1], value.shape[1]
         self.Hk, self.Wk = key.shape[-2:]
         self.p, self.r = patch_size, patch_size // 2
+        if self.K * self.L >= 2**31 or (self.Hk + 2 * self.r) * (self.Wk + 2 * self.r) >= 2**31:
+            raise ValueError(f"psal.attend: backend 'triton' needs k * H * W < 2**31, got {self.K} * {self.L}")
         self.dot = similarity == "dot"
         self.q, self.k, self.v = _last(query), _last(key), _last(value)
         self.idx = indices.reshape(self.N, self.K, self.L).contiguous()
         self.T = temperature.to(self.dt)
         self.lanes = self.N * self.K * self.L  # one lane per match
-        self.block = _block(self.lanes)
         self.cost = torch.empty(self.N, self.K, self.L, device=query.device, dtype=self.dt)
-        _costs[(triton.cdiv(self.lanes, self.block),)](
-            self.q, self.k, self.idx, self.cost, *self.sizes(self.C), DOT=self.dot, BLOCK=self.block, CB=_chunk(self.C), ACC=self.acc
+        t = _tiles(self.lanes, self.C)
+        _costs[(triton.cdiv(self.lanes, t["BLOCK"]),)](
+            self.q, self.k, self.idx, self.cost, *self.sizes(self.C), DOT=self.dot, ACC=self.acc, **t
         )
         self.s = -self.cost / self.T
 
@@ -378,12 +386,11 @@ class _Call:
         N, L, Cv = self.N, self.L, self.Cv
         out = torch.empty(N, L, Cv, device=logw.device, dtype=self.dt)
         den = torch.empty(N, L, device=logw.device, dtype=self.dt) if patch else out
-        cb = _chunk(Cv)
-        block = _block(N * L)
-        _votes[(triton.cdiv(N * L, block), triton.cdiv(Cv, cb))](
+        t = _tiles(N * L, Cv)
+        _votes[(triton.cdiv(N * L, t["BLOCK"]), triton.cdiv(Cv, t["CB"]))](
             # one lane per output pixel
             self.v, self.idx, logw, logw if shift is None else shift, out, den, *self.sizes(Cv, p),
-            PATCH=patch, BLOCK=block, CB=cb, ACC=self.acc,
+            PATCH=patch, ACC=self.acc, **t,
         )  # fmt: skip
         return _first(out, self.H, self.W), den
 
@@ -391,10 +398,11 @@ class _Call:
         out = torch.empty_like(self.cost)
         weighted = logw is not None
         dummy = self.cost
-        _score_grad[(triton.cdiv(self.lanes, self.block),)](
+        t = _tiles(self.lanes, self.Cv)
+        _score_grad[(triton.cdiv(self.lanes, t["BLOCK"]),)](
             g, self.v, self.idx, dummy if logw is None else logw, dummy if shift is None else shift,
             dummy if g0 is None else g0, out, *self.sizes(self.Cv, p),
-            WEIGHTED=weighted, BLOCK=self.block, CB=_chunk(self.Cv), ACC=self.acc,
+            WEIGHTED=weighted, ACC=self.acc, **t,
         )  # fmt: skip
         return out
 
@@ -404,12 +412,12 @@ class _Call:
         C = src.shape[-1]
         dummy = self.cost
         args = (dummy if logw is None else logw, dummy if shift is None else shift, dummy if coef is None else coef)
-        cb = _chunk(C)
-        flags = dict(MODE=mode, SHIFT=shift is not None, CB=cb, ACC=self.acc)
+        flags = dict(MODE=mode, SHIFT=shift is not None, ACC=self.acc)
         if not torch.are_deterministic_algorithms_enabled():
             dst = torch.zeros(N, Hk * Wk, C, device=src.device, dtype=self.dt)
-            _scatter[(triton.cdiv(self.lanes, self.block), triton.cdiv(C, cb))](
-                src, self.k, self.idx, *args, dst, *self.sizes(C, p), BLOCK=self.block, **flags
+            t = _tiles(self.lanes, C)
+            _scatter[(triton.cdiv(self.lanes, t["BLOCK"]), triton.cdiv(C, t["CB"]))](
+                src, self.k, self.idx, *args, dst, *self.sizes(C, p), **flags, **t
             )
             return _first(dst, Hk, Wk)
         # Deterministic: the matches of each map sorted by key position (stable: ties keep their
@@ -423,9 +431,9 @@ class _Call:
         r = p // 2
         Hp, Wp = Hk + 2 * r, Wk + 2 * r
         dst = torch.empty(N, Hp * Wp, C, device=src.device, dtype=self.dt)
-        block = _block(N * Hp * Wp)
-        _gather[(triton.cdiv(N * Hp * Wp, block), triton.cdiv(C, cb))](
-            src, self.k, rowptr, order, *args, dst, *self.sizes(C, p), longest, BLOCK=block, **flags
+        t = _tiles(N * Hp * Wp, C)
+        _gather[(triton.cdiv(N * Hp * Wp, t["BLOCK"]), triton.cdiv(C, t["CB"]))](
+            src, self.k, rowptr, order, *args, dst, *self.sizes(C, p), longest, **flags, **t
         )
         return replicate_pad_adjoint(_first(dst, Hp, Wp), r)
 
@@ -477,10 +485,9 @@ def attend_backward(grad, query, key, value, indices, temperature, out, stat, pa
     r = f.r
     Hp, Wp = H + 2 * r, W + 2 * r
     gq = torch.empty(N, Hp * Wp, f.C, device=gcost.device, dtype=dt)
-    cb = _chunk(f.C)
-    block = _block(N * Hp * Wp)
-    _query_grad[(triton.cdiv(N * Hp * Wp, block), triton.cdiv(f.C, cb))](
-        f.q, f.k, f.idx, gcost, gq, *f.sizes(f.C), DOT=f.dot, BLOCK=block, CB=cb, ACC=f.acc
+    t = _tiles(N * Hp * Wp, f.C)
+    _query_grad[(triton.cdiv(N * Hp * Wp, t["BLOCK"]), triton.cdiv(f.C, t["CB"]))](
+        f.q, f.k, f.idx, gcost, gq, *f.sizes(f.C), DOT=f.dot, ACC=f.acc, **t
     )
     gq = replicate_pad_adjoint(_first(gq, Hp, Wp), r)
     gk = f.key_side(f.q, f.p, 2 if f.dot else 1, coef=gcost)

@@ -53,7 +53,7 @@ def _inputs(size: int, channels: int, device: str = "cpu", dtype: str = "float32
 
 def _sdpa(q, k, v):
     """Pixels as tokens: ``(1, C, H, W)`` -> ``(1, 1, H * W, C)``, attention, and back."""
-    B, C, H, W = q.shape
+    B, _, H, W = q.shape
     tokens = [t.flatten(2).transpose(1, 2).unsqueeze(1) for t in (q, k, v)]
     out = torch.nn.functional.scaled_dot_product_attention(*tokens)
     return out.squeeze(1).transpose(1, 2).reshape(B, v.shape[1], H, W)
