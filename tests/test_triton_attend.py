@@ -160,12 +160,28 @@ def test_auto_keeps_numba_on_cpu_even_when_triton_can_interpret():
     assert _dispatch.search_backend("f", "auto", torch.device("cpu"), op="attend").__name__ == "psal.backends.numba_attend"
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_auto_picks_triton_on_cuda():
+    # The choice needs no GPU: it depends on the device type and on whether triton imports.
     from psal import _dispatch
 
     assert _dispatch.search_backend("f", "auto", torch.device("cuda"), op="attend").__name__ == "psal.backends.triton_attend"
     assert _dispatch.search_backend("f", "auto", torch.device("cuda")).__name__ == "psal.backends.triton_search"
+    assert psal.available_backends("cuda")["triton"] is None
+
+
+def test_auto_falls_back_to_torch_on_cuda_without_triton():
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['triton'] = None\n"  # makes `import triton` fail
+        "import torch, psal\n"
+        "from psal import _dispatch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    m = _dispatch.search_backend('f', 'auto', torch.device('cuda'), op='attend')\n"
+        "print(m.__name__, any('triton is not installed' in str(x.message) for x in w))\n"
+    )
+    out = _python(code)
+    assert out.stdout.split() == ["psal.backends.reference_attend", "True"], out.stderr
 
 
 @pytest.mark.skipif(not CUDA, reason="the interpreter compiles nothing")
