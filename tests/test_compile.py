@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTEND_BACKENDS, gen
+from conftest import ATTEND_BACKENDS, BACKENDS, gen
 
 import psal
 
@@ -45,7 +45,7 @@ def test_opcheck_attend_half_precision(backend):
     torch.library.opcheck(torch.ops.psal.attend.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("backend", ["numba", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck_patchmatch(backend):
     q, k, _, idx, _ = (t.detach() for t in _attend_args(torch.float32))
     mask = torch.ones(2, 18, dtype=torch.bool)
