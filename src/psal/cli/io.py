@@ -1,0 +1,138 @@
+"""Image files for the command line: read what people have, write without ever leaving half a file.
+
+Reading accepts 8-bit and 16-bit grayscale, RGB, palette and CMYK images (converted to float in
+``[0, 1]``) and opaque RGBA (the alpha channel dropped). It refuses, with one line that names the
+file: a missing or unreadable file, an image with real transparency, and an image whose working
+set would not fit in the memory available. Writing goes to a temporary file beside the
+destination, renamed into place only once complete, and never onto one of the inputs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+# Bytes of working memory a command needs per image pixel, at most (several float32 copies of the
+# image, the k-NN field and the attention buffers); the input is refused above what is available.
+BYTES_PER_PIXEL = 400
+WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".webp": "WEBP"}
+
+
+class CLIError(Exception):
+    """A problem with the command's input, said in one line to the user."""
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency of the CLI
+        raise CLIError("reading images needs Pillow: pip install pillow") from None
+    return Image
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or ``None``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def read_image(path: str, what: str = "image") -> torch.Tensor:
+    """``Tensor[1, C, H, W]`` float32 in ``[0, 1]``, C = 1 (grayscale) or 3."""
+    Image = _pil()
+    if not os.path.isfile(path):
+        raise CLIError(f"{what} {path!r}: no such file")
+    try:
+        with Image.open(path) as img:
+            _check_memory(path, what, *img.size)
+            img.load()
+            array = _to_array(img, path, what)
+    except CLIError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise CLIError(f"{what} {path!r}: too large to process ({exc})") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise CLIError(f"{what} {path!r}: not a readable image ({exc})") from None
+    t = torch.from_numpy(array)
+    if t.dim() == 2:
+        t = t[..., None]
+    return t.permute(2, 0, 1)[None].contiguous()
+
+
+def _check_memory(path, what, width: int, height: int) -> None:
+    need = width * height * BYTES_PER_PIXEL
+    free = available_memory()
+    if free is not None and need > free:
+        raise CLIError(
+            f"{what} {path!r}: {width}x{height} pixels needs about {need / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB available; resize it first"
+        )
+
+
+def _to_array(img, path, what) -> np.ndarray:
+    """The pixels as float32 ``(H, W)`` or ``(H, W, 3)`` in ``[0, 1]``."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+        return (a / top).clip(0, 1).astype(np.float32)
+    if mode == "F":
+        raise CLIError(f"{what} {path!r}: floating-point images are not supported; save it as 8- or 16-bit")
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        alpha = np.asarray(rgba)[..., 3]
+        if (alpha < 255).any():
+            raise CLIError(f"{what} {path!r}: has transparent pixels (alpha channel); flatten it onto a background first")
+        img = rgba.convert("RGB" if mode != "LA" else "L")
+    elif mode in ("1", "L"):
+        img = img.convert("L")
+    elif mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def check_output(out: str, inputs) -> str:
+    """The output path, refused if it is one of the inputs or cannot be written as an image."""
+    ext = os.path.splitext(out)[1].lower()
+    if ext not in WRITABLE:
+        raise CLIError(f"output {out!r}: unknown image type {ext or '(no extension)'}; use one of {', '.join(sorted(WRITABLE))}")
+    for path in inputs:
+        if os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
+            raise CLIError(f"output {out!r} is also an input; choose another path")
+        if os.path.abspath(path) == os.path.abspath(out):
+            raise CLIError(f"output {out!r} is also an input; choose another path")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise CLIError(f"output {out!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"output {out!r}: folder {folder!r} is not writable")
+    return out
+
+
+def write_image(image: torch.Tensor, out: str) -> None:
+    """Write ``Tensor[1, C, H, W]`` in ``[0, 1]`` as 8-bit, atomically (temporary file, then rename)."""
+    Image = _pil()
+    t = image.detach()[0] if image.dim() == 4 else image.detach()
+    array = t.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    if array.shape[2] == 1:
+        array = array[:, :, 0]
+    ext = os.path.splitext(out)[1].lower()
+    folder = os.path.dirname(os.path.abspath(out))
+    fd, tmp = tempfile.mkstemp(suffix=ext, prefix=".psal-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            options = {"quality": 95} if WRITABLE[ext] in ("JPEG", "WEBP") else {}
+            Image.fromarray(array).save(f, format=WRITABLE[ext], **options)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise

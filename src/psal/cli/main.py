@@ -1,0 +1,179 @@
+"""The ``psal`` command: image editing with patch-based stochastic attention, on your own files.
+
+    psal reconstruct QUERY SOURCE -o OUT     rebuild QUERY from the patches of SOURCE
+
+Every subcommand reads ordinary image files (8/16-bit grayscale or RGB, opaque RGBA), writes its
+result atomically (a temporary file renamed into place) and never onto an input, takes ``--seed``
+and ``--device``, shows progress on stderr, and with ``--report FILE.json`` writes the metrics it
+computed. Any problem is one line on stderr and a non-zero exit (2 for bad input, 1 otherwise);
+set ``PSAL_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .io import CLIError, check_output, read_image, write_image
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device: unknown device {name!r}; use cpu, cuda or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available here; use --device cpu")
+    return device
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    """A tqdm bar on stderr (nothing with ``--quiet`` or without tqdm)."""
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="it", file=sys.stderr, leave=False)
+
+
+def _same_channels(a: torch.Tensor, b: torch.Tensor):
+    """Grayscale beside colour: the grayscale one is repeated over three channels."""
+    if a.shape[1] == b.shape[1]:
+        return a, b
+    return a.expand(1, 3, *a.shape[-2:]), b.expand(1, 3, *b.shape[-2:])
+
+
+def cmd_reconstruct(args) -> dict:
+    """Every pixel of QUERY takes the colour that the best-matching patches of SOURCE give it."""
+    import psal
+    from psal import images
+
+    check_output(args.out, [args.query, args.source])
+    query = read_image(args.query, "query")
+    source = read_image(args.source, "source")
+    query, source = _same_channels(query, source)
+    device = _device(args.device)
+    query, source = query.to(device), source.to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    t0 = time.perf_counter()
+    bar = _progress(args.iters, "search", args.quiet)
+    field = psal.patchmatch(query, source, patch_size=args.patch_size, num_neighbors=args.k, num_iters=0, generator=gen)
+    for _ in range(args.iters):  # one iteration per call, so that progress shows
+        field = psal.patchmatch(
+            query, source, patch_size=args.patch_size, num_neighbors=args.k, num_iters=1, init=field, generator=gen
+        )
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    # Temperature: a tenth of the median best cost, so that clearly worse matches weigh little.
+    temperature = float(field.costs[:, :, 0].median().clamp_min(1e-6)) * args.temperature_scale
+    out = psal.attend(
+        query, source, source, field.indices, patch_size=args.patch_size, temperature=temperature,
+        aggregation=args.aggregation,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    write_image(out, args.out)
+    return {
+        "command": "reconstruct",
+        "output": args.out,
+        "size": list(query.shape[-2:]),
+        "psnr_vs_query_db": images.psnr(out.cpu(), query.cpu()),
+        "mean_best_patch_cost": float(field.costs[:, :, 0].mean()),
+        "seconds": seconds,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="psal", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--version", action="version", version=_version())
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p):
+        p.add_argument("-o", "--out", required=True, help="output image (.png, .jpg, .tif, .bmp, .webp)")
+        p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
+        p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
+        p.add_argument("--report", metavar="FILE.json", help="write the metrics computed to this JSON file")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("reconstruct", help="rebuild an image from another image's patches", description=cmd_reconstruct.__doc__)
+    p.add_argument("query", help="the image to rebuild")
+    p.add_argument("source", help="the image whose patches are used")
+    common(p)
+    p.add_argument("--patch-size", type=int, default=7)
+    p.add_argument("--k", type=int, default=1, help="matches per pixel")
+    p.add_argument("--iters", type=int, default=5, help="PatchMatch iterations")
+    p.add_argument("--aggregation", choices=["center", "patch", "patch_mean"], default="center")
+    p.add_argument("--temperature-scale", type=float, default=0.1, help="temperature / median best patch cost")
+    p.set_defaults(run=cmd_reconstruct)
+    return ap
+
+
+def _paths(args) -> list[str]:
+    """The command's input and output paths."""
+    return [getattr(args, name) for name in ("out", "query", "source", "image", "mask", "gray", "reference") if getattr(args, name, None)]
+
+
+def _version() -> str:
+    from psal import __version__
+
+    return f"psal {__version__}"
+
+
+def _write_report(path: str, report: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"--report {path!r}: folder {folder!r} does not exist")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help(sys.stderr)
+        return 2
+    debug = os.environ.get("PSAL_DEBUG", "") not in ("", "0")
+    try:
+        if args.report and os.path.abspath(args.report) in {os.path.abspath(p) for p in _paths(args)}:
+            raise CLIError(f"--report {args.report!r} is also the output or an input; choose another path")
+        report = args.run(args)
+        if args.report:
+            _write_report(args.report, report)
+    except KeyboardInterrupt:
+        print(f"psal {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, TypeError) as exc:
+        if debug:
+            raise
+        print(f"psal {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError):
+        if debug:
+            raise
+        print(f"psal {args.command}: error: out of memory; try a smaller image or --device cpu", file=sys.stderr)
+        return 1
+    except Exception as exc:  # one line, never a traceback (PSAL_DEBUG=1 shows it)
+        if debug:
+            raise
+        print(f"psal {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The ``psal`` command: results on real files, and one readable line for every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from psal.cli import io
+from psal.cli.main import main
+
+Image = pytest.importorskip("PIL.Image")
+
+
+def _rgb(seed: int, size=(24, 20)) -> np.ndarray:
+    """A smooth random colour image, uint8 ``(H, W, 3)``."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(1, 3, 4, 4, generator=g)
+    big = torch.nn.functional.interpolate(low, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    return (big[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def files(tmp_path):
+    q, s = tmp_path / "query.png", tmp_path / "source.png"
+    Image.fromarray(_rgb(0)).save(q)
+    Image.fromarray(_rgb(1, (30, 26))).save(s)
+    return tmp_path, str(q), str(s)
+
+
+def _run(capsys, *argv):
+    code = main([*argv, "--quiet"] if argv and argv[0] != "--version" else list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_reconstruct_writes_the_image_and_the_report(files, capsys):
+    tmp, q, s = files
+    out, report = str(tmp / "out.png"), str(tmp / "r.json")
+    code, err = _run(capsys, "reconstruct", q, s, "-o", out, "--report", report, "--patch-size", "3", "--device", "cpu")
+    assert code == 0, err
+    got = np.asarray(Image.open(out))
+    assert got.shape == (24, 20, 3)
+    metrics = json.load(open(report))
+    assert metrics["command"] == "reconstruct" and metrics["size"] == [24, 20]
+    # every output pixel is a source pixel (center aggregation, k = 1)
+    source_colours = {tuple(c) for c in np.asarray(Image.open(s)).reshape(-1, 3)}
+    assert all(tuple(c) in source_colours for c in got.reshape(-1, 3))
+
+
+def test_reconstruct_from_itself_is_exact(files, capsys):
+    tmp, q, _ = files
+    out = str(tmp / "self.png")
+    code, err = _run(capsys, "reconstruct", q, q, "-o", out, "--patch-size", "5", "--iters", "20", "--device", "cpu")
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(q)))
+
+
+def test_same_seed_same_result(files, capsys):
+    tmp, q, s = files
+    outs = [str(tmp / f"o{i}.png") for i in range(3)]
+    for out, seed in zip(outs, (3, 3, 4)):
+        assert _run(capsys, "reconstruct", q, s, "-o", out, "--seed", str(seed), "--k", "2", "--aggregation", "patch")[0] == 0
+    a, b = (np.asarray(Image.open(o)) for o in outs[:2])
+    assert np.array_equal(a, b)
+
+
+def _bad(capsys, argv, pattern):
+    code, err = _run(capsys, *argv)
+    assert code == 2, (code, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert pattern in err, err
+    return err
+
+
+def test_bad_files_get_one_line(files, capsys):
+    tmp, q, s = files
+    out = str(tmp / "out.png")
+    _bad(capsys, ["reconstruct", str(tmp / "missing.png"), s, "-o", out], "query")
+    (tmp / "junk.png").write_text("not an image")
+    _bad(capsys, ["reconstruct", q, str(tmp / "junk.png"), "-o", out], "not a readable image")
+    _bad(capsys, ["reconstruct", q, s, "-o", q], "is also an input")
+    _bad(capsys, ["reconstruct", q, s, "-o", os.path.join(os.path.dirname(q), ".", "query.png")], "is also an input")
+    _bad(capsys, ["reconstruct", q, s, "-o", str(tmp / "out.xyz")], "unknown image type")
+    _bad(capsys, ["reconstruct", q, s, "-o", str(tmp / "nofolder" / "o.png")], "does not exist")
+    _bad(capsys, ["reconstruct", q, s, "-o", out, "--report", q], "--report")
+    _bad(capsys, ["reconstruct", q, s, "-o", out, "--patch-size", "4"], "patch_size")
+    if not torch.cuda.is_available():
+        _bad(capsys, ["reconstruct", q, s, "-o", out, "--device", "cuda"], "no CUDA device")
+    assert not os.path.exists(out)
+
+
+def test_image_kinds(tmp_path):
+    rgb = _rgb(2)
+    rgba = np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], 2)
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    assert torch.equal(io.read_image(str(tmp_path / "opaque.png")), torch.from_numpy(rgb).permute(2, 0, 1)[None] / 255.0)
+    rgba[0, 0, 3] = 10
+    Image.fromarray(rgba).save(tmp_path / "clear.png")
+    with pytest.raises(io.CLIError, match="transparent pixels"):
+        io.read_image(str(tmp_path / "clear.png"))
+    deep = (np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 100).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    got = io.read_image(str(tmp_path / "deep.png"))
+    assert got.shape == (1, 1, 24, 20)
+    torch.testing.assert_close(got[0, 0], torch.from_numpy(deep.astype(np.float32) / 65535))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    assert io.read_image(str(tmp_path / "gray.png")).shape == (1, 1, 24, 20)
+
+
+def test_too_large_for_memory_is_refused(tmp_path, monkeypatch):
+    Image.fromarray(_rgb(3)).save(tmp_path / "a.png")
+    monkeypatch.setattr(io, "available_memory", lambda: 1000)
+    with pytest.raises(io.CLIError, match="GiB available; resize it first"):
+        io.read_image(str(tmp_path / "a.png"))
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"old")
+
+    def broken(self, fp, *args, **kwargs):
+        fp.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        io.write_image(torch.rand(1, 3, 4, 4), str(out))
+    assert out.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["out.png"]
+
+
+def test_console_entry_point_prints_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "psal.cli", "reconstruct", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(tmp_path / "c.png")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"psal reconstruct: error: query '{tmp_path / 'a.png'}': no such file"
