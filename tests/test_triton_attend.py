@@ -99,6 +99,35 @@ def test_deterministic_path_is_bitwise_repeatable_and_correct(deterministic, agg
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+def test_deterministic_mode_takes_the_gather_path(monkeypatch):
+    """Through the interpreter both key-side paths are bitwise repeatable (programs run one after
+    another), so the choice itself is checked: atomics by default, the gather when asked."""
+    from psal.backends import triton_attend as ta
+
+    launched = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for name in ("_scatter", "_gather"):
+        monkeypatch.setattr(ta, name, Spy(name, getattr(ta, name)))
+    q, k, v, idx, grad = _problem(seed=5)
+    _grads(q, k, v, idx, grad, "triton", "patch")
+    assert launched == ["_scatter", "_scatter"]  # value, then key
+    launched.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _grads(q, k, v, idx, grad, "triton", "patch")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert launched == ["_gather", "_gather"]
+
+
 def _plain_torch(monkeypatch, *args):
     """The pure-PyTorch backend computing in the inputs' own dtype, as plain PyTorch code would."""
     with monkeypatch.context() as m:
@@ -118,6 +147,11 @@ def test_half_precision_error_within_twice_plain_torch(monkeypatch, dtype, aggre
     exact = _grads(*(t.double().cpu() for t in low), idx.cpu(), grad.to(dtype).double().cpu(), "torch", aggregation)
     ours = _grads(*low, idx, grad.to(dtype), "triton", aggregation)
     plain = _plain_torch(monkeypatch, *(t.cpu() for t in low), idx.cpu(), grad.to(dtype).cpu(), "torch", aggregation)
+    # Tight: the float32 computation on the same rounded inputs, rounded to the dtype.
+    float32 = _grads(*(t.float().cpu() for t in low), idx.cpu(), grad.to(dtype).float().cpu(), "torch", aggregation)
+    eps = torch.finfo(dtype).eps
+    for a, f in zip(ours[:4], float32[:4]):  # within two units of the last place of the largest value
+        torch.testing.assert_close(a.cpu().float(), f.to(dtype).float(), rtol=2 * eps, atol=2 * eps * float(f.abs().max()))
     names = ["out", "query", "key", "value", "temperature"]
     for name, a, b, e in zip(names, ours, plain, exact):
         assert a.dtype == dtype or name == "temperature"

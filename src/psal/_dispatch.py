@@ -20,6 +20,7 @@ logger = logging.getLogger("psal")
 
 SEARCH_BACKENDS = ("auto", "numba", "triton", "torch")
 SEARCH_ORDER = ("numba", "triton", "torch")
+_TRITON_MIN_CAPABILITY = (7, 5)  # Triton 3's NVIDIA backend (Turing and newer)
 
 
 def _fail(reason: str, raise_error: bool) -> bool:
@@ -60,6 +61,14 @@ def can_run_triton(device: torch.device, raise_error: bool = False) -> bool:
         importlib.import_module("triton")
     except ImportError as exc:
         return _fail(f"backend 'triton' needs the triton package ({exc}); pip install triton", raise_error)
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < _TRITON_MIN_CAPABILITY:
+            return _fail(
+                f"backend 'triton' needs a GPU of compute capability {'.'.join(map(str, _TRITON_MIN_CAPABILITY))} "
+                f"or newer, got {major}.{minor} on {device}",
+                raise_error,
+            )
     return True
 
 

@@ -7,7 +7,7 @@ Three custom ops on folded tensors (heads in the batch), each with a fake kernel
 - ``psal::attend``: attention over a field; autograd is registered and calls
 - ``psal::attend_backward``: the gradients, recomputed from the saved indices.
 
-Each op picks its backend inside (``"auto"``: numba on CPU, pure PyTorch elsewhere), so that a
+Each op picks its backend inside (``"auto"``: numba on CPU, Triton on CUDA, else pure PyTorch), so that a
 compiled graph holds one opaque call per op and no Python dispatch. Inputs are trusted:
 ``psal.functional`` validates them. float16/bfloat16 are computed in float32 and returned in the
 input dtype.

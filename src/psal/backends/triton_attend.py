@@ -33,6 +33,8 @@ specialisation, so a new image size or patch size never triggers a recompile.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -55,7 +57,7 @@ def _costs(q, k, idx, cost, C, H, W, Hk, Wk, K, P, N, DOT: tl.constexpr, BLOCK: 
     """cost[n, j, x] for a block of the flat (n, j, x) lanes."""
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N * K * L
+    on = f < N.to(tl.int64) * K * L  # int64: sizes arrive as int32, their product may not fit
     n = f // (K * L)
     x = (f % L).to(tl.int32)
     xi, xj = x // W, x % W
@@ -93,7 +95,7 @@ def _votes(
     ("patch": shift is the per-pixel max) or by the number of patches covering z (otherwise)."""
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N * L
+    on = f < N.to(tl.int64) * L
     n, z = f // L, (f % L).to(tl.int32)
     zi, zj = z // W, z % W
     ch = tl.program_id(1) * CB + tl.arange(0, CB)
@@ -141,7 +143,7 @@ def _score_grad(
     (<g[n, z], v[n, y_j(x) + d]> - g0[n, z]) (weighted, the "patch" aggregation)."""
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N * K * L
+    on = f < N.to(tl.int64) * K * L
     n, x = f // (K * L), (f % L).to(tl.int32)
     xi, xj = x // W, x % W
     y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
@@ -187,7 +189,7 @@ def _query_grad(
     Hp, Wp = H + 2 * r, W + 2 * r
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N * Hp * Wp
+    on = f < N.to(tl.int64) * Hp * Wp
     n, u = f // (Hp * Wp), (f % (Hp * Wp)).to(tl.int32)
     ui, uj = u // Wp, u % Wp
     ch = tl.program_id(1) * CB + tl.arange(0, CB)
@@ -262,7 +264,7 @@ def _scatter(
     """Key-side gradient by atomics: every (x, j, d) adds its contribution at its clamped key position."""
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N * K * L
+    on = f < N.to(tl.int64) * K * L
     n, j, x = f // (K * L), ((f // L) % K).to(tl.int32), (f % L).to(tl.int32)
     xi, xj = x // W, x % W
     y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
@@ -275,12 +277,12 @@ def _scatter(
         for b in range(P):
             kpos = krow + _clamp(yj + b - r, Wk)
             val = _contribution(src, kf, logw, shift, coef, n, j, x, xi, xj, kpos, on, a, b, r, ch, cm, C, H, W, K, L, MODE, SHIFT, ACC)
-            tl.atomic_add(dst + kpos[:, None] * C + ch[None, :], val, mask=on[:, None] & cm[None, :])
+            tl.atomic_add(dst + kpos[:, None] * C + ch[None, :], val, mask=on[:, None] & cm[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=_SIZES + ["longest"])
+@triton.jit(do_not_specialize=_SIZES)
 def _gather(
-    src, kf, rowptr, order, logw, shift, coef, dst, C, H, W, Hk, Wk, K, P, N, longest,
+    src, kf, rowptr, order, logw, shift, coef, dst, C, H, W, Hk, Wk, K, P, N,
     MODE: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """Key-side gradient without atomics, on the padded key map: the padded position u sums, for
@@ -291,7 +293,7 @@ def _gather(
     L = H * W
     Nk = Hk * Wk
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N * Hp * Wp
+    on = f < N.to(tl.int64) * Hp * Wp
     n, u = f // (Hp * Wp), (f % (Hp * Wp)).to(tl.int32)
     ui, uj = u // Wp, u % Wp
     kpos = n * Nk + _clamp(ui - r, Hk) * Wk + _clamp(uj - r, Wk)
@@ -306,6 +308,8 @@ def _gather(
             y = n * Nk + tl.where(has, yi * Wk + yj, 0)
             start = tl.load(rowptr + y, mask=has, other=0)
             count = tl.load(rowptr + y + 1, mask=has, other=0) - start
+            # Each program runs to the longest list among its own lanes, not the map's longest.
+            longest = tl.max(count, axis=0)
             for t in range(0, longest):
                 ok = has & (t < count)
                 e = tl.load(order + start + t, mask=ok, other=0).to(tl.int32)
@@ -364,8 +368,12 @@ class _Call:
         self.C, self.Cv = query.shape[1], value.shape[1]
         self.Hk, self.Wk = key.shape[-2:]
         self.p, self.r = patch_size, patch_size // 2
-        if self.K * self.L >= 2**31 or (self.Hk + 2 * self.r) * (self.Wk + 2 * self.r) >= 2**31:
-            raise ValueError(f"psal.attend: backend 'triton' needs k * H * W < 2**31, got {self.K} * {self.L}")
+        padded = max((self.H + 2 * self.r) * (self.W + 2 * self.r), (self.Hk + 2 * self.r) * (self.Wk + 2 * self.r))
+        if self.K * self.L >= 2**31 or padded >= 2**31:
+            raise ValueError(
+                f"psal.attend: backend 'triton' needs k * H * W and the padded map sizes below 2**31, "
+                f"got k * H * W = {self.K * self.L} and {padded}"
+            )
         self.dot = similarity == "dot"
         self.q, self.k, self.v = _last(query), _last(key), _last(value)
         self.idx = indices.reshape(self.N, self.K, self.L).contiguous()
@@ -427,13 +435,12 @@ class _Call:
         order = order % (K * L)
         bounds = torch.arange(N * Hk * Wk + 1, device=src.device, dtype=sorted_keys.dtype)
         rowptr = torch.searchsorted(sorted_keys, bounds)
-        longest = int((rowptr[1:] - rowptr[:-1]).max()) if rowptr.numel() > 1 else 0
         r = p // 2
         Hp, Wp = Hk + 2 * r, Wk + 2 * r
         dst = torch.empty(N, Hp * Wp, C, device=src.device, dtype=self.dt)
         t = _tiles(N * Hp * Wp, C)
         _gather[(triton.cdiv(N * Hp * Wp, t["BLOCK"]), triton.cdiv(C, t["CB"]))](
-            src, self.k, rowptr, order, *args, dst, *self.sizes(C, p), longest, **flags, **t
+            src, self.k, rowptr, order, *args, dst, *self.sizes(C, p), **flags, **t
         )
         return replicate_pad_adjoint(_first(dst, Hp, Wp), r)
 
@@ -442,8 +449,18 @@ class _Call:
 # The backend contract.
 
 
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the inputs' device for the call."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str):
     """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype."""
+    with _device_of(query):
+        return _attend_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity)
+
+
+def _attend_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity):
     f = _Call(query, key, value, indices, temperature, patch_size, similarity)
     N, K, H, W = f.N, f.K, f.H, f.W
     if aggregation == "patch":
@@ -459,6 +476,11 @@ def attend_forward(query, key, value, indices, temperature, patch_size: int, agg
 
 def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str):
     """Gradients ``(query, key, value, temperature)``, in the compute dtype."""
+    with _device_of(query):
+        return _attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity)
+
+
+def _attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity):
     f = _Call(query, key, value, indices, temperature, patch_size, similarity)
     N, H, W, L = f.N, f.H, f.W, f.L
     dt = f.dt
