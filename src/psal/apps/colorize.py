@@ -1,0 +1,128 @@
+"""Exemplar-based colorization: the chroma of a colour reference, carried onto a grayscale target by
+patch matching on luminance features (after Welsh et al. 2002, with PSAL as the matcher).
+
+Scheme. Both images go to CIE Lab. The reference's luminance is remapped to the target's mean and
+spread (so that a darker reference still matches), then each image is described per pixel by its
+luminance, local mean and local standard deviation (3 x 3 and 7 x 7 windows). PSAL finds, for every
+target patch, its k nearest reference patches on those features, and attends over the reference's
+chroma (a, b) with ``"patch"`` aggregation, so neighbouring pixels agree. The target keeps its own
+luminance exactly; only a and b come from the reference.
+
+``lab_from_rgb``/``rgb_from_lab`` (sRGB, D65) and ``global_transfer`` (Reinhard et al.'s mean and
+spread transfer in Lab, the baseline) live here too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import psal
+
+_WHITE = (0.95047, 1.0, 1.08883)  # D65
+_RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
+
+
+def _matrix(rows, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
+
+
+def lab_from_rgb(rgb: torch.Tensor) -> torch.Tensor:
+    """sRGB ``(B, 3, H, W)`` in ``[0, 1]`` -> CIE Lab (L in ``[0, 100]``, a and b about ``[-128, 127]``)."""
+    lin = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb.clamp_min(0) + 0.055) / 1.055) ** 2.4)
+    xyz = torch.einsum("ij,bjhw->bihw", _matrix(_RGB_TO_XYZ, rgb), lin)
+    xyz = xyz / _matrix(_WHITE, rgb).view(1, 3, 1, 1)
+    eps = 216 / 24389
+    f = torch.where(xyz > eps, xyz.clamp_min(eps) ** (1 / 3), (24389 / 27 * xyz + 16) / 116)
+    L = 116 * f[:, 1:2] - 16
+    a = 500 * (f[:, 0:1] - f[:, 1:2])
+    b = 200 * (f[:, 1:2] - f[:, 2:3])
+    return torch.cat([L, a, b], 1)
+
+
+def rgb_from_lab(lab: torch.Tensor) -> torch.Tensor:
+    """CIE Lab -> sRGB in ``[0, 1]`` (out-of-gamut colours clipped)."""
+    fy = (lab[:, 0:1] + 16) / 116
+    fx = fy + lab[:, 1:2] / 500
+    fz = fy - lab[:, 2:3] / 200
+    f = torch.cat([fx, fy, fz], 1)
+    eps = 6 / 29
+    xyz = torch.where(f > eps, f**3, 3 * eps**2 * (f - 4 / 29)) * _matrix(_WHITE, lab).view(1, 3, 1, 1)
+    lin = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(_matrix(_RGB_TO_XYZ, lab)), xyz).clamp(0, 1)
+    return torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055).clamp(0, 1)
+
+
+def _luminance(image: torch.Tensor) -> torch.Tensor:
+    """L ``(B, 1, H, W)`` of a grayscale ``(B, 1, H, W)`` (read as sRGB gray) or colour image."""
+    rgb = image.expand(image.shape[0], 3, *image.shape[-2:]) if image.shape[1] == 1 else image
+    return lab_from_rgb(rgb)[:, :1]
+
+
+def _features(L: torch.Tensor) -> torch.Tensor:
+    """Per pixel: luminance, and local mean and standard deviation over 3 x 3 and 7 x 7 windows."""
+    out = [L]
+    for size in (3, 7):
+        pad = F.pad(L, (size // 2,) * 4, mode="replicate")
+        mean = F.avg_pool2d(pad, size, stride=1)
+        var = F.avg_pool2d(pad.square(), size, stride=1) - mean.square()
+        out += [mean, var.clamp_min(0).sqrt()]
+    return torch.cat(out, 1)
+
+
+def _check(target, reference, patch_size, num_neighbors):
+    for name, t in (("target", target), ("reference", reference)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"colorize: {name} must be a floating-point tensor, got {type(t).__name__}")
+        if t.dim() != 4 or t.shape[0] != 1 or t.shape[1] not in (1, 3):
+            raise ValueError(f"colorize: {name} must be (1, 1 or 3, H, W), got {tuple(t.shape)}")
+    if reference.shape[1] != 3:
+        raise ValueError(f"colorize: reference must be a colour image (1, 3, H, W), got {tuple(reference.shape)}")
+    if target.device != reference.device:
+        raise ValueError(f"colorize: target and reference must be on one device, got {target.device} and {reference.device}")
+    if reference.shape[-2] * reference.shape[-1] < num_neighbors:
+        raise ValueError(f"colorize: reference {tuple(reference.shape)} has fewer pixels than num_neighbors={num_neighbors}")
+
+
+def colorize(
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    patch_size: int = 5,
+    num_neighbors: int = 4,
+    num_iters: int = 6,
+    temperature_scale: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Colour ``target`` ``(1, 1 or 3, H, W)`` (a colour target is read for its luminance only)
+    like ``reference`` ``(1, 3, Hr, Wr)``, both in ``[0, 1]`` -> ``(1, 3, H, W)`` in ``[0, 1]``.
+
+    ``temperature_scale`` times the median best patch cost is the attention temperature: small
+    values copy the best match's chroma, large ones average the k matches.
+    """
+    _check(target, reference, patch_size, num_neighbors)
+    dt = torch.float64 if target.dtype == torch.float64 else torch.float32
+    target, reference = target.to(dt), reference.to(dt)
+    L = _luminance(target)
+    ref = lab_from_rgb(reference)
+    Lr = ref[:, :1]
+    # Luminance remapping: the reference's L moved to the target's mean and spread.
+    Lr = (Lr - Lr.mean()) / Lr.std().clamp_min(1e-6) * L.std().clamp_min(1e-6) + L.mean()
+    q, k = _features(L), _features(Lr)
+    field = psal.patchmatch(
+        q, k, patch_size=patch_size, num_neighbors=num_neighbors, num_iters=num_iters, generator=generator
+    )  # fmt: skip
+    T = float(field.costs[:, :, 0].median().clamp_min(1e-6)) * temperature_scale
+    ab = psal.attend(q, k, ref[:, 1:], field.indices, patch_size=patch_size, temperature=T, aggregation="patch")
+    return rgb_from_lab(torch.cat([L, ab], 1))
+
+
+def global_transfer(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Reinhard et al. 2001: the target's Lab channels moved to the reference's mean and spread
+    (for a grayscale target, whose a and b are flat, that is the reference's mean chroma)."""
+    rgb = target.expand(1, 3, *target.shape[-2:]) if target.shape[1] == 1 else target
+    lab, ref = lab_from_rgb(rgb), lab_from_rgb(reference)
+    mean, std = lab.mean((2, 3), keepdim=True), lab.std((2, 3), keepdim=True)
+    rmean, rstd = ref.mean((2, 3), keepdim=True), ref.std((2, 3), keepdim=True)
+    moved = (lab - mean) / std.clamp_min(1e-6) * rstd + rmean
+    moved[:, :1] = lab[:, :1]  # the target keeps its luminance
+    return rgb_from_lab(moved)

@@ -1,0 +1,57 @@
+"""Exemplar colorization: Lab conversions against hand values, and chroma better than a global transfer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import gen
+
+from psal import images
+from psal.apps.colorize import colorize, global_transfer, lab_from_rgb, rgb_from_lab
+
+
+def test_lab_of_known_colours():
+    rgb = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]).T.reshape(1, 3, 3, 1)
+    lab = lab_from_rgb(rgb)[0, :, :, 0].T
+    # white, black, and sRGB red (53.24, 80.09, 67.20), the standard published values
+    torch.testing.assert_close(lab[0], torch.tensor([100.0, 0.0, 0.0]), atol=1e-2, rtol=0)
+    torch.testing.assert_close(lab[1], torch.tensor([0.0, 0.0, 0.0]), atol=1e-2, rtol=0)
+    torch.testing.assert_close(lab[2], torch.tensor([53.24, 80.09, 67.20]), atol=5e-2, rtol=0)
+    x = torch.rand(1, 3, 8, 9, generator=gen(0))
+    torch.testing.assert_close(rgb_from_lab(lab_from_rgb(x)), x, atol=1e-5, rtol=0)
+
+
+def _chroma_psnr(a, b) -> float:
+    d = (lab_from_rgb(a)[:, 1:] - lab_from_rgb(b)[:, 1:]).square().mean()
+    return float(10 * torch.log10(256.0**2 / d))
+
+
+def test_colours_another_crop_of_the_same_scene_better_than_a_global_transfer():
+    pytest.importorskip("skimage")
+    im = images.load_bundled("coffee")
+    H, W = im.shape[-2:]
+    s = min(H, W) * 5 // 8
+    reference = images.resize(im[..., :s, :s], (112, 112))
+    truth = images.resize(im[..., H - s :, W - s :], (112, 112))
+    gray = (truth * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    ours = colorize(gray, reference, generator=gen(0))
+    assert ours.shape == (1, 3, 112, 112)
+    base = global_transfer(gray, reference)
+    assert _chroma_psnr(ours, truth) > _chroma_psnr(base, truth) + 2.0
+    # the target keeps its luminance (up to colours clipped to the sRGB gamut)
+    L_in = lab_from_rgb(gray.expand(1, 3, 112, 112))[:, 0]
+    assert (lab_from_rgb(ours)[:, 0] - L_in).abs().median() < 0.5
+
+
+def test_same_generator_same_colours_and_bad_input():
+    g = gen(1)
+    target, reference = torch.rand(1, 1, 16, 14, generator=g), torch.rand(1, 3, 12, 15, generator=g)
+    a = colorize(target, reference, generator=gen(2))
+    b = colorize(target, reference, generator=gen(2))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"colorize: reference must be a colour image \(1, 3, H, W\), got \(1, 1, 12, 15\)"):
+        colorize(target, reference[:, :1])
+    with pytest.raises(ValueError, match=r"colorize: target must be \(1, 1 or 3, H, W\), got \(16, 14\)"):
+        colorize(target[0, 0], reference)
+    with pytest.raises(TypeError, match="colorize: target must be a floating-point tensor"):
+        colorize((target * 255).to(torch.uint8), reference)
