@@ -142,3 +142,15 @@ def test_console_entry_point_prints_one_line(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert out.stderr.strip() == f"psal reconstruct: error: query '{tmp_path / 'a.png'}': no such file"
+
+
+def test_colorize_keeps_the_gray_and_refuses_a_gray_reference(files, capsys):
+    tmp, q, s = files
+    gray = str(tmp / "gray.png")
+    Image.open(q).convert("L").save(gray)
+    out = str(tmp / "col.png")
+    code, err = _run(capsys, "colorize", gray, s, "-o", out, "--device", "cpu", "--report", str(tmp / "c.json"))
+    assert code == 0, err
+    got = np.asarray(Image.open(out))
+    assert got.shape == (24, 20, 3) and json.load(open(tmp / "c.json"))["command"] == "colorize"
+    _bad(capsys, ["colorize", q, gray, "-o", str(tmp / "x.png")], "needs a colour reference")

@@ -1,6 +1,7 @@
 """The ``psal`` command: image editing with patch-based stochastic attention, on your own files.
 
     psal reconstruct QUERY SOURCE -o OUT     rebuild QUERY from the patches of SOURCE
+    psal colorize GRAY REFERENCE -o OUT      colour GRAY like the colour image REFERENCE
 
 Every subcommand reads ordinary image files (8/16-bit grayscale or RGB, opaque RGBA), writes its
 result atomically (a temporary file renamed into place) and never onto an input, takes ``--seed``
@@ -93,6 +94,28 @@ def cmd_reconstruct(args) -> dict:
     }
 
 
+def cmd_colorize(args) -> dict:
+    """Colour a grayscale image like a colour reference: its luminance is kept, the chroma comes
+    from the reference patches that match it best."""
+    from psal.apps.colorize import colorize
+
+    check_output(args.out, [args.gray, args.reference])
+    gray = read_image(args.gray, "gray image")
+    reference = read_image(args.reference, "reference")
+    if reference.shape[1] != 3:
+        raise CLIError(f"reference {args.reference!r} is grayscale; colorize needs a colour reference")
+    device = _device(args.device)
+    t0 = time.perf_counter()
+    out = colorize(
+        gray.to(device), reference.to(device), patch_size=args.patch_size, num_neighbors=args.k,
+        num_iters=args.iters, temperature_scale=args.temperature_scale,
+        generator=torch.Generator(device=device).manual_seed(args.seed),
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    write_image(out, args.out)
+    return {"command": "colorize", "output": args.out, "size": list(gray.shape[-2:]), "seconds": seconds}
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="psal", description=__doc__.split("\n\n")[0])
     ap.add_argument("--version", action="version", version=_version())
@@ -115,6 +138,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", choices=["center", "patch", "patch_mean"], default="center")
     p.add_argument("--temperature-scale", type=float, default=0.1, help="temperature / median best patch cost")
     p.set_defaults(run=cmd_reconstruct)
+
+    p = sub.add_parser("colorize", help="colour a grayscale image like a colour reference", description=cmd_colorize.__doc__)
+    p.add_argument("gray", help="the image to colour (a colour image is read for its luminance)")
+    p.add_argument("reference", help="a colour image of similar content")
+    common(p)
+    p.add_argument("--patch-size", type=int, default=5)
+    p.add_argument("--k", type=int, default=4, help="matches per pixel")
+    p.add_argument("--iters", type=int, default=6, help="PatchMatch iterations")
+    p.add_argument("--temperature-scale", type=float, default=0.5, help="temperature / median best patch cost")
+    p.set_defaults(run=cmd_colorize)
     return ap
 
 
