@@ -154,3 +154,14 @@ def test_colorize_keeps_the_gray_and_refuses_a_gray_reference(files, capsys):
     got = np.asarray(Image.open(out))
     assert got.shape == (24, 20, 3) and json.load(open(tmp / "c.json"))["command"] == "colorize"
     _bad(capsys, ["colorize", q, gray, "-o", str(tmp / "x.png")], "needs a colour reference")
+
+
+def test_upscale_writes_the_enlarged_image(files, capsys, monkeypatch):
+    tmp, q, _ = files
+    out = str(tmp / "up.png")
+    code, err = _run(capsys, "upscale", q, "--scale", "3", "-o", out, "--device", "cpu", "--report", str(tmp / "u.json"))
+    assert code == 0, err
+    assert np.asarray(Image.open(out)).shape == (72, 60, 3)
+    assert json.load(open(tmp / "u.json"))["mean_abs_error_after_shrinking"] < 0.01
+    monkeypatch.setattr("psal.cli.main.available_memory", lambda: 24 * 20 * 400 * 4)
+    _bad(capsys, ["upscale", q, "--scale", "4", "-o", str(tmp / "big.png")], "does not fit in the memory available")
