@@ -165,3 +165,22 @@ def test_upscale_writes_the_enlarged_image(files, capsys, monkeypatch):
     assert json.load(open(tmp / "u.json"))["mean_abs_error_after_shrinking"] < 0.01
     monkeypatch.setattr("psal.cli.main.available_memory", lambda: 24 * 20 * 400 * 4)
     _bad(capsys, ["upscale", q, "--scale", "4", "-o", str(tmp / "big.png")], "does not fit in the memory available")
+
+
+def test_inpaint_keeps_known_pixels_and_refuses_bad_masks(files, capsys):
+    tmp, q, _ = files
+    mask = np.zeros((24, 20), np.uint8)
+    mask[8:14, 6:12] = 255
+    Image.fromarray(mask).save(tmp / "mask.png")
+    out = str(tmp / "filled.png")
+    code, err = _run(capsys, "inpaint", q, str(tmp / "mask.png"), "-o", out, "--patch-size", "3", "--device", "cpu")
+    assert code == 0, err
+    got, before = np.asarray(Image.open(out)), np.asarray(Image.open(q))
+    assert np.array_equal(got[mask == 0], before[mask == 0])
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp / "small.png")
+    _bad(capsys, ["inpaint", q, str(tmp / "small.png"), "-o", str(tmp / "x.png")], "must be the same size")
+    Image.fromarray(np.zeros((24, 20), np.uint8)).save(tmp / "empty.png")
+    _bad(capsys, ["inpaint", q, str(tmp / "empty.png"), "-o", str(tmp / "x.png")], "nothing to fill")
+    Image.fromarray(np.full((24, 20), 255, np.uint8)).save(tmp / "all.png")
+    _bad(capsys, ["inpaint", q, str(tmp / "all.png"), "-o", str(tmp / "x.png")], "no known pixel")
+    assert not os.path.exists(tmp / "x.png")

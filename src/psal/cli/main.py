@@ -1,6 +1,7 @@
 """The ``psal`` command: image editing with patch-based stochastic attention, on your own files.
 
     psal reconstruct QUERY SOURCE -o OUT     rebuild QUERY from the patches of SOURCE
+    psal inpaint IMAGE MASK -o OUT           fill the white region of MASK
     psal colorize GRAY REFERENCE -o OUT      colour GRAY like the colour image REFERENCE
     psal upscale IMAGE --scale 2 -o OUT      super-resolution from the image's own patches
 
@@ -124,6 +125,51 @@ def cmd_colorize(args) -> dict:
     return {"command": "colorize", "output": args.out, "size": list(gray.shape[-2:]), "seconds": seconds}
 
 
+def cmd_inpaint(args) -> dict:
+    """Fill the white region of MASK in IMAGE with patches of the rest of the image (coarse to
+    fine, masked self-attention and patch voting); the other pixels are kept exactly."""
+    from psal.apps.inpaint import inpaint
+
+    check_output(args.out, [args.image, args.mask])
+    image = read_image(args.image, "image")
+    mask_image = read_image(args.mask, "mask")
+    if mask_image.shape[-2:] != image.shape[-2:]:
+        raise CLIError(
+            f"mask {args.mask!r} is {mask_image.shape[-1]}x{mask_image.shape[-2]}, "
+            f"image {args.image!r} is {image.shape[-1]}x{image.shape[-2]}; they must be the same size"
+        )
+    hole = mask_image.mean(1, keepdim=True) > 0.5  # white (or light) = hole
+    if not hole.any():
+        raise CLIError(f"mask {args.mask!r} has no white pixel: nothing to fill")
+    if hole.all():
+        raise CLIError(f"mask {args.mask!r} is white everywhere: no known pixel to copy from")
+    device = _device(args.device)
+    bar = _progress(0, "inpaint", args.quiet)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    t0 = time.perf_counter()
+    out = inpaint(
+        image.to(device), hole.to(device), patch_size=args.patch_size, num_iters=args.iters,
+        generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    write_image(out, args.out)
+    return {
+        "command": "inpaint",
+        "output": args.out,
+        "size": list(image.shape[-2:]),
+        "hole_fraction": float(hole.float().mean()),
+        "seconds": seconds,
+    }
+
+
 def cmd_upscale(args) -> dict:
     """Enlarge an image 2, 3 or 4 times with detail borrowed from its own patches at a lower scale,
     then back-projected so that shrinking the result gives back the input."""
@@ -175,6 +221,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", choices=["center", "patch", "patch_mean"], default="center")
     p.add_argument("--temperature-scale", type=float, default=0.1, help="temperature / median best patch cost")
     p.set_defaults(run=cmd_reconstruct)
+
+    p = sub.add_parser("inpaint", help="fill the white region of a mask", description=cmd_inpaint.__doc__)
+    p.add_argument("image", help="the image to repair")
+    p.add_argument("mask", help="same size as IMAGE; white marks the pixels to fill")
+    common(p)
+    p.add_argument("--patch-size", type=int, default=7)
+    p.add_argument("--iters", type=int, default=10, help="search and vote rounds per scale, at most")
+    p.set_defaults(run=cmd_inpaint)
 
     p = sub.add_parser("colorize", help="colour a grayscale image like a colour reference", description=cmd_colorize.__doc__)
     p.add_argument("gray", help="the image to colour (a colour image is read for its luminance)")
