@@ -1,10 +1,10 @@
-"""``python -m psal.bench <suite> [options]``; suites: knn, attention."""
+"""``python -m psal.bench <suite> [options]``; suites: knn, attention, apps."""
 
 from __future__ import annotations
 
 import sys
 
-SUITES = {"knn": "psal.bench.knn", "attention": "psal.bench.attention"}
+SUITES = {"knn": "psal.bench.knn", "attention": "psal.bench.attention", "apps": "psal.bench.apps"}
 
 
 def main(argv=None) -> int:
