@@ -19,7 +19,7 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 setup: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed-demo
-	$(BIN)/python -m psal.cli.demo --out out
+	$(BIN)/psal demo --out out
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

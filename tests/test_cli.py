@@ -184,3 +184,14 @@ def test_inpaint_keeps_known_pixels_and_refuses_bad_masks(files, capsys):
     Image.fromarray(np.full((24, 20), 255, np.uint8)).save(tmp / "all.png")
     _bad(capsys, ["inpaint", q, str(tmp / "all.png"), "-o", str(tmp / "x.png")], "no known pixel")
     assert not os.path.exists(tmp / "x.png")
+
+
+def test_demo_writes_results_gallery_and_metrics(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    code, err = _run(capsys, "demo", "--out", str(tmp_path), "--size", "64", "--device", "cpu")
+    assert code == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "demo_gallery.png" in names and "demo_metrics.json" in names and "inpaint_brick.png" in names
+    metrics = json.load(open(tmp_path / "demo_metrics.json"))["metrics"]
+    assert set(metrics) == {"inpaint_brick", "inpaint_chelsea", "colorize_coffee", "upscale_camera_x2", "reconstruct_astronaut_from_coffee"}
+    assert metrics["upscale_camera_x2"]["y_psnr_db"] > metrics["upscale_camera_x2"]["bicubic_y_psnr_db"]

@@ -33,48 +33,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from psal.apps.metrics import chroma_psnr, gradient_ratio, hole_psnr, make_hole, y_psnr
 from psal.bench import common
 
 INPAINT_IMAGES = ("brick", "grass", "gravel", "astronaut", "coffee", "chelsea", "camera", "rocket")
 COLOUR_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")  # the colour ones among the bundled
 UPSCALE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")
-
-
-def make_hole(size: int, seed: int) -> torch.Tensor:
-    """``(1, 1, S, S)`` bool: random rectangles and ellipses covering 12-22% of the image."""
-    g = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    target = g.uniform(0.12, 0.22)
-    m = np.zeros((size, size), bool)
-    while m.mean() < target:
-        if g.random() < 0.5:
-            h, w = g.integers(size // 10, size // 4, 2)
-            y, x = g.integers(0, size - h), g.integers(0, size - w)
-            m[y : y + h, x : x + w] = True
-        else:
-            cy, cx = g.integers(size // 8, size - size // 8, 2)
-            ry, rx = g.uniform(size / 20, size / 8, 2)
-            m |= ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        if m.mean() > 0.25:
-            m[:] = False
-    return torch.from_numpy(m)[None, None]
-
-
-def _grad_magnitude(img: torch.Tensor) -> torch.Tensor:
-    y = img.mean(1, keepdim=True)
-    gx = F.pad(y[..., :, 1:] - y[..., :, :-1], (0, 1, 0, 0))
-    gy = F.pad(y[..., 1:, :] - y[..., :-1, :], (0, 0, 0, 1))
-    return (gx.square() + gy.square()).sqrt()
-
-
-def gradient_ratio(img: torch.Tensor, hole: torch.Tensor) -> float:
-    g = _grad_magnitude(img)
-    return float(g[hole].mean() / g[~hole].mean())
-
-
-def hole_psnr(a: torch.Tensor, b: torch.Tensor, hole: torch.Tensor) -> float:
-    h = hole.expand_as(a)
-    return float(10 * torch.log10(1 / (a[h] - b[h]).square().mean().clamp_min(1e-12)))
 
 
 def _pypatchmatch(img, hole):
@@ -140,13 +104,6 @@ def run_inpaint(args, gallery):
     return {m: [list(r) for r in res] for m, res in per.items()}
 
 
-def _chroma_psnr(a, b) -> float:
-    from psal.apps.colorize import lab_from_rgb
-
-    d = (lab_from_rgb(a)[:, 1:] - lab_from_rgb(b)[:, 1:]).square().mean()
-    return float(10 * torch.log10(256.0**2 / d))
-
-
 def run_colorize(args, gallery):
     from psal import images
     from psal.apps.colorize import colorize, global_transfer
@@ -162,20 +119,13 @@ def run_colorize(args, gallery):
         ours, sec = _timed(lambda: colorize(gray, reference, generator=torch.Generator().manual_seed(args.seed)))
         base, bsec = _timed(lambda: global_transfer(gray, reference))
         for m, out, t in (("psal", ours, sec), ("global transfer", base, bsec)):
-            per[m].append((_chroma_psnr(out, truth), t))
+            per[m].append((chroma_psnr(out, truth), t))
             rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])
         gallery.append(("colorize " + name, [gray, ours, base, truth]))
     for m, res in per.items():
         rows.append(["mean", m, f"{statistics.mean(r[0] for r in res):.2f}", f"{statistics.mean(r[1] for r in res):.2f}"])
     print(common.markdown_table(["image", "method", "chroma PSNR dB", "s"], rows))
     return per
-
-
-def _y_psnr(a, b, crop) -> float:
-    w = torch.tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1) / 255
-    ya, yb = (a.clamp(0, 1) * w).sum(1, keepdim=True), (b.clamp(0, 1) * w).sum(1, keepdim=True)
-    mse = (ya - yb)[..., crop:-crop, crop:-crop].square().mean()
-    return float(10 * torch.log10(1 / mse.clamp_min(1e-12)))
 
 
 def run_upscale(args, gallery):
@@ -191,7 +141,7 @@ def run_upscale(args, gallery):
         bicubic, bsec = _timed(lambda: enlarge(low, truth.shape[-2:]).clamp(0, 1))
         bp, psec = _timed(lambda: back_project(enlarge(low, truth.shape[-2:]), low, scale).clamp(0, 1))
         for m, out, t in (("psal", ours, sec), ("bicubic", bicubic, bsec), ("back-projection", bp, psec)):
-            per[m].append((_y_psnr(out, truth, scale), t))
+            per[m].append((y_psnr(out, truth, scale), t))
             rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])
         gallery.append(("upscale " + name, [enlarge(low, truth.shape[-2:]).clamp(0, 1), ours, bp, truth]))
     for m, res in per.items():
