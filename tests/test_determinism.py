@@ -9,14 +9,6 @@ from conftest import ATTEND_BACKENDS, gen
 import psal
 
 
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @pytest.mark.parametrize("backend", ATTEND_BACKENDS)
 @pytest.mark.parametrize("aggregation", ["center", "patch", "patch_mean"])
 def test_repeated_backward_is_bitwise_identical(deterministic, backend, aggregation):

@@ -71,14 +71,6 @@ class _Reference:
             assert err <= 2 * base + floor, f"{name}: error {err:.3g}, float32 CPU backends {base:.3g}"
 
 
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("similarity", ["l2", "dot"])
 def test_atomic_path_matches_the_reference_under_collisions(aggregation, similarity):

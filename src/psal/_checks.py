@@ -252,14 +252,9 @@ def check_temperature(fn: str, temperature, query: torch.Tensor) -> torch.Tensor
 
 def check_backend(fn: str, backend, choices, device: torch.device) -> str:
     """A known backend name; one that cannot run on ``device`` is refused here, by name."""
-    backend = check_choice(fn, "backend", backend, choices)
-    if backend == "numba" and device.type != "cpu":
-        raise ValueError(f"{fn}: backend 'numba' runs on CPU tensors only, got tensors on {device}")
-    if backend == "triton":
-        from ._dispatch import can_run_triton
+    from ._dispatch import require
 
-        try:
-            can_run_triton(device, raise_error=True)
-        except ValueError as exc:
-            raise ValueError(f"{fn}: {exc}") from None
+    backend = check_choice(fn, "backend", backend, choices)
+    if backend != "auto":
+        require(fn, backend, device)
     return backend

@@ -9,6 +9,7 @@ so the choice is explainable: ``available_backends(device)`` lists each verdict.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -135,8 +136,18 @@ def search_backend(fn: str, backend: str, device: torch.device, op: str = "searc
         raise ValueError(f"{fn}: no backend can run on {device}: {available_backends(device)}")
     if backend not in _PREDICATES:
         raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, SEARCH_BACKENDS))}, got {backend!r}")
+    require(fn, backend, device)
+    return _module(backend, op)
+
+
+def require(fn: str, backend: str, device: torch.device) -> None:
+    """Raises ``ValueError`` naming ``fn`` when the named ``backend`` cannot run on ``device``."""
     try:
         _PREDICATES[backend](device, raise_error=True)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
-    return _module(backend, op)
+
+
+def cuda_device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: a context that makes it ``t``'s device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

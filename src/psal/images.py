@@ -58,7 +58,13 @@ def load_bundled(name: str, size=None, gray: bool = False) -> torch.Tensor:
 
 
 def save_png(image: torch.Tensor, path) -> None:
-    """Write ``Tensor[1, C, H, W]`` (or ``[C, H, W]``) in ``[0, 1]`` as PNG, atomically.
+    """Write ``Tensor[1, C, H, W]`` (or ``[C, H, W]``) in ``[0, 1]`` as PNG, atomically."""
+    save_image(image, path)
+
+
+def save_image(image: torch.Tensor, path, format: str = "PNG", **options) -> None:
+    """Write ``Tensor[1, C, H, W]`` (or ``[C, H, W]``) in ``[0, 1]`` as an 8-bit image file in
+    Pillow's ``format`` (``options`` go to Pillow's ``save``), atomically.
 
     The file is written beside its destination and renamed into place, so an existing file is
     never left half-written.
@@ -66,14 +72,14 @@ def save_png(image: torch.Tensor, path) -> None:
     Image = _need("PIL.Image")
     if image.dim() == 4:
         image = image[0]
-    array = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    array = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
+    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1], prefix=".psal-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
+            Image.fromarray(array).save(f, format=format, **options)
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:

@@ -33,14 +33,14 @@ specialisation, so a new image size or patch size never triggers a recompile.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreted
+from .._dispatch import cuda_device_of, triton_interpreted
 from .reference import compute_dtype
 from .reference_attend import replicate_pad_adjoint, vote_counts
 
@@ -414,9 +414,22 @@ class _Call:
         )  # fmt: skip
         return out
 
+    @functools.cached_property
+    def matches_by_key(self):
+        """``(rowptr, order)``, the deterministic path's inverse field, computed once per call.
+
+        The matches of each map sorted by key position (stable: ties keep their (j, x) order),
+        and where each key position's list starts; the value and key gradients share them.
+        """
+        N, Hk, Wk, K, L = self.N, self.Hk, self.Wk, self.K, self.L
+        keys = (self.idx + torch.arange(N, device=self.idx.device).view(N, 1, 1) * (Hk * Wk)).reshape(-1)
+        sorted_keys, order = torch.sort(keys, stable=True)
+        bounds = torch.arange(N * Hk * Wk + 1, device=keys.device, dtype=sorted_keys.dtype)
+        return torch.searchsorted(sorted_keys, bounds), order % (K * L)
+
     def key_side(self, src, p: int, mode: int, logw=None, shift=None, coef=None):
         """Gradient for the key map (mode 1, 2) or the value map (mode 0), ``(N, C, Hk, Wk)``."""
-        N, Hk, Wk, K, L = self.N, self.Hk, self.Wk, self.K, self.L
+        N, Hk, Wk = self.N, self.Hk, self.Wk
         C = src.shape[-1]
         dummy = self.cost
         args = (dummy if logw is None else logw, dummy if shift is None else shift, dummy if coef is None else coef)
@@ -428,13 +441,7 @@ class _Call:
                 src, self.k, self.idx, *args, dst, *self.sizes(C, p), **flags, **t
             )
             return _first(dst, Hk, Wk)
-        # Deterministic: the matches of each map sorted by key position (stable: ties keep their
-        # (j, x) order), and where each key position's list starts.
-        keys = (self.idx + torch.arange(N, device=src.device).view(N, 1, 1) * (Hk * Wk)).reshape(-1)
-        sorted_keys, order = torch.sort(keys, stable=True)
-        order = order % (K * L)
-        bounds = torch.arange(N * Hk * Wk + 1, device=src.device, dtype=sorted_keys.dtype)
-        rowptr = torch.searchsorted(sorted_keys, bounds)
+        rowptr, order = self.matches_by_key
         r = p // 2
         Hp, Wp = Hk + 2 * r, Wk + 2 * r
         dst = torch.empty(N, Hp * Wp, C, device=src.device, dtype=self.dt)
@@ -449,14 +456,9 @@ class _Call:
 # The backend contract.
 
 
-def _device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the inputs' device for the call."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str):
     """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype."""
-    with _device_of(query):
+    with cuda_device_of(query):
         return _attend_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity)
 
 
@@ -476,7 +478,7 @@ def _attend_forward(query, key, value, indices, temperature, patch_size, aggrega
 
 def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str):
     """Gradients ``(query, key, value, temperature)``, in the compute dtype."""
-    with _device_of(query):
+    with cuda_device_of(query):
         return _attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity)
 
 
@@ -488,8 +490,9 @@ def _attend_backward(grad, query, key, value, indices, temperature, out, stat, p
     if aggregation == "patch":
         g = _last(grad)
         g0 = (grad.to(dt) * out.to(dt)).sum(1).reshape(N, L).contiguous()
-        gs = f.score_grad(g, f.p, logw=f.s.contiguous(), shift=stat.contiguous(), g0=g0)
-        gv = f.key_side(g, f.p, 0, logw=f.s.contiguous(), shift=stat.contiguous())
+        s, log_den = f.s.contiguous(), stat.contiguous()
+        gs = f.score_grad(g, f.p, logw=s, shift=log_den, g0=g0)
+        gv = f.key_side(g, f.p, 0, logw=s, shift=log_den)
     else:
         p = 1 if aggregation == "center" else f.p
         g = grad.to(dt)

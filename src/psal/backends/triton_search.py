@@ -54,13 +54,11 @@ arithmetic, one big block, and per-program precomputation of what does not chang
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreted
+from .._dispatch import cuda_device_of, triton_interpreted
 from .reference import allowed_table, compute_dtype
 
 # Jump-flood steps of one iteration's propagation launches, longest first (as in the reference).
@@ -422,8 +420,7 @@ def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters:
     cost = torch.empty(N, K, L, dtype=torch.float32, device=dev)
     spare_idx, spare_cost = torch.empty_like(idx), torch.empty_like(cost)
     num_radii = max(Hk, Wk).bit_length()  # the radii max(Hk, Wk) >> s, s < num_radii, are >= 1
-    # Triton launches on the current CUDA device, which need not be the tensors' one.
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with cuda_device_of(query):
         _init_kernel[grid](q, k, mask_u8, table, n_allowed, init, idx, cost, *sizes, *_launch_key(seed, -1), K0, **cfg)
         for it in range(num_iters):
             for step in _JUMPS:

@@ -147,3 +147,16 @@ def add_worker_arguments(ap) -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+
+
+def parse_suite(ap, argv, worker, default_methods: dict):
+    """Parses a suite's command line; as a worker (:func:`run_worker`), runs ``worker(args)`` and
+    returns ``None``. Otherwise fills in the device's default ``--methods`` and returns ``args``."""
+    args = ap.parse_args(argv)
+    if args.worker:
+        args.method = args.worker
+        worker(args)
+        return None
+    if args.methods is None:
+        args.methods = list(default_methods["cuda" if args.device.startswith("cuda") else "cpu"])
+    return args

@@ -157,13 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--iters", type=int, default=5)
     common.add_worker_arguments(ap)
-    args = ap.parse_args(argv)
-    if args.worker:
-        args.method = args.worker
-        worker(args)
+    args = common.parse_suite(ap, argv, worker, DEFAULT_METHODS)
+    if args is None:
         return 0
-    if args.methods is None:
-        args.methods = list(DEFAULT_METHODS["cuda" if args.device.startswith("cuda") else "cpu"])
 
     print(common.environment())
     if "psal-numba" in args.methods:

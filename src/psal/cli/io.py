@@ -10,7 +10,6 @@ destination, renamed into place only once complete, and never onto one of the in
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -119,20 +118,7 @@ def check_output(out: str, inputs) -> str:
 
 def write_image(image: torch.Tensor, out: str) -> None:
     """Write ``Tensor[1, C, H, W]`` in ``[0, 1]`` as 8-bit, atomically (temporary file, then rename)."""
-    Image = _pil()
-    t = image.detach()[0] if image.dim() == 4 else image.detach()
-    array = t.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    if array.shape[2] == 1:
-        array = array[:, :, 0]
-    ext = os.path.splitext(out)[1].lower()
-    folder = os.path.dirname(os.path.abspath(out))
-    fd, tmp = tempfile.mkstemp(suffix=ext, prefix=".psal-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            options = {"quality": 95} if WRITABLE[ext] in ("JPEG", "WEBP") else {}
-            Image.fromarray(array).save(f, format=WRITABLE[ext], **options)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    from psal.images import save_image
+
+    fmt = WRITABLE[os.path.splitext(out)[1].lower()]
+    save_image(image, out, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))

@@ -295,8 +295,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=_version())
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
-    def common(p):
-        p.add_argument("-o", "--out", required=True, help="output image (.png, .jpg, .tif, .bmp, .webp)")
+    def common(p, out: bool = True):
+        if out:
+            p.add_argument("-o", "--out", required=True, help="output image (.png, .jpg, .tif, .bmp, .webp)")
         p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
         p.add_argument("--report", metavar="FILE.json", help="write the metrics computed to this JSON file")
@@ -316,10 +317,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="all four tasks on bundled pictures: results, gallery, metrics", description=cmd_demo.__doc__)
     p.add_argument("--out", default="out", help="folder for the pictures and demo_metrics.json (created)")
     p.add_argument("--size", type=int, default=256, help="side of the square test pictures")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--report", metavar="FILE.json", help="also write the metrics here")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    common(p, out=False)
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("inpaint", help="fill the white region of a mask", description=cmd_inpaint.__doc__)
