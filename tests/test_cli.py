@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -113,8 +114,34 @@ def test_image_kinds(tmp_path):
     assert io.read_image(str(tmp_path / "gray.png")).shape == (1, 1, 24, 20)
 
 
+def test_sixteen_bit_gray_stays_sixteen_bit(tmp_path, capsys):
+    """A 16-bit grayscale input gives a 16-bit result; inpainting keeps its known pixels exactly."""
+    g = torch.Generator().manual_seed(5)
+    low = torch.rand(1, 1, 5, 5, generator=g)
+    deep = torch.nn.functional.interpolate(low, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    deep = (deep[0, 0].double().numpy() * 65535).round().astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[10:18, 12:20] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    code, err = _run(capsys, "inpaint", str(tmp_path / "deep.png"), str(tmp_path / "mask.png"), "-o", str(out), "--device", "cpu")
+    assert code == 0, err
+    got = np.asarray(Image.open(out))
+    assert got.dtype.itemsize == 2 or Image.open(out).mode.startswith("I")
+    got = got.astype(np.int64)
+    known = mask == 0
+    assert np.array_equal(got[known], deep.astype(np.int64)[known])
+    assert (got[~known] % 257 != 0).any()  # not 8-bit values scaled up
+
+
 def test_too_large_for_memory_is_refused(tmp_path, monkeypatch):
     Image.fromarray(_rgb(3)).save(tmp_path / "a.png")
+    # Pillow's decompression-bomb warning (above its pixel limit) is not printed: the memory check decides
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # the image has 480 pixels: Pillow warns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert io.read_image(str(tmp_path / "a.png")).shape == (1, 3, 24, 20)
     monkeypatch.setattr(io, "available_memory", lambda: 1000)
     with pytest.raises(io.CLIError, match="GiB available; resize it first"):
         io.read_image(str(tmp_path / "a.png"))

@@ -62,17 +62,23 @@ def save_png(image: torch.Tensor, path) -> None:
     save_image(image, path)
 
 
-def save_image(image: torch.Tensor, path, format: str = "PNG", **options) -> None:
-    """Write ``Tensor[1, C, H, W]`` (or ``[C, H, W]``) in ``[0, 1]`` as an 8-bit image file in
-    Pillow's ``format`` (``options`` go to Pillow's ``save``), atomically.
+def save_image(image: torch.Tensor, path, format: str = "PNG", bits: int = 8, **options) -> None:
+    """Write ``Tensor[1, C, H, W]`` (or ``[C, H, W]``) in ``[0, 1]`` as an image file in Pillow's
+    ``format`` (``options`` go to Pillow's ``save``), atomically.
 
-    The file is written beside its destination and renamed into place, so an existing file is
-    never left half-written.
+    ``bits``: 8, or 16 for a one-channel image in PNG or TIFF (Pillow writes 16-bit grayscale
+    only); other 16-bit requests are written with 8 bits. The file is written beside its
+    destination and renamed into place, so an existing file is never left half-written.
     """
     Image = _need("PIL.Image")
+    np = _need("numpy")
+    if bits not in (8, 16):
+        raise ValueError(f"save_image: bits must be 8 or 16, got {bits!r}")
     if image.dim() == 4:
         image = image[0]
-    array = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    sixteen = bits == 16 and image.shape[0] == 1 and format in ("PNG", "TIFF")
+    top, dtype = (65535, np.uint16) if sixteen else (255, np.uint8)
+    array = image.detach().double().clamp(0, 1).mul(top).round().permute(1, 2, 0).cpu().numpy().astype(dtype)
     if array.shape[2] == 1:
         array = array[:, :, 0]
     folder = os.path.dirname(os.path.abspath(path))

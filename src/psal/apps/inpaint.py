@@ -22,8 +22,10 @@ hole's gradient energy against the ground truth's):
   cheap match for a textured one;
 - ``k = 1`` match per patch: more matches average different places and blur the fill;
 - weights nearly uniform among good matches (temperature ten times the 75th percentile of the
-  patch costs, Newson's statistic), times Wexler's confidence ``exp(-d)``, ``d`` the mean depth of
-  a patch's pixels into the hole, so that patches anchored on the known border lead.
+  patch costs, Newson's statistic), times Wexler's confidence ``exp(-3 d)``, ``d`` the mean depth
+  of a patch's pixels into the hole, so that patches anchored on the known border lead (the
+  factor 3 against 1: hole PSNR 17.94 against 17.87 dB over 8 images, and the least sharp fill
+  0.73 of the truth's gradient against 0.66).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ _TEXTURE_WINDOW = 5
 _TEMPERATURE_PERCENTILE = 0.75
 _TEMPERATURE_SCALE = 10.0
 # Wexler's confidence: a patch's votes are weighted by exp(-_CONFIDENCE * mean depth in the hole).
-_CONFIDENCE = 1.0
+_CONFIDENCE = 3.0
 
 
 def _shape(t: torch.Tensor) -> str:

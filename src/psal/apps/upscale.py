@@ -14,7 +14,14 @@ the enlarged image lacks resembles what blur removed from a similar patch of the
 4. ``first + strength * detail``, back-projected again so that downsampling the result gives back
    the input.
 
-Downsampling is bicubic with antialiasing, enlarging plain bicubic (``F.interpolate``).
+Factors 3 and 4 go in two steps of ``sqrt(scale)`` each (Glasner et al. also climb in small
+steps: patches recur better across small scale gaps), each step back-projected onto its own
+input and the result onto the original. Measured on 6 bundled pictures at 256² (``python -m
+psal.bench apps --tasks upscale``), Y-PSNR over back-projection alone: one step +0.95 dB at x2,
++0.00 at x3, -0.10 at x4; two steps +0.52 at x3 and +0.14 at x4 (but -0.35 at x2).
+
+Downsampling is bicubic with antialiasing, enlarging plain bicubic (``F.interpolate``), both to
+sizes, so that steps need not be whole factors.
 """
 
 from __future__ import annotations
@@ -27,18 +34,24 @@ import psal
 
 def downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
     """Bicubic, antialiased: ``(B, C, H, W)`` -> ``(B, C, H // scale, W // scale)`` (rounded down)."""
-    size = (x.shape[-2] // scale, x.shape[-1] // scale)
-    return F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    return shrink(x, (x.shape[-2] // scale, x.shape[-1] // scale))
+
+
+def shrink(x: torch.Tensor, size) -> torch.Tensor:
+    """Bicubic, antialiased, to ``size = (h, w)``."""
+    return F.interpolate(x, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
 
 
 def enlarge(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
 
 
-def back_project(estimate: torch.Tensor, low: torch.Tensor, scale: int, iters: int = 20) -> torch.Tensor:
-    """Irani and Peleg: ``estimate += enlarge(low - downsample(estimate))``, ``iters`` times."""
+def back_project(estimate: torch.Tensor, low: torch.Tensor, scale: int | None = None, iters: int = 20) -> torch.Tensor:
+    """Irani and Peleg: ``estimate += enlarge(low - shrink(estimate))``, ``iters`` times, so that
+    shrinking ``estimate`` to ``low``'s size gives ``low``. ``scale`` is not needed (the sizes
+    say it) and kept for callers that pass it."""
     for _ in range(iters):
-        estimate = estimate + enlarge(low - downsample(estimate, scale), estimate.shape[-2:])
+        estimate = estimate + enlarge(low - shrink(estimate, low.shape[-2:]), estimate.shape[-2:])
     return estimate
 
 
@@ -73,13 +86,28 @@ def upscale(
     dt = torch.float64 if image.dtype == torch.float64 else torch.float32
     low = image.to(dt)
     H, W = low.shape[-2:]
-    first = back_project(enlarge(low, (scale * H, scale * W)), low, scale)
-    lower = downsample(low, scale)
-    blurred = back_project(enlarge(lower, (H, W)), lower, scale)
+    steps = 1 if scale == 2 else 2
+    x = low
+    for i in range(1, steps + 1):
+        factor = scale ** (i / steps)
+        size = (H * scale, W * scale) if i == steps else (round(H * factor), round(W * factor))
+        x = _step(x, size, patch_size, num_neighbors, num_iters, temperature_scale, strength, generator)
+    if steps > 1:
+        x = back_project(x, low)
+    return x.clamp(0, 1)
+
+
+def _step(low, size, patch_size, num_neighbors, num_iters, temperature_scale, strength, generator):
+    """One enlargement of ``low (1, C, h, w)`` to ``size``: the scheme of the module docstring."""
+    h, w = low.shape[-2:]
+    first = back_project(enlarge(low, size), low)
+    # The same ratio one scale lower: the input shrunk by it and brought back.
+    lower = shrink(low, (max(1, round(h * h / size[0])), max(1, round(w * w / size[1]))))
+    blurred = back_project(enlarge(lower, (h, w)), lower)
     detail = low - blurred
     field = psal.patchmatch(
         first, blurred, patch_size=patch_size, num_neighbors=num_neighbors, num_iters=num_iters, generator=generator
     )  # fmt: skip
     T = float(field.costs[:, :, 0].median().clamp_min(1e-12)) * temperature_scale
     borrowed = psal.attend(first, blurred, detail, field.indices, patch_size=patch_size, temperature=T, aggregation="patch")
-    return back_project(first + strength * borrowed, low, scale).clamp(0, 1)
+    return back_project(first + strength * borrowed, low)

@@ -13,9 +13,9 @@ baselines, in one run.
   reference is the first, the target the second in grayscale. Methods: ``psal.apps.colorize``
   and a global transfer (Reinhard et al.'s mean and spread in Lab). Metric: PSNR of the a and b
   channels (range 256) against the true colours.
-- upscale x2: the image at S x S is the truth, its bicubic downsampling the input. Methods:
-  ``psal.apps.upscale``, bicubic, back-projection alone. Metric: PSNR of the luminance Y
-  (BT.601), ``scale`` pixels cropped at the borders.
+- upscale x2, x3, x4: the image at S x S (cropped to a multiple of the factor) is the truth, its
+  bicubic downsampling the input. Methods: ``psal.apps.upscale``, bicubic, back-projection alone.
+  Metric: PSNR of the luminance Y (BT.601), ``scale`` pixels cropped at the borders.
 
 Every method sees the same inputs; times are single calls after one warm-up call (numba loads its
 kernels). The gallery rows are input | psal | best baseline | truth.
@@ -132,22 +132,28 @@ def run_upscale(args, gallery):
     from psal import images
     from psal.apps.upscale import back_project, downsample, enlarge, upscale
 
-    scale = 2
-    rows, per = [], {"psal": [], "bicubic": [], "back-projection": []}
-    for name in UPSCALE_IMAGES:
-        truth = images.load_bundled(name, args.size)
-        low = downsample(truth, scale).clamp(0, 1)
-        ours, sec = _timed(lambda: upscale(low, scale, generator=torch.Generator().manual_seed(args.seed)))
-        bicubic, bsec = _timed(lambda: enlarge(low, truth.shape[-2:]).clamp(0, 1))
-        bp, psec = _timed(lambda: back_project(enlarge(low, truth.shape[-2:]), low, scale).clamp(0, 1))
-        for m, out, t in (("psal", ours, sec), ("bicubic", bicubic, bsec), ("back-projection", bp, psec)):
-            per[m].append((y_psnr(out, truth, scale), t))
-            rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])
-        gallery.append(("upscale " + name, [enlarge(low, truth.shape[-2:]).clamp(0, 1), ours, bp, truth]))
-    for m, res in per.items():
-        rows.append(["mean", m, f"{statistics.mean(r[0] for r in res):.2f}", f"{statistics.mean(r[1] for r in res):.2f}"])
-    print(common.markdown_table(["image", "method", "Y PSNR dB (x2)", "s"], rows))
-    return per
+    results = {}
+    for scale in args.scales:
+        rows, per = [], {"psal": [], "bicubic": [], "back-projection": []}
+        for name in UPSCALE_IMAGES:
+            truth = images.load_bundled(name, args.size)
+            side = args.size - args.size % scale  # a whole number of low-resolution pixels
+            truth = truth[..., :side, :side]
+            low = downsample(truth, scale).clamp(0, 1)
+            ours, sec = _timed(lambda: upscale(low, scale, generator=torch.Generator().manual_seed(args.seed)))
+            bicubic, bsec = _timed(lambda: enlarge(low, truth.shape[-2:]).clamp(0, 1))
+            bp, psec = _timed(lambda: back_project(enlarge(low, truth.shape[-2:]), low, scale).clamp(0, 1))
+            for m, out, t in (("psal", ours, sec), ("bicubic", bicubic, bsec), ("back-projection", bp, psec)):
+                per[m].append((y_psnr(out, truth, scale), t))
+                rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])
+            if scale == args.scales[0]:
+                gallery.append((f"upscale x{scale} " + name, [bicubic, ours, bp, truth]))
+        for m, res in per.items():
+            rows.append(["mean", m, f"{statistics.mean(r[0] for r in res):.2f}", f"{statistics.mean(r[1] for r in res):.2f}"])
+        print(f"x{scale}:\n")
+        print(common.markdown_table(["image", "method", f"Y PSNR dB (x{scale})", "s"], rows))
+        results[f"x{scale}"] = per
+    return results
 
 
 def main(argv=None) -> int:
@@ -155,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--images", nargs="*", help=f"inpainting images (default: {', '.join(INPAINT_IMAGES)})")
     ap.add_argument("--tasks", nargs="+", default=["inpaint", "colorize", "upscale"], choices=["inpaint", "colorize", "upscale"])
+    ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gallery", help="write the gallery PNG here (input | psal | baseline | truth per row)")
     ap.add_argument("--gallery-height", type=int, default=128, help="pixels per gallery row")

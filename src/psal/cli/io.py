@@ -1,7 +1,8 @@
 """Image files for the command line: read what people have, write without ever leaving half a file.
 
 Reading accepts 8-bit and 16-bit grayscale, RGB, palette and CMYK images (converted to float in
-``[0, 1]``) and opaque RGBA (the alpha channel dropped). It refuses, with one line that names the
+``[0, 1]``) and opaque RGBA (the alpha channel dropped); a 16-bit grayscale input gives a 16-bit
+result where the output format allows it (PNG, TIFF). It refuses, with one line that names the
 file: a missing or unreadable file, an image with real transparency, and an image whose working
 set would not fit in the memory available. Writing goes to a temporary file beside the
 destination, renamed into place only once complete, and never onto one of the inputs.
@@ -10,6 +11,7 @@ destination, renamed into place only once complete, and never onto one of the in
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -46,12 +48,26 @@ def available_memory() -> int | None:
 
 def read_image(path: str, what: str = "image") -> torch.Tensor:
     """``Tensor[1, C, H, W]`` float32 in ``[0, 1]``, C = 1 (grayscale) or 3."""
+    return _read(path, what)[0]
+
+
+def read_image_bits(path: str, what: str = "image") -> tuple[torch.Tensor, int]:
+    """:func:`read_image` and the file's bits per channel, 8 or 16 (to write the result alike)."""
+    return _read(path, what)
+
+
+def _read(path: str, what: str):
     Image = _pil()
     if not os.path.isfile(path):
         raise CLIError(f"{what} {path!r}: no such file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Pillow warns above ~89 Mpixels; the memory check below decides instead, in one line.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             _check_memory(path, what, *img.size)
+            bits = 16 if img.mode.startswith("I") else 8
             img.load()
             array = _to_array(img, path, what)
     except CLIError:
@@ -63,7 +79,7 @@ def read_image(path: str, what: str = "image") -> torch.Tensor:
     t = torch.from_numpy(array)
     if t.dim() == 2:
         t = t[..., None]
-    return t.permute(2, 0, 1)[None].contiguous()
+    return t.permute(2, 0, 1)[None].contiguous(), bits
 
 
 def _check_memory(path, what, width: int, height: int) -> None:
@@ -116,9 +132,10 @@ def check_output(out: str, inputs) -> str:
     return out
 
 
-def write_image(image: torch.Tensor, out: str) -> None:
-    """Write ``Tensor[1, C, H, W]`` in ``[0, 1]`` as 8-bit, atomically (temporary file, then rename)."""
+def write_image(image: torch.Tensor, out: str, bits: int = 8) -> None:
+    """Write ``Tensor[1, C, H, W]`` in ``[0, 1]`` atomically (temporary file, then rename): 8 bits
+    per channel, or 16 for a grayscale PNG or TIFF when ``bits=16``."""
     from psal.images import save_image
 
     fmt = WRITABLE[os.path.splitext(out)[1].lower()]
-    save_image(image, out, fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+    save_image(image, out, fmt, bits=bits, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))

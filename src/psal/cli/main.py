@@ -29,6 +29,7 @@ from .io import (
     available_memory,
     check_output,
     read_image,
+    read_image_bits,
     write_image,
 )
 
@@ -69,7 +70,7 @@ def cmd_reconstruct(args) -> dict:
     from psal import images
 
     check_output(args.out, [args.query, args.source])
-    query = read_image(args.query, "query")
+    query, bits = read_image_bits(args.query, "query")
     source = read_image(args.source, "source")
     query, source = _same_channels(query, source)
     device = _device(args.device)
@@ -93,7 +94,7 @@ def cmd_reconstruct(args) -> dict:
         aggregation=args.aggregation,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    write_image(out, args.out)
+    write_image(out, args.out, bits)
     return {
         "command": "reconstruct",
         "output": args.out,
@@ -132,7 +133,7 @@ def cmd_inpaint(args) -> dict:
     from psal.apps.inpaint import inpaint
 
     check_output(args.out, [args.image, args.mask])
-    image = read_image(args.image, "image")
+    image, bits = read_image_bits(args.image, "image")
     mask_image = read_image(args.mask, "mask")
     if mask_image.shape[-2:] != image.shape[-2:]:
         raise CLIError(
@@ -161,7 +162,7 @@ def cmd_inpaint(args) -> dict:
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    write_image(out, args.out)
+    write_image(out, args.out, bits)
     return {
         "command": "inpaint",
         "output": args.out,
@@ -177,7 +178,7 @@ def cmd_upscale(args) -> dict:
     from psal.apps.upscale import downsample, upscale
 
     check_output(args.out, [args.image])
-    image = read_image(args.image, "image")
+    image, bits = read_image_bits(args.image, "image")
     H, W = image.shape[-2:]
     free = available_memory()
     if free is not None and H * W * args.scale**2 * BYTES_PER_PIXEL > free:
@@ -189,7 +190,7 @@ def cmd_upscale(args) -> dict:
         strength=args.strength, generator=torch.Generator(device=device).manual_seed(args.seed),
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    write_image(out, args.out)
+    write_image(out, args.out, bits)
     consistency = float((downsample(out, args.scale) - image.to(out)).abs().mean())
     return {
         "command": "upscale",
