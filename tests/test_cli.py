@@ -222,3 +222,29 @@ def test_demo_writes_results_gallery_and_metrics(tmp_path, capsys):
     metrics = json.load(open(tmp_path / "demo_metrics.json"))["metrics"]
     assert set(metrics) == {"inpaint_brick", "inpaint_chelsea", "colorize_coffee", "upscale_camera_x2", "reconstruct_astronaut_from_coffee"}
     assert metrics["upscale_camera_x2"]["y_psnr_db"] > metrics["upscale_camera_x2"]["bicubic_y_psnr_db"]
+
+
+def test_inpaint_with_the_trained_model(files, capsys, tmp_path):
+    from psal.apps.inpaint_net import PRETRAINED_PATH
+
+    assert os.path.isfile(PRETRAINED_PATH), "the trained weights ship with the package"
+    _, q, _ = files
+    mask = np.zeros((24, 20), np.uint8)
+    mask[6:14, 5:12] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out, zero_shot, report = str(tmp_path / "net.png"), str(tmp_path / "zs.png"), str(tmp_path / "r.json")
+    code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", out, "--model", "--report", report, "--device", "cpu")
+    assert code == 0, err
+    assert json.load(open(report))["model"] == PRETRAINED_PATH
+    code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", zero_shot, "--device", "cpu")
+    assert code == 0, err
+    got, src, other = (np.asarray(Image.open(p)).astype(int) for p in (out, q, zero_shot))
+    known = mask == 0
+    assert np.array_equal(got[known], src[known])
+    assert not np.array_equal(got[~known], other[~known])  # another method than the default
+    # a missing checkpoint, or a file that is not one: one line each, the output untouched
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for model, message in (("nope.pt", "no such file"), (str(tmp_path / "junk.pt"), "not an inpainting checkpoint")):
+        code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", out, "--model", model)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert np.array_equal(np.asarray(Image.open(out)).astype(int), got)

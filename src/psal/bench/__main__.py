@@ -1,10 +1,10 @@
-"""``python -m psal.bench <suite> [options]``; suites: knn, attention, apps."""
+"""``python -m psal.bench <suite> [options]``; suites: knn, attention, apps, training."""
 
 from __future__ import annotations
 
 import sys
 
-SUITES = {"knn": "psal.bench.knn", "attention": "psal.bench.attention", "apps": "psal.bench.apps"}
+SUITES = {"knn": "psal.bench.knn", "attention": "psal.bench.attention", "apps": "psal.bench.apps", "training": "psal.bench.training"}
 
 
 def main(argv=None) -> int:

@@ -4,7 +4,8 @@ baselines, in one run.
     python -m psal.bench apps [--size 256] [--images ...] [--gallery out/apps_gallery.png]
 
 - inpaint: bundled images resized to S x S, a seeded hole of rectangles and ellipses (12-22% of
-  the area). Methods: ``psal.apps.inpaint``; PyPatchMatch (pip ``pypatchmatch``, 7 x 7 patches
+  the area). Methods: ``psal.apps.inpaint`` (zero-shot); the trained network shipped with psal
+  (``psal.apps.inpaint_net``, "psal trained"); PyPatchMatch (pip ``pypatchmatch``, 7 x 7 patches
   like ours), when installed; scikit-image's biharmonic inpainting. Metrics: PSNR inside the hole;
   gradient ratio (mean luminance gradient magnitude in the hole over the known region's, divided by
   the same ratio of the ground truth: 1 is right, smooth fills score about 0.2-0.4); the largest
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from psal.apps.inpaint_net import PRETRAINED_PATH
 from psal.apps.metrics import chroma_psnr, gradient_ratio, hole_psnr, make_hole, y_psnr
 from psal.bench import common
 
@@ -48,6 +51,13 @@ def _pypatchmatch(img, hole):
     arr = (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     out = patch_match.inpaint(arr, mask=hole[0, 0].numpy().astype(np.uint8) * 255, patch_size=3)
     return torch.from_numpy(out).permute(2, 0, 1)[None].float() / 255
+
+
+def _trained(img, hole):
+    from psal.apps.inpaint_net import inpaint_with_model
+
+    torch.manual_seed(0)
+    return inpaint_with_model(img, hole)
 
 
 def _biharmonic(img, hole):
@@ -77,6 +87,8 @@ def run_inpaint(args, gallery):
     from psal.apps.inpaint import inpaint
 
     methods = {"psal": lambda gt, hole: inpaint(gt, hole, generator=torch.Generator().manual_seed(args.seed))}
+    if os.path.isfile(PRETRAINED_PATH):
+        methods["psal trained"] = _trained
     if _has_pypatchmatch():
         methods["pypatchmatch"] = _pypatchmatch
     else:

@@ -1,4 +1,4 @@
-"""The evaluation command runs end to end at a small size and reports what it measured."""
+"""The evaluation commands run end to end at small sizes and report what they measured."""
 
 from __future__ import annotations
 
@@ -30,3 +30,19 @@ def test_bench_apps_small(tmp_path, capsys):
         assert sum(p for p, _ in per["psal"]) >= sum(p for p, _ in per["bicubic"])
     assert len(results["colorize"]["psal"]) == len(apps.COLOUR_IMAGES)
     assert gallery.stat().st_size > 1000
+
+
+def test_bench_training_memory_small(tmp_path, capsys):
+    """One training step per model in its own process; the naive full attention's N x N softmax
+    shows in its peak memory."""
+    from psal.bench import training
+
+    report = tmp_path / "training.json"
+    assert training.main(["--sizes", "96", "--models", "psal", "naive", "--json", str(report)]) == 0
+    assert "| 96²" in capsys.readouterr().out
+    results = json.loads(report.read_text())["results"]
+    psal, naive = results["psal@96"], results["naive@96"]
+    assert psal["seconds"] > 0 and psal["peak_bytes"] > 0
+    # 48 x 48 half-resolution positions: the score, softmax and gradient matrices are 2304^2
+    # floats, 21 MB each
+    assert naive["peak_bytes"] > psal["peak_bytes"] + 2 * 2304**2 * 4
