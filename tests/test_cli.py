@@ -233,7 +233,7 @@ def test_inpaint_with_the_trained_model(files, capsys, tmp_path):
     mask[6:14, 5:12] = 255
     Image.fromarray(mask).save(tmp_path / "m.png")
     out, zero_shot, report = str(tmp_path / "net.png"), str(tmp_path / "zs.png"), str(tmp_path / "r.json")
-    code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", out, "--model", "--report", report, "--device", "cpu")
+    code, err = _run(capsys, "inpaint", "--model", q, str(tmp_path / "m.png"), "-o", out, "--report", report, "--device", "cpu")
     assert code == 0, err
     assert json.load(open(report))["model"] == PRETRAINED_PATH
     code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", zero_shot, "--device", "cpu")
@@ -245,6 +245,6 @@ def test_inpaint_with_the_trained_model(files, capsys, tmp_path):
     # a missing checkpoint, or a file that is not one: one line each, the output untouched
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     for model, message in (("nope.pt", "no such file"), (str(tmp_path / "junk.pt"), "not an inpainting checkpoint")):
-        code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", out, "--model", model)
+        code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", out, "--checkpoint", model)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert np.array_equal(np.asarray(Image.open(out)).astype(int), got)

@@ -17,7 +17,7 @@ from psal.apps.inpaint_net import InpaintNet, inpaint_with_model, load_pretraine
 pytest.importorskip("skimage")
 from psal.examples import train_inpainting as T  # noqa: E402
 
-TINY = {"crop": 32, "width": 6, "batch": 2, "num_neighbors": 3}
+TINY = {"crop": 32, "width": 6, "batch": 2, "num_neighbors": 3, "device": "cpu"}  # CPU: exact and comparable
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +111,13 @@ def test_resumed_training_continues_the_same_loss_curve(tmp_path, crops):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     # the losses must move, or the comparison above proves little
     assert len(set(whole["losses"])) == 6
-    # a checkpoint of other settings is refused, naming both
+    # a checkpoint of other settings is refused, naming both; so is stopping before it
     with pytest.raises(ValueError, match="was made with"):
         T.train_model("psal", checkpoint=part, resume=True, **{**opts, "lr": 1e-3})
+    with pytest.raises(ValueError, match="stop_after=2 is before the checkpoint's step 6"):
+        T.train_model("psal", checkpoint=part, resume=True, stop_after=2, **opts)
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1, got 0"):
+        T.train_model("psal", checkpoint_every=0, **opts)
 
 
 def test_checkpoint_loads_with_weights_only(tmp_path, crops):
@@ -182,7 +186,7 @@ def _worker(rank, world, port, folder):
         # rank 0 wrote the checkpoint at the end of training; the other rank loads it
         dist.barrier()
         state = torch.load(path, map_location="cpu", weights_only=True)
-        other = InpaintNet("psal", width=TINY["width"], num_neighbors=TINY["num_neighbors"])
+        other = InpaintNet("psal", width=TINY["width"], num_neighbors=TINY["num_neighbors"])  # on CPU, like the run
         other.load_state_dict(state["model"])
         loaded = torch.cat([p.detach().flatten() for p in other.parameters()])
         results["checkpoint_loads"] = torch.equal(loaded, flat)

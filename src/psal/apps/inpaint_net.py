@@ -12,7 +12,7 @@ mixing block at half resolution, a shallow level where the features still descri
   that the three models have nearly the same number of parameters): local mixing only.
 
 The input is the image with its hole zeroed and the mask as a fourth channel; the output keeps
-the known pixels and fills the hole. Sizes that are not multiples of 4 are padded (reflect) and
+the known pixels and fills the hole. Sizes that are not multiples of 4 are padded (replicate) and
 cropped back. :func:`load_pretrained` loads the weights shipped with the package
 (``psal/weights/inpaint_psal.pt``, trained by ``python -m psal.examples.train_inpainting``).
 """
@@ -189,7 +189,8 @@ def inpaint_with_model(image: torch.Tensor, hole: torch.Tensor, model: InpaintNe
     hole = hole.reshape(image.shape[0], 1, *image.shape[-2:])
     rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
     param = next(model.parameters())
-    out = model(rgb.to(param), hole.to(param.device)).to(image.dtype)
+    out = model(rgb.to(param), hole.to(param.device)).to(image)
+    hole = hole.to(image.device)
     if image.shape[1] == 1:
         out = out.mean(1, keepdim=True)
     return torch.where(hole, out, image)

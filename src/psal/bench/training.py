@@ -5,7 +5,8 @@
 Each (model, size) runs in a fresh process: one warm-up step at 32x32 (numba loads its kernels),
 then ``--repeats`` steps (forward, L1 loss in the hole, backward, Adam) on a batch of one
 ``size x size`` image with a hole of a quarter of its area. Memory: on CPU, the process's peak
-resident memory (``ru_maxrss``) minus its resident memory just before the measured steps; on CUDA,
+resident memory during the measured steps (``VmHWM``, reset through ``/proc/self/clear_refs``
+before them) minus its resident memory just before them; on CUDA,
 the allocator's peak over what was allocated before them. A process that fails to allocate
 (``--memory-limit`` caps its address space on CPU, so that a model that does not fit fails
 alone instead of swapping the machine) or runs past ``--timeout`` seconds is reported as such.
@@ -29,6 +30,25 @@ from psal.bench import common
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count (``VmHWM``) from the current RSS; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    """``VmHWM``: the peak RSS since the last :func:`_reset_peak_rss` (or since the start)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(mixer: str, size: int, device: str, repeats: int, width: int) -> dict:
@@ -58,6 +78,7 @@ def child(mixer: str, size: int, device: str, repeats: int, width: int) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
+        _reset_peak_rss()  # else the peak of the imports and the warm-up would count
         base = _rss()
     times = []
     for _ in range(repeats):
@@ -67,7 +88,7 @@ def child(mixer: str, size: int, device: str, repeats: int, width: int) -> dict:
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _peak_rss() - base
     times.sort()
     return {"peak_bytes": peak, "seconds": times[len(times) // 2]}
 
@@ -87,8 +108,11 @@ def measure(mixer, size, args) -> dict:
         return {"error": f"over {args.timeout} s"}
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["?"])[-1]
-        oom = any(s in done.stderr for s in ("can't allocate memory", "out of memory", "MemoryError", "std::bad_alloc"))
-        return {"error": f"out of memory (> {args.memory_limit:g} GiB)" if oom or done.returncode < 0 else tail[:120]}
+        if any(s in done.stderr for s in ("can't allocate memory", "out of memory", "MemoryError", "std::bad_alloc")):
+            return {"error": "out of memory" + (f" (> {args.memory_limit:g} GiB)" if limit else "")}
+        if done.returncode < 0:
+            return {"error": f"killed by signal {-done.returncode}"}
+        return {"error": tail[:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -132,7 +132,7 @@ def cmd_inpaint(args) -> dict:
     fine, masked self-attention and patch voting); the other pixels are kept exactly."""
     from psal.apps.inpaint import inpaint
 
-    check_output(args.out, [args.image, args.mask] + ([args.model] if args.model not in (None, "pretrained") else []))
+    check_output(args.out, [args.image, args.mask] + ([args.checkpoint] if args.checkpoint else []))
     image, bits = read_image_bits(args.image, "image")
     mask_image = read_image(args.mask, "mask")
     if mask_image.shape[-2:] != image.shape[-2:]:
@@ -146,7 +146,7 @@ def cmd_inpaint(args) -> dict:
     if hole.all():
         raise CLIError(f"mask {args.mask!r} is white everywhere: no known pixel to copy from")
     device = _device(args.device)
-    if args.model is not None:
+    if args.model or args.checkpoint:
         return _inpaint_with_model(args, image, hole, bits, device)
     bar = _progress(0, "inpaint", args.quiet)
 
@@ -182,15 +182,15 @@ def _inpaint_with_model(args, image, hole, bits, device) -> dict:
         load_pretrained,
     )
 
-    path = PRETRAINED_PATH if args.model == "pretrained" else args.model
+    path = args.checkpoint or PRETRAINED_PATH
     if not os.path.isfile(path):
-        raise CLIError(f"model {path!r}: no such file")
+        raise CLIError(f"checkpoint {path!r}: no such file")
     torch.manual_seed(args.seed)  # the PSAL block's search draws from torch's generator
     try:
         model = load_pretrained(path, map_location=device)
     except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"model {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
+        raise CLIError(f"checkpoint {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
     t0 = time.perf_counter()
     out = inpaint_with_model(image.to(device), hole.to(device), model.to(device))
     seconds = time.perf_counter() - t0
@@ -360,11 +360,8 @@ def _parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--patch-size", type=int, default=7)
     p.add_argument("--iters", type=int, default=10, help="search and vote rounds per scale, at most")
-    p.add_argument(
-        "--model", nargs="?", const="pretrained", metavar="CHECKPOINT",
-        help="use the trained network (the weights shipped with psal, or CHECKPOINT from "
-        "python -m psal.examples.train_inpainting) instead of the zero-shot patch method",
-    )  # fmt: skip
+    p.add_argument("--model", action="store_true", help="use the trained network shipped with psal instead of the zero-shot patch method")
+    p.add_argument("--checkpoint", help="with the network of this checkpoint (python -m psal.examples.train_inpainting) instead")
     p.set_defaults(run=cmd_inpaint)
 
     p = sub.add_parser("colorize", help="colour a grayscale image like a colour reference", description=cmd_colorize.__doc__)

@@ -161,20 +161,21 @@ def evaluate(model, imgs, holes, batch: int = 8) -> float:
 # Distributed set-up.
 
 
-def distributed() -> tuple[int, int]:
-    """``(rank, world_size)``; starts the process group when launched by ``torchrun``."""
+def distributed(device: torch.device) -> tuple[int, int]:
+    """``(rank, world_size)``; starts the process group when launched by ``torchrun``: ``nccl``
+    for a CUDA ``device``, else ``gloo``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def _device(name: str | None) -> torch.device:
+    """``name``, else the local CUDA device (``LOCAL_RANK`` under torchrun) when there is one, else cpu."""
     if name:
         return torch.device(name)
     if torch.cuda.is_available():
@@ -241,8 +242,13 @@ def train_model(
     ``stop_after``: stop (with a checkpoint) after this many steps of the schedule of ``steps``,
     as an interrupted run would; ``resume`` continues from ``checkpoint``.
     """
-    rank, world = distributed()
+    for name, value, least in (("steps", steps, 1), ("batch", batch, 1), ("checkpoint_every", checkpoint_every, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"train_model: {name} must be an int >= {least}, got {value!r}")
+    if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
+        raise ValueError(f"train_model: stop_after must be an int >= 0 or None, got {stop_after!r}")
     dev = _device(device)
+    rank, world = distributed(dev)
     torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts them)
     model = InpaintNet(mixer, width=width, num_neighbors=num_neighbors).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -253,7 +259,14 @@ def train_model(
     start, losses = 0, []
     config = {"mixer": mixer, "width": width, "num_neighbors": num_neighbors, "crop": crop, "batch": batch,
               "lr": lr, "steps": steps, "seed": seed, "world_size": world}  # fmt: skip
-    if resume and checkpoint and os.path.isfile(checkpoint):
+    found = bool(resume and checkpoint and os.path.isfile(checkpoint))
+    if world > 1:  # every rank must resume, or none: they would run different numbers of steps
+        every = [None] * world
+        dist.all_gather_object(every, found)
+        if len(set(every)) > 1:
+            raise ValueError(f"train_model: checkpoint {checkpoint!r} exists for ranks {[r for r, f in enumerate(every) if f]} "
+                             f"only; put it where every rank sees it")  # fmt: skip
+    if found:
         state = load_checkpoint(checkpoint)
         if state["config"] != config:
             raise ValueError(f"train_model: checkpoint {checkpoint!r} was made with {state['config']}, not {config}")
@@ -286,6 +299,8 @@ def train_model(
             })  # fmt: skip
 
     end = steps if stop_after is None else min(steps, stop_after)
+    if end < start:
+        raise ValueError(f"train_model: stop_after={stop_after} is before the checkpoint's step {start}")
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -337,7 +352,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/inpainting", help="folder of the checkpoints and report.json")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/<model>.pt where it exists")
-    ap.add_argument("--device", help="default: the local CUDA device under torchrun on GPUs, else cpu")
+    ap.add_argument("--device", help="default: the (local rank's) CUDA device where there is one, else cpu")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "DEST"), help="write CHECKPOINT's weights alone to DEST and stop")
     args = ap.parse_args(argv)
@@ -346,7 +361,7 @@ def main(argv=None) -> int:
         print(f"wrote {args.export[1]}")
         return 0
 
-    rank, world = distributed()
+    rank, world = distributed(_device(args.device))
     log = print if rank == 0 else (lambda *a, **k: None)
     data = Crops(crop=args.crop)
     imgs, holes = held_out_set(args.eval_crop, seed=args.seed)
