@@ -25,7 +25,6 @@ kernels). The gallery rows are input | psal | best baseline | truth.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -200,9 +199,7 @@ def main(argv=None) -> int:
         gap = torch.ones(1, 3, 6, width)
         images.save_png(torch.cat([t for r in rows for t in (r, gap)][:-1], dim=2), args.gallery)
         print(f"\ngallery ({', '.join(name for name, _ in gallery)}): {args.gallery}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": common.environment_dict(), "args": vars(args), "results": results}, f, indent=1)
+    common.write_json(args.json, args, results)
     return 0
 
 

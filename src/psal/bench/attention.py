@@ -32,7 +32,6 @@ method's, from the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -163,9 +162,7 @@ def main(argv=None) -> int:
             })  # fmt: skip
             print(f"  {size}² {method}: {med:.3f} s, {mem:.0f} MiB", file=sys.stderr, flush=True)
     print(common.markdown_table(header, rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": common.environment_dict(), "args": vars(args), "results": records}, f, indent=1)
+    common.write_json(args.json, args, records)
     return 0
 
 

@@ -116,6 +116,15 @@ class PeakMemory:
         return peak_kib() - self.rest
 
 
+def write_json(path, args, results) -> None:
+    """The environment, the command's arguments and its results, as JSON at ``path`` (if given)."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"environment": environment_dict(), "args": vars(args), "results": results}, f, indent=1)
+
+
 def markdown_table(header, rows) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731

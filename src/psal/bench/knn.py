@@ -24,7 +24,6 @@ then the caching allocator's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -206,9 +205,7 @@ def main(argv=None) -> int:
     print(common.markdown_table(header, rows))
     if any(r[5].endswith("*") for r in rows):
         print(f"\n* quality on a random sample of {args.quality_sample} query pixels")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": common.environment_dict(), "args": vars(args), "results": records}, f, indent=1)
+    common.write_json(args.json, args, records)
     return 0
 
 

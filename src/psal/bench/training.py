@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -25,30 +24,6 @@ import time
 import torch
 
 from psal.bench import common
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Restart the kernel's peak-RSS count (``VmHWM``) from the current RSS; False where it cannot."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    """``VmHWM``: the peak RSS since the last :func:`_reset_peak_rss` (or since the start)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(mixer: str, size: int, device: str, repeats: int, width: int) -> dict:
@@ -78,8 +53,8 @@ def child(mixer: str, size: int, device: str, repeats: int, width: int) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
     else:
-        _reset_peak_rss()  # else the peak of the imports and the warm-up would count
-        base = _rss()
+        common.reset_peak()  # else the peak of the imports and the warm-up would count
+        base = common.rss_kib() * 1024
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -88,7 +63,7 @@ def child(mixer: str, size: int, device: str, repeats: int, width: int) -> dict:
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated(dev) - base
     else:
-        peak = _peak_rss() - base
+        peak = common.peak_kib() * 1024 - base
     times.sort()
     return {"peak_bytes": peak, "seconds": times[len(times) // 2]}
 
@@ -149,9 +124,7 @@ def main(argv=None) -> int:
             print(" | ".join(rows[-1]), flush=True)
     print()
     print(common.markdown_table(["input", "model", "peak MiB", "vs psal", "s / step"], rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": common.environment_dict(), "args": vars(args), "results": results}, f, indent=1)
+    common.write_json(args.json, args, results)
     return 0
 
 
