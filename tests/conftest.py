@@ -56,6 +56,14 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def random_key_mask(B: int, Hk: int, Wk: int, k: int, density: float, g: torch.Generator) -> torch.Tensor:
+    """``(B, Hk, Wk)`` bool, about ``density`` True, with at least ``k`` True in every batch element."""
+    mask = torch.rand(B, Hk, Wk, generator=g) < density
+    for b in range(B):
+        mask[b].view(-1)[torch.randperm(Hk * Wk, generator=g)[:k]] = True
+    return mask
+
+
 def naive_cost_matrix(q: torch.Tensor, k: torch.Tensor, p: int, similarity: str = "l2") -> torch.Tensor:
     """float64 costs ``(H * W, Hk * Wk)`` between every query and key patch of one map ``(C, H, W)``."""
     q, k = q.double(), k.double()

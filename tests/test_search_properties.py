@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, check_field, gen
+from conftest import BACKENDS, check_field, gen, random_key_mask
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,11 +25,7 @@ def problems(draw):
     g = gen(seed)
     mask = None
     if use_mask:
-        mask = torch.rand(B, Hk, Wk, generator=g) < draw(st.sampled_from([0.2, 0.5, 0.9]))
-        # keep at least K allowed positions in every batch element
-        for b in range(B):
-            extra = torch.randperm(Hk * Wk, generator=g)[:K]
-            mask[b].view(-1)[extra] = True
+        mask = random_key_mask(B, Hk, Wk, K, draw(st.sampled_from([0.2, 0.5, 0.9])), g)
     return dict(
         query=torch.randn(B, C, H, W, generator=g),
         key=torch.randn(B, C, Hk, Wk, generator=g),

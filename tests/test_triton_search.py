@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from conftest import check_field, gen  # noqa: E402
+from conftest import check_field, gen, random_key_mask  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -59,9 +59,7 @@ def problems(draw):
     g = gen(seed)
     mask = None
     if draw(st.booleans()):
-        mask = torch.rand(B, Hk, Wk, generator=g) < draw(st.sampled_from([0.2, 0.5, 0.9]))
-        for b in range(B):  # keep at least K allowed positions in every batch element
-            mask[b].view(-1)[torch.randperm(Hk * Wk, generator=g)[:K]] = True
+        mask = random_key_mask(B, Hk, Wk, K, draw(st.sampled_from([0.2, 0.5, 0.9])), g)
     return dict(
         query=torch.randn(B, C, H, W, generator=g),
         key=torch.randn(B, C, Hk, Wk, generator=g),

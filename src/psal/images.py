@@ -81,11 +81,17 @@ def save_image(image: torch.Tensor, path, format: str = "PNG", bits: int = 8, **
     array = image.detach().double().clamp(0, 1).mul(top).round().permute(1, 2, 0).cpu().numpy().astype(dtype)
     if array.shape[2] == 1:
         array = array[:, :, 0]
+    write_atomically(path, lambda f: Image.fromarray(array).save(f, format=format, **options))
+
+
+def write_atomically(path, write) -> None:
+    """``write(binary_file)`` into a temporary file beside ``path``, then renamed over it: an
+    existing file is never left half-written, and a failed write leaves no temporary behind."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(path)[1], prefix=".psal-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format=format, **options)
+            write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:

@@ -46,10 +46,9 @@ def enlarge(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
 
 
-def back_project(estimate: torch.Tensor, low: torch.Tensor, scale: int | None = None, iters: int = 20) -> torch.Tensor:
+def back_project(estimate: torch.Tensor, low: torch.Tensor, iters: int = 20) -> torch.Tensor:
     """Irani and Peleg: ``estimate += enlarge(low - shrink(estimate))``, ``iters`` times, so that
-    shrinking ``estimate`` to ``low``'s size gives ``low``. ``scale`` is not needed (the sizes
-    say it) and kept for callers that pass it."""
+    shrinking ``estimate`` to ``low``'s size gives ``low`` (the sizes give the factor)."""
     for _ in range(iters):
         estimate = estimate + enlarge(low - shrink(estimate, low.shape[-2:]), estimate.shape[-2:])
     return estimate

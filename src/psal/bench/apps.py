@@ -52,11 +52,14 @@ def _pypatchmatch(img, hole):
     return torch.from_numpy(out).permute(2, 0, 1)[None].float() / 255
 
 
-def _trained(img, hole):
+def _trained(model):
     from psal.apps.inpaint_net import inpaint_with_model
 
-    torch.manual_seed(0)
-    return inpaint_with_model(img, hole)
+    def run(img, hole):
+        torch.manual_seed(0)
+        return inpaint_with_model(img, hole, model)
+
+    return run
 
 
 def _biharmonic(img, hole):
@@ -87,7 +90,9 @@ def run_inpaint(args, gallery):
 
     methods = {"psal": lambda gt, hole: inpaint(gt, hole, generator=torch.Generator().manual_seed(args.seed))}
     if os.path.isfile(PRETRAINED_PATH):
-        methods["psal trained"] = _trained
+        from psal.apps.inpaint_net import load_pretrained
+
+        methods["psal trained"] = _trained(load_pretrained())
     if _has_pypatchmatch():
         methods["pypatchmatch"] = _pypatchmatch
     else:
@@ -153,7 +158,7 @@ def run_upscale(args, gallery):
             low = downsample(truth, scale).clamp(0, 1)
             ours, sec = _timed(lambda: upscale(low, scale, generator=torch.Generator().manual_seed(args.seed)))
             bicubic, bsec = _timed(lambda: enlarge(low, truth.shape[-2:]).clamp(0, 1))
-            bp, psec = _timed(lambda: back_project(enlarge(low, truth.shape[-2:]), low, scale).clamp(0, 1))
+            bp, psec = _timed(lambda: back_project(enlarge(low, truth.shape[-2:]), low).clamp(0, 1))
             for m, out, t in (("psal", ours, sec), ("bicubic", bicubic, bsec), ("back-projection", bp, psec)):
                 per[m].append((y_psnr(out, truth, scale), t))
                 rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])

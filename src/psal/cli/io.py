@@ -48,15 +48,11 @@ def available_memory() -> int | None:
 
 def read_image(path: str, what: str = "image") -> torch.Tensor:
     """``Tensor[1, C, H, W]`` float32 in ``[0, 1]``, C = 1 (grayscale) or 3."""
-    return _read(path, what)[0]
+    return read_image_bits(path, what)[0]
 
 
 def read_image_bits(path: str, what: str = "image") -> tuple[torch.Tensor, int]:
     """:func:`read_image` and the file's bits per channel, 8 or 16 (to write the result alike)."""
-    return _read(path, what)
-
-
-def _read(path: str, what: str):
     Image = _pil()
     if not os.path.isfile(path):
         raise CLIError(f"{what} {path!r}: no such file")

@@ -131,6 +131,7 @@ def cmd_inpaint(args) -> dict:
     """Fill the white region of MASK in IMAGE with patches of the rest of the image (coarse to
     fine, masked self-attention and patch voting); the other pixels are kept exactly."""
     from psal.apps.inpaint import inpaint
+    from psal.apps.inpaint_net import PRETRAINED_PATH
 
     check_output(args.out, [args.image, args.mask] + ([args.checkpoint] if args.checkpoint else []))
     image, bits = read_image_bits(args.image, "image")
@@ -146,63 +147,53 @@ def cmd_inpaint(args) -> dict:
     if hole.all():
         raise CLIError(f"mask {args.mask!r} is white everywhere: no known pixel to copy from")
     device = _device(args.device)
-    if args.model or args.checkpoint:
-        return _inpaint_with_model(args, image, hole, bits, device)
-    bar = _progress(0, "inpaint", args.quiet)
-
-    def progress(done, total):
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
-
     t0 = time.perf_counter()
-    out = inpaint(
-        image.to(device), hole.to(device), patch_size=args.patch_size, num_iters=args.iters,
-        generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
-    )  # fmt: skip
+    if args.model or args.checkpoint:
+        model_path = args.checkpoint or PRETRAINED_PATH
+        out = _fill_with_model(model_path, image, hole, device, args.seed)
+    else:
+        model_path = None
+        bar = _progress(0, "inpaint", args.quiet)
+
+        def progress(done, total):
+            if bar is not None:
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+        out = inpaint(
+            image.to(device), hole.to(device), patch_size=args.patch_size, num_iters=args.iters,
+            generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
+        )  # fmt: skip
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
-    if bar is not None:
-        bar.close()
     write_image(out, args.out, bits)
-    return {
+    report = {
         "command": "inpaint",
         "output": args.out,
         "size": list(image.shape[-2:]),
         "hole_fraction": float(hole.float().mean()),
         "seconds": seconds,
     }
+    if model_path is not None:
+        report["model"] = model_path
+    return report
 
 
-def _inpaint_with_model(args, image, hole, bits, device) -> dict:
-    """``psal inpaint --model``: one pass of the trained network."""
-    from psal.apps.inpaint_net import (
-        PRETRAINED_PATH,
-        inpaint_with_model,
-        load_pretrained,
-    )
+def _fill_with_model(path, image, hole, device, seed):
+    """``psal inpaint --model``/``--checkpoint``: one pass of the trained network."""
+    from psal.apps.inpaint_net import inpaint_with_model, load_pretrained
 
-    path = args.checkpoint or PRETRAINED_PATH
     if not os.path.isfile(path):
         raise CLIError(f"checkpoint {path!r}: no such file")
-    torch.manual_seed(args.seed)  # the PSAL block's search draws from torch's generator
+    torch.manual_seed(seed)  # the PSAL block's search draws from torch's generator
     try:
         model = load_pretrained(path, map_location=device)
     except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"checkpoint {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
-    t0 = time.perf_counter()
-    out = inpaint_with_model(image.to(device), hole.to(device), model.to(device))
-    seconds = time.perf_counter() - t0
-    write_image(out, args.out, bits)
-    return {
-        "command": "inpaint",
-        "model": path,
-        "output": args.out,
-        "size": list(image.shape[-2:]),
-        "hole_fraction": float(hole.float().mean()),
-        "seconds": seconds,
-    }
+    return inpaint_with_model(image.to(device), hole.to(device), model.to(device))
 
 
 def cmd_upscale(args) -> dict:

@@ -27,11 +27,11 @@ plus its rank) and :class:`torch.nn.parallel.DistributedDataParallel` averages t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
-import tempfile
 import time
 
 import torch
@@ -51,9 +51,10 @@ HELD_OUT_IMAGES = ("astronaut", "chelsea", "camera")
 # Data.
 
 
+@functools.lru_cache(maxsize=None)
 def load_picture(name: str, longest: int = 512) -> torch.Tensor:
     """A bundled scikit-image picture as ``(1, 3, H, W)`` in ``[0, 1]``, its longer side at most
-    ``longest``."""
+    ``longest``. Cached: treat the result as read-only."""
     import skimage.data
 
     t = images.to_tensor(getattr(skimage.data, name)())
@@ -189,17 +190,8 @@ def _device(name: str | None) -> torch.device:
 
 def save_checkpoint(path: str, state: dict) -> None:
     """``torch.save`` to a temporary file beside ``path``, then renamed over it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt", prefix=".psal-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    images.write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str) -> dict:
