@@ -6,16 +6,11 @@ import itertools
 
 import pytest
 import torch
-from conftest import ATTEND_BACKENDS, gen, naive_attention, random_indices
+from conftest import CASES, gen, naive_attention, random_indices, to_device
 
 import psal
 
 AGGREGATIONS = ["center", "patch", "patch_mean"]
-
-
-@pytest.fixture(params=ATTEND_BACKENDS)
-def attend_backend(request):
-    return request.param
 
 
 def _inputs(B=2, C=4, Cv=3, H=4, W=5, Hk=3, Wk=4, dtype=torch.float64, seed=0):
@@ -26,68 +21,79 @@ def _inputs(B=2, C=4, Cv=3, H=4, W=5, Hk=3, Wk=4, dtype=torch.float64, seed=0):
     return q, k, v
 
 
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("aggregation, similarity, p", list(itertools.product(AGGREGATIONS, ["l2", "dot"], [1, 3, 5])))
-def test_matches_the_naive_oracle(attend_backend, aggregation, similarity, p):
+def test_matches_the_naive_oracle(backend, device, aggregation, similarity, p):
     q, k, v = _inputs(H=5, W=4, Hk=4, Wk=6)
     idx = random_indices(2, 1, 3, 5, 4, 24, seed=p)
     T = 2.5
-    out = psal.attend(q, k, v, idx, patch_size=p, temperature=T, aggregation=aggregation, similarity=similarity, backend=attend_backend)
+    args = to_device(device, q, k, v, idx)
+    out = psal.attend(*args, patch_size=p, temperature=T, aggregation=aggregation, similarity=similarity, backend=backend)
     want = naive_attention(q, k, v, idx[:, 0], T, p, aggregation, similarity)
-    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-10, atol=1e-10)
 
 
-def test_heads_are_independent_attentions(attend_backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_heads_are_independent_attentions(backend, device):
     q, k, v = _inputs(C=6, Cv=4)
     idx = random_indices(2, 2, 3, 4, 5, 12, seed=3)
-    out = psal.attend(q, k, v, idx, num_heads=2, aggregation="patch", temperature=0.7, backend=attend_backend)
+    out = psal.attend(*to_device(device, q, k, v, idx), num_heads=2, aggregation="patch", temperature=0.7, backend=backend).cpu()
     for h in range(2):
         want = naive_attention(q[:, 3 * h : 3 * h + 3], k[:, 3 * h : 3 * h + 3], v[:, 2 * h : 2 * h + 2], idx[:, h], 0.7, 3, "patch")
         torch.testing.assert_close(out[:, 2 * h : 2 * h + 2], want, rtol=1e-10, atol=1e-10)
 
 
-def test_hand_computed_center_case(attend_backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_hand_computed_center_case(backend, device):
     # 1x1 query, 1x2 key, p = 1: costs (q - k)^2 = 1 and 4, weights softmax(-1, -4).
     q = torch.tensor([[[[0.0]]]], dtype=torch.float64)
     k = torch.tensor([[[[1.0, 2.0]]]], dtype=torch.float64)
     v = torch.tensor([[[[10.0, 20.0]]]], dtype=torch.float64)
     idx = torch.tensor([0, 1]).view(1, 1, 2, 1, 1)
-    out = psal.attend(q, k, v, idx, patch_size=1, backend=attend_backend)
+    out = psal.attend(*to_device(device, q, k, v, idx), patch_size=1, backend=backend)
     e1, e4 = torch.exp(torch.tensor(-1.0, dtype=torch.float64)), torch.exp(torch.tensor(-4.0, dtype=torch.float64))
-    torch.testing.assert_close(out.view(()), (10 * e1 + 20 * e4) / (e1 + e4))
+    torch.testing.assert_close(out.cpu().view(()), (10 * e1 + 20 * e4) / (e1 + e4))
 
 
-def _gradcheck(backend, aggregation, similarity, p, heads, fast=True, mask=None):
+def _gradcheck(backend, device, aggregation, similarity, p, heads, fast=True, mask=None):
     q, k, v = _inputs(C=2 * heads, Cv=2 * heads, H=4, W=3, Hk=3, Wk=5)
+    q, k, v, mask = to_device(device, q, k, v, mask)
     if mask is None:
-        idx = random_indices(2, heads, 3, 4, 3, 15, seed=p + heads)
+        idx = random_indices(2, heads, 3, 4, 3, 15, seed=p + heads).to(device)
     else:
         idx = psal.exact_knn(q, k, patch_size=p, num_neighbors=3, key_mask=mask, num_heads=heads, similarity=similarity).indices
-    T = torch.tensor(1.3, dtype=torch.float64)
+    T = torch.tensor(1.3, dtype=torch.float64, device=device)
     args = [t.requires_grad_() for t in (q, k, v, T)]
 
     def f(q, k, v, T):
         return psal.attend(q, k, v, idx, patch_size=p, temperature=T, aggregation=aggregation, similarity=similarity, num_heads=heads, backend=backend)
 
-    assert torch.autograd.gradcheck(f, args, fast_mode=fast)
+    # On CUDA the key and value gradients are summed by atomics (outside deterministic mode), in
+    # an order that changes the last bits from one backward to the next.
+    nondet_tol = 0.0 if device == "cpu" else 1e-10
+    assert torch.autograd.gradcheck(f, args, fast_mode=fast, nondet_tol=nondet_tol)
 
 
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("aggregation, similarity, heads", list(itertools.product(AGGREGATIONS, ["l2", "dot"], [1, 2])))
-def test_gradcheck(attend_backend, aggregation, similarity, heads):
-    _gradcheck(attend_backend, aggregation, similarity, 3, heads)
+def test_gradcheck(backend, device, aggregation, similarity, heads):
+    _gradcheck(backend, device, aggregation, similarity, 3, heads)
 
 
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_gradcheck_full_jacobian_with_a_mask(attend_backend, aggregation):
-    if attend_backend == "triton" and not torch.cuda.is_available():
+def test_gradcheck_full_jacobian_with_a_mask(backend, device, aggregation):
+    if backend == "triton" and device == "cpu":
         pytest.skip("one backward per output element: minutes through Triton's interpreter (fast gradcheck covers it)")
     mask = torch.rand(2, 3, 5, generator=gen(9)) > 0.4
     mask[:, 0, :3] = True
-    _gradcheck(attend_backend, aggregation, "l2", 3, 1, fast=False, mask=mask)
+    _gradcheck(backend, device, aggregation, "l2", 3, 1, fast=False, mask=mask)
 
 
-def test_gradcheck_patch_size_one_and_five(attend_backend):
-    _gradcheck(attend_backend, "patch", "l2", 1, 1)
-    _gradcheck(attend_backend, "patch_mean", "dot", 5, 1)
+@pytest.mark.parametrize("backend, device", CASES)
+def test_gradcheck_patch_size_one_and_five(backend, device):
+    _gradcheck(backend, device, "patch", "l2", 1, 1)
+    _gradcheck(backend, device, "patch_mean", "dot", 5, 1)
 
 
 def test_backward_holds_no_patch_copies_of_the_features():
@@ -103,79 +109,85 @@ def test_backward_holds_no_patch_copies_of_the_features():
     assert sum(saved) == inputs + out_and_stat, saved
 
 
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_on_cpu_computes_in_float32(attend_backend, dtype):
-    q, k, v = _inputs(dtype=torch.float32)
-    idx = random_indices(2, 1, 3, 4, 5, 12, seed=1)
+def test_half_precision_computes_in_float32(backend, device, dtype):
+    q, k, v, idx = to_device(device, *_inputs(dtype=torch.float32), random_indices(2, 1, 3, 4, 5, 12, seed=1))
     q16, k16, v16 = (t.to(dtype).requires_grad_() for t in (q, k, v))
-    out = psal.attend(q16, k16, v16, idx, aggregation="patch", backend=attend_backend)
+    out = psal.attend(q16, k16, v16, idx, aggregation="patch", backend=backend)
     assert out.dtype == dtype
-    want = psal.attend(*(t.to(dtype).float() for t in (q, k, v)), idx, aggregation="patch", backend=attend_backend)
+    want = psal.attend(*(t.to(dtype).float() for t in (q, k, v)), idx, aggregation="patch", backend=backend)
     torch.testing.assert_close(out.float(), want.to(dtype).float())
     out.float().sum().backward()
     assert q16.grad.dtype == dtype and k16.grad.dtype == dtype and v16.grad.dtype == dtype
 
 
-def test_non_contiguous_inputs(attend_backend):
-    q, k, v = _inputs(H=5, W=4, Hk=4, Wk=6)
-    idx = random_indices(2, 1, 3, 5, 4, 24, seed=2)
+@pytest.mark.parametrize("backend, device", CASES)
+def test_non_contiguous_inputs(backend, device):
+    q, k, v, idx = to_device(device, *_inputs(H=5, W=4, Hk=4, Wk=6), random_indices(2, 1, 3, 5, 4, 24, seed=2))
     qt, kt, vt = (t.transpose(2, 3) for t in (q, k, v))
     idx_t = idx.transpose(3, 4)
     assert not qt.is_contiguous() and not idx_t.is_contiguous()
-    out = psal.attend(qt, kt, vt, idx_t, aggregation="patch_mean", backend=attend_backend)
-    want = psal.attend(qt.contiguous(), kt.contiguous(), vt.contiguous(), idx_t.contiguous(), aggregation="patch_mean", backend=attend_backend)
+    out = psal.attend(qt, kt, vt, idx_t, aggregation="patch_mean", backend=backend)
+    want = psal.attend(qt.contiguous(), kt.contiguous(), vt.contiguous(), idx_t.contiguous(), aggregation="patch_mean", backend=backend)
     torch.testing.assert_close(out, want, rtol=0, atol=0)
 
 
-def test_empty_batch_and_one_pixel(attend_backend):
-    q, k, v = _inputs(B=0)
-    idx = torch.zeros(0, 1, 3, 4, 5, dtype=torch.int64)
+@pytest.mark.parametrize("backend, device", CASES)
+def test_empty_batch_and_one_pixel(backend, device):
+    q, k, v = to_device(device, *_inputs(B=0))
+    idx = torch.zeros(0, 1, 3, 4, 5, dtype=torch.int64, device=device)
     q.requires_grad_()
-    out = psal.attend(q, k, v, idx, backend=attend_backend)
-    assert out.shape == (0, 3, 4, 5)
+    out = psal.attend(q, k, v, idx, backend=backend)
+    assert out.shape == (0, 3, 4, 5) and out.device.type == device
     out.sum().backward()
     assert q.grad.shape == q.shape
-    q, k, v = _inputs(H=1, W=1, Hk=1, Wk=1)
-    out = psal.attend(q, k, v, torch.zeros(2, 1, 1, 1, 1, dtype=torch.int64), aggregation="patch", backend=attend_backend)
+    q, k, v = to_device(device, *_inputs(H=1, W=1, Hk=1, Wk=1))
+    out = psal.attend(q, k, v, torch.zeros(2, 1, 1, 1, 1, dtype=torch.int64, device=device), aggregation="patch", backend=backend)
     torch.testing.assert_close(out, v)  # one key: every weight is 1
 
 
-def test_nan_in_a_value_stays_local(attend_backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_nan_in_a_value_stays_local(backend, device):
     q, k, v = _inputs()
     v[0, :, 0, 0] = float("nan")
-    idx = torch.full((2, 1, 1, 4, 5), 1, dtype=torch.int64)  # nobody reads key position 0
-    out = psal.attend(q, k, v, idx, patch_size=1, aggregation="center", backend=attend_backend)
+    q, k, v = to_device(device, q, k, v)
+    idx = torch.full((2, 1, 1, 4, 5), 1, dtype=torch.int64, device=device)  # nobody reads key position 0
+    out = psal.attend(q, k, v, idx, patch_size=1, aggregation="center", backend=backend)
     assert torch.isfinite(out).all()
     idx[0, 0, 0, 2, 2] = 0
-    out = psal.attend(q, k, v, idx, patch_size=1, aggregation="center", backend=attend_backend)
+    out = psal.attend(q, k, v, idx, patch_size=1, aggregation="center", backend=backend)
     assert torch.isnan(out[0, :, 2, 2]).all() and torch.isfinite(out[1]).all()
 
 
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("aggregation", ["patch", "patch_mean"])
-def test_votes_off_the_map_read_nothing(attend_backend, aggregation):
+def test_votes_off_the_map_read_nothing(backend, device, aggregation):
     # Pixels of the first row and column match key (1, 1), all others key (3, 3) of a 6x6 key:
     # value (0, 0) is then read only by votes that would land off the query map (offset (-1, -1)
     # of the first row and column), so a NaN there must reach neither the output nor a gradient.
     q, k, v = _inputs(H=4, W=5, Hk=6, Wk=6)
     v[:, :, 0, 0] = float("nan")
-    idx = torch.full((2, 1, 2, 4, 5), 3 * 6 + 3, dtype=torch.int64)
+    q, k, v = to_device(device, q, k, v)
+    idx = torch.full((2, 1, 2, 4, 5), 3 * 6 + 3, dtype=torch.int64, device=device)
     idx[..., 0, :] = 1 * 6 + 1
     idx[..., :, 0] = 1 * 6 + 1
     for t in (q, k, v):
         t.requires_grad_()
-    out = psal.attend(q, k, v, idx, aggregation=aggregation, backend=attend_backend)
+    out = psal.attend(q, k, v, idx, aggregation=aggregation, backend=backend)
     assert torch.isfinite(out).all()
     out.sum().backward()
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
     assert torch.isfinite(v.grad[:, :, 1:, 1:]).all()
 
 
-def test_patch_softmax_is_stable_for_large_scores(attend_backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_patch_softmax_is_stable_for_large_scores(backend, device):
     # Costs in the tens of thousands over T = 0.01: exp underflows everywhere unless the softmax
     # over each pixel's votes is shifted by their max.
     q, k, v = _inputs(C=3, Cv=2, H=6, W=6, Hk=4, Wk=4)
     idx = torch.randint(0, 16, (2, 1, 4, 6, 6), generator=gen(3))
-    out = psal.attend(q * 30, k * 30, v, idx, temperature=0.01, aggregation="patch", backend=attend_backend)
+    out = psal.attend(*to_device(device, q * 30, k * 30, v, idx), temperature=0.01, aggregation="patch", backend=backend).cpu()
     assert torch.isfinite(out).all()
     want = naive_attention(q * 30, k * 30, v, idx[:, 0], 0.01, 3, "patch")
     torch.testing.assert_close(out, want, rtol=1e-9, atol=1e-9)

@@ -4,29 +4,32 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import gen
+from conftest import MODEL_CASES, gen, to_device
 
 import psal
 
 
-def test_self_attention_defaults_to_key_and_value_of_the_query():
-    layer = psal.PSAttention(num_neighbors=4, aggregation="patch")
-    x = torch.rand(2, 6, 12, 11, generator=gen(0))
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_self_attention_defaults_to_key_and_value_of_the_query(backend, device):
+    layer = psal.PSAttention(num_neighbors=4, aggregation="patch", backend=backend)
+    x = torch.rand(2, 6, 12, 11, generator=gen(0)).to(device)
     torch.manual_seed(0)
     a = layer(x)
     torch.manual_seed(0)
-    b = psal.ps_attention(x, x, x, num_neighbors=4, aggregation="patch")
+    b = psal.ps_attention(x, x, x, num_neighbors=4, aggregation="patch", backend=backend)
     assert a.shape == (2, 6, 12, 11)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_cross_attention_with_other_sizes_and_a_mask():
-    layer = psal.PSAttention(num_neighbors=2, num_heads=2, similarity="dot")
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_cross_attention_with_other_sizes_and_a_mask(backend, device):
+    layer = psal.PSAttention(num_neighbors=2, num_heads=2, similarity="dot", backend=backend)
     q = torch.rand(2, 4, 9, 7, generator=gen(1))
     k = torch.rand(2, 4, 5, 6, generator=gen(2))
     v = torch.rand(2, 6, 5, 6, generator=gen(3))
     mask = torch.zeros(2, 5, 6, dtype=torch.bool)
     mask[:, 2:, 3:] = True
+    q, k, v, mask = to_device(device, q, k, v, mask)
     torch.manual_seed(1)
     out = layer(q, k, v, key_mask=mask)
     assert out.shape == (2, 6, 9, 7)
@@ -36,19 +39,21 @@ def test_cross_attention_with_other_sizes_and_a_mask():
     torch.testing.assert_close(layer(q, k, v_nan, key_mask=mask), out)
 
 
-def test_learned_temperature_gets_a_gradient_and_stays_positive():
-    layer = psal.PSAttention(learn_temperature=True, temperature=0.5)
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_learned_temperature_gets_a_gradient_and_stays_positive(backend, device):
+    layer = psal.PSAttention(learn_temperature=True, temperature=0.5, backend=backend).to(device)
     assert [n for n, _ in layer.named_parameters()] == ["log_temperature"]
-    torch.testing.assert_close(layer.current_temperature, torch.tensor(0.5))
-    x = torch.rand(1, 3, 8, 8, generator=gen(0), requires_grad=True)
+    torch.testing.assert_close(layer.current_temperature, torch.tensor(0.5, device=device))
+    x = torch.rand(1, 3, 8, 8, generator=gen(0)).to(device).requires_grad_()
     layer(x).square().sum().backward()
     assert layer.log_temperature.grad is not None and layer.log_temperature.grad != 0
     assert "log_temperature" in layer.state_dict()
 
 
-def test_warm_start_reuses_the_field_only_in_training():
-    x = torch.rand(1, 3, 16, 16, generator=gen(0))
-    layer = psal.PSAttention(num_neighbors=3, num_iters=0, warm_start=True)
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_warm_start_reuses_the_field_only_in_training(backend, device):
+    x = torch.rand(1, 3, 16, 16, generator=gen(0)).to(device)
+    layer = psal.PSAttention(num_neighbors=3, num_iters=0, warm_start=True, backend=backend)
     torch.manual_seed(0)
     layer(x)
     first = layer._field
@@ -66,21 +71,28 @@ def test_warm_start_reuses_the_field_only_in_training():
     layer(x)
     assert layer._field is stored  # evaluation neither reads nor writes the stored field
     layer.train()
-    layer(torch.rand(1, 3, 12, 16, generator=gen(1)))  # another shape: a fresh search, no error
+    layer(torch.rand(1, 3, 12, 16, generator=gen(1)).to(device))  # another shape: a fresh search, no error
     assert layer._field.indices.shape[-2:] == (12, 16)
 
 
-def test_warm_start_off_by_default():
-    layer = psal.PSAttention()
-    layer(torch.rand(1, 3, 8, 8, generator=gen(0)))
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_warm_start_off_by_default(backend, device):
+    layer = psal.PSAttention(backend=backend)
+    layer(torch.rand(1, 3, 8, 8, generator=gen(0)).to(device))
     assert layer._field is None
 
 
-def test_block_starts_as_identity_and_learns_through_attention():
-    block = psal.PSALBlock(8, inner_channels=4, num_neighbors=3)
-    x = torch.rand(2, 8, 10, 9, generator=gen(0))
+def _randomize(weight: torch.Tensor, seed: int) -> None:
+    """``weight.normal_(generator=gen(seed))``, drawn on the CPU whatever the weight's device."""
+    weight.data.copy_(torch.empty(weight.shape, dtype=weight.dtype).normal_(generator=gen(seed)))
+
+
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_block_starts_as_identity_and_learns_through_attention(backend, device):
+    block = psal.PSALBlock(8, inner_channels=4, num_neighbors=3, backend=backend).to(device)
+    x = torch.rand(2, 8, 10, 9, generator=gen(0)).to(device)
     assert torch.equal(block(x), x)
-    block.out.weight.data.normal_(generator=gen(1))
+    _randomize(block.out.weight, 1)
     loss = block(x).square().sum()
     loss.backward()
     for name in ("query", "key", "value", "out"):
@@ -88,13 +100,15 @@ def test_block_starts_as_identity_and_learns_through_attention():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
-def test_block_cross_attention_context():
-    block = psal.PSALBlock(5, num_neighbors=2)
-    block.out.weight.data.normal_(generator=gen(1))
-    x = torch.rand(2, 5, 7, 6, generator=gen(0))
-    context = torch.rand(2, 5, 9, 4, generator=gen(2))
-    mask = torch.ones(2, 9, 4, dtype=torch.bool)
-    assert block(x, context=context, key_mask=mask).shape == x.shape
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_block_cross_attention_context(backend, device):
+    block = psal.PSALBlock(5, num_neighbors=2, backend=backend).to(device)
+    _randomize(block.out.weight, 1)
+    x = torch.rand(2, 5, 7, 6, generator=gen(0)).to(device)
+    context = torch.rand(2, 5, 9, 4, generator=gen(2)).to(device)
+    mask = torch.ones(2, 9, 4, dtype=torch.bool, device=device)
+    out = block(x, context=context, key_mask=mask)
+    assert out.shape == x.shape and out.device == x.device
 
 
 @pytest.mark.parametrize(

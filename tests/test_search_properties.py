@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import BACKENDS, check_field, gen, random_key_mask
+from conftest import CASES, check_field, field_to, gen, random_key_mask, to_device
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -39,12 +39,13 @@ def problems(draw):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", CASES)
 @settings(max_examples=60)
 @given(problem=problems())
-def test_field_contract(backend, problem):
+def test_field_contract(backend, device, problem):
     seed = problem.pop("seed")
     iters = problem.pop("num_iters")
+    problem["query"], problem["key"], problem["key_mask"] = to_device(device, problem["query"], problem["key"], problem["key_mask"])
     field = psal.patchmatch(**problem, num_iters=iters, generator=gen(seed), backend=backend)
     check_field(
         field,
@@ -58,15 +59,17 @@ def test_field_contract(backend, problem):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_batch_elements_never_mix(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_batch_elements_never_mix(backend, device):
     """Each batch element's query is a crop of its own noise key at its own offset: find it."""
     g = gen(7)
     shifts = [(0, 0), (5, 2), (3, 9), (8, 8)]
     key = torch.rand(len(shifts), 3, 32, 32, generator=g)
     query = torch.stack([key[b, :, dy : dy + 22, dx : dx + 20] for b, (dy, dx) in enumerate(shifts)])
+    query, key = to_device(device, query, key)
     field = psal.patchmatch(query, key, patch_size=5, num_neighbors=2, generator=gen(1), backend=backend)
     check_field(field, query, key, patch_size=5, num_neighbors=2)
+    field = field_to(field, "cpu")
     rows = torch.arange(22).view(22, 1)
     cols = torch.arange(20).view(1, 20)
     interior = (slice(2, -2), slice(2, -2))  # pixels whose whole patch lies inside the crop
@@ -77,23 +80,24 @@ def test_batch_elements_never_mix(backend):
         assert field.costs[b, 0, 0][interior][found].abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_single_allowed_key_takes_every_query(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_single_allowed_key_takes_every_query(backend, device):
     g = gen(3)
     q, k = torch.randn(3, 2, 9, 7, generator=g), torch.randn(3, 2, 6, 8, generator=g)
     mask = torch.zeros(3, 6, 8, dtype=torch.bool)
     spots = [(0, 0), (5, 7), (2, 3)]
     for b, (y, x) in enumerate(spots):
         mask[b, y, x] = True
-    field = psal.patchmatch(q, k, num_neighbors=1, key_mask=mask, generator=gen(0), backend=backend)
+    q, k, mask = to_device(device, q, k, mask)
+    field = field_to(psal.patchmatch(q, k, num_neighbors=1, key_mask=mask, generator=gen(0), backend=backend), "cpu")
     for b, (y, x) in enumerate(spots):
         assert (field.indices[b] == y * 8 + x).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_same_seed_same_field(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_same_seed_same_field(backend, device):
     g = gen(5)
-    q, k = torch.rand(2, 3, 20, 17, generator=g), torch.rand(2, 3, 15, 22, generator=g)
+    q, k = to_device(device, torch.rand(2, 3, 20, 17, generator=g), torch.rand(2, 3, 15, 22, generator=g))
     a = psal.patchmatch(q, k, generator=gen(11), backend=backend)
     b = psal.patchmatch(q, k, generator=gen(11), backend=backend)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.costs, b.costs)
@@ -126,8 +130,8 @@ def test_numba_result_does_not_depend_on_thread_count():
     assert torch.equal(a.indices, b.indices)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_propagation_crosses_the_whole_column(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_propagation_crosses_the_whole_column(backend, device):
     """A 64x1 query cut from a 400x400 noise key, far too large for random search to hit the
     exact match: only the first 4 rows start on it, so propagation must carry it down the column
     (through every parallel band boundary)."""
@@ -138,19 +142,20 @@ def test_propagation_crosses_the_whole_column(backend):
     want = (torch.arange(H) + dy) * 400 + dx
     init = torch.zeros(1, 1, 1, H, 1, dtype=torch.int64)
     init[0, 0, 0, :4, 0] = want[:4]
+    query, key = to_device(device, query, key)
     field = psal.patchmatch(
         query, key, patch_size=1, num_neighbors=1, num_iters=40,
-        init=psal.KNNField(init, torch.zeros(1, 1, 1, H, 1)), generator=gen(0), backend=backend,
+        init=field_to(psal.KNNField(init, torch.zeros(1, 1, 1, H, 1)), device), generator=gen(0), backend=backend,
     )  # fmt: skip
-    found = field.indices[0, 0, 0, :, 0] == want
+    found = field.indices[0, 0, 0, :, 0].cpu() == want
     assert found.all(), found.int().tolist()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("similarity", ["l2", "dot"])
-def test_warm_start_is_never_worse(backend, similarity):
+def test_warm_start_is_never_worse(backend, device, similarity):
     g = gen(21)
-    q, k = torch.rand(2, 4, 18, 21, generator=g), torch.rand(2, 4, 16, 19, generator=g)
+    q, k = to_device(device, torch.rand(2, 4, 18, 21, generator=g), torch.rand(2, 4, 16, 19, generator=g))
     opts = dict(patch_size=3, num_heads=2, similarity=similarity, backend=backend)
     rough = psal.patchmatch(q, k, num_neighbors=3, num_iters=1, generator=gen(1), **opts)
     for iters in (0, 2):
@@ -165,10 +170,10 @@ def test_warm_start_is_never_worse(backend, similarity):
     torch.testing.assert_close(again.costs, exact.costs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_more_iterations_approach_exact(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_more_iterations_approach_exact(backend, device):
     g = gen(8)
-    q, k = torch.rand(1, 3, 24, 24, generator=g), torch.rand(1, 3, 24, 24, generator=g)
+    q, k = to_device(device, torch.rand(1, 3, 24, 24, generator=g), torch.rand(1, 3, 24, 24, generator=g))
     exact = psal.exact_knn(q, k, patch_size=3, num_neighbors=2).costs.mean()
     ratios = [
         float(psal.patchmatch(q, k, patch_size=3, num_neighbors=2, num_iters=n, generator=gen(0), backend=backend).costs.mean() / exact)
@@ -177,13 +182,14 @@ def test_more_iterations_approach_exact(backend):
     assert ratios[0] > ratios[1] > ratios[2] >= 1.0 - 1e-6
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_non_finite_inputs_stay_in_range(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_non_finite_inputs_stay_in_range(backend, device):
     g = gen(4)
     q, k = torch.randn(2, 3, 12, 13, generator=g), torch.randn(2, 3, 10, 9, generator=g)
     q[0, :, 3:6, 3:6] = float("nan")
     k[1, 1, 2:4, :] = float("inf")
     k[0, 0, 0, 0] = float("-inf")
+    q, k = to_device(device, q, k)
     for similarity in ("l2", "dot"):
         field = psal.patchmatch(q, k, num_neighbors=3, similarity=similarity, generator=gen(0), backend=backend)
         idx = field.indices
@@ -194,21 +200,26 @@ def test_non_finite_inputs_stay_in_range(backend):
     assert int(everything_nan.indices.max()) < 90 and torch.isinf(everything_nan.costs).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_inputs_give_empty_fields(backend):
-    field = psal.patchmatch(torch.rand(0, 3, 8, 8), torch.rand(0, 3, 5, 5), num_neighbors=2, backend=backend)
+@pytest.mark.parametrize("backend, device", CASES)
+def test_empty_inputs_give_empty_fields(backend, device):
+    def rand(*size):
+        return torch.rand(*size, device=device)
+
+    field = psal.patchmatch(rand(0, 3, 8, 8), rand(0, 3, 5, 5), num_neighbors=2, backend=backend)
     assert field.indices.shape == (0, 1, 2, 8, 8) and field.costs.shape == (0, 1, 2, 8, 8)
-    field = psal.patchmatch(torch.rand(2, 4, 0, 8), torch.rand(2, 4, 5, 5), num_heads=2, backend=backend)
-    assert field.indices.shape == (2, 2, 3, 0, 8)
-    exact = psal.exact_knn(torch.rand(0, 3, 8, 8), torch.rand(0, 3, 5, 5))
-    assert exact.costs.shape == (0, 1, 3, 8, 8)
+    assert field.indices.device.type == device and field.costs.device.type == device
+    field = psal.patchmatch(rand(2, 4, 0, 8), rand(2, 4, 5, 5), num_heads=2, backend=backend)
+    assert field.indices.shape == (2, 2, 3, 0, 8) and field.indices.device.type == device
+    exact = psal.exact_knn(rand(0, 3, 8, 8), rand(0, 3, 5, 5))
+    assert exact.costs.shape == (0, 1, 3, 8, 8) and exact.costs.device.type == device
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_low_precision_and_non_contiguous_inputs(backend):
+@pytest.mark.parametrize("backend, device", CASES)
+def test_low_precision_and_non_contiguous_inputs(backend, device):
     g = gen(6)
-    q = torch.rand(2, 3, 16, 20, generator=g)
-    k = torch.rand(2, 20, 14, 3, generator=g).permute(0, 3, 2, 1)  # non-contiguous (2, 3, 14, 20)
+    q = torch.rand(2, 3, 16, 20, generator=g).to(device)
+    k = torch.rand(2, 20, 14, 3, generator=g).to(device).permute(0, 3, 2, 1)  # non-contiguous (2, 3, 14, 20)
+    assert not k.is_contiguous()
     ref = psal.patchmatch(q, k.contiguous(), generator=gen(1), backend=backend)
     again = psal.patchmatch(q, k, generator=gen(1), backend=backend)
     assert torch.equal(ref.indices, again.indices)
