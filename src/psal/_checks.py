@@ -255,6 +255,7 @@ def check_backend(fn: str, backend, choices, device: torch.device) -> str:
     from ._dispatch import require
 
     backend = check_choice(fn, "backend", backend, choices)
-    if backend != "auto":
+    # Under torch.compile the check (imports) cannot be traced; the op checks again when it runs.
+    if backend != "auto" and not torch.compiler.is_compiling():
         require(fn, backend, device)
     return backend

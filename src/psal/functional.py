@@ -340,7 +340,7 @@ def full_attention(
       kernel where it applies); not for ``aggregation="patch"``, which needs the softmax
       normaliser that SDPA does not return.
     - ``method="chunked"``: query pixels in chunks, scores recomputed in the backward.
-    - ``method="auto"``: ``"sdpa"`` where it applies, else ``"chunked"``.
+    - ``method="auto"``: ``"sdpa"`` where it applies (not float64 on CUDA), else ``"chunked"``.
 
     Differentiable by autograd in all arguments but the mask.
 
@@ -362,8 +362,12 @@ def full_attention(
     method = checks.check_choice(fn, "method", method, FULL_ATTENTION_METHODS)
     if method == "sdpa" and aggregation == "patch":
         raise ValueError(f"{fn}: method='sdpa' cannot compute aggregation='patch'; use 'chunked' or 'auto'")
+    # PyTorch's fused attention kernels on CUDA take float16, bfloat16 and float32 only.
+    sdpa_dtype_ok = query.device.type != "cuda" or query.dtype != torch.float64
+    if method == "sdpa" and not sdpa_dtype_ok:
+        raise ValueError(f"{fn}: method='sdpa' has no float64 kernel on CUDA; use 'chunked' or 'auto'")
     if method == "auto":
-        method = "chunked" if aggregation == "patch" else "sdpa"
+        method = "chunked" if aggregation == "patch" or not sdpa_dtype_ok else "sdpa"
     B, Cv = shapes.batch, value.shape[1]
     if B == 0 or shapes.height * shapes.width == 0:
         # Nothing to compute, but still a result of the graph, so that a backward runs.

@@ -123,13 +123,12 @@ def _sdpa(qpat, kpat, vcols, mask, T, dot: bool):
         one = qpat.new_ones(qpat.shape[0], 1, qpat.shape[2])
         q = torch.cat([2 * qpat / T, -one / T], 1)
         k = torch.cat([kpat, kpat.square().sum(1, keepdim=True)], 1)
-    # The CPU flash kernel wants one last dimension for q, k and v: pad the shorter with zeros,
-    # which changes no dot product and no output channel that is kept.
+    # The fused kernels want one last dimension for q, k and v, a multiple of 8 on CUDA (aligned
+    # rows): pad with zeros, which changes no dot product and no output channel that is kept.
     D, E = q.shape[1], vcols.shape[1]
-    if E < D:
-        vcols = F.pad(vcols, (0, 0, 0, D - E))
-    elif D < E:
-        q, k = F.pad(q, (0, 0, 0, E - D)), F.pad(k, (0, 0, 0, E - D))
+    width = -(-max(D, E) // 8) * 8
+    q, k = F.pad(q, (0, 0, 0, width - D)), F.pad(k, (0, 0, 0, width - D))
+    vcols = F.pad(vcols, (0, 0, 0, width - E))
     attn_mask = None if mask is None else mask[:, None, None, :]  # (N, 1, 1, Nk)
     with sdpa_kernel(_SDPA_KERNELS):
         # Fused kernels read rows with stride 1: (N, 1, L, D) contiguous.
