@@ -46,3 +46,30 @@ def test_bench_training_memory_small(tmp_path, capsys):
     # 48 x 48 half-resolution positions: the score, softmax and gradient matrices are 2304^2
     # floats, 21 MB each
     assert naive["peak_bytes"] > psal["peak_bytes"] + 2 * 2304**2 * 4
+
+
+def test_gpu_check_dry_run(tmp_path, capsys):
+    """``python -m psal.bench gpu OUT --dry-run``: every section of the GPU check runs at tiny sizes
+    on the CPU (the test selection is only collected), so that the command cannot rot between the
+    rare runs on a GPU."""
+    from psal.bench import gpu
+
+    assert gpu.main([str(tmp_path), "--dry-run", "--device", "cpu", "--peer", str(tmp_path / "none")]) == 0
+    printed = capsys.readouterr().out
+    assert "**Search**" in printed and "**Layer forward + backward**" in printed
+    assert (tmp_path / "gpu_check.md").read_text().strip() in printed
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    assert set(sections) == {"tests", "search", "layer", "precision", "race", "peer"}
+    assert sections["tests"]["exit"] == 0 and "collected" in sections["tests"]["summary"]
+    search = sections["search"]
+    assert [r["iters"] for r in search["runs"]] == [1, 2]
+    for r in search["runs"]:  # no search beats the exact one; the costs are real
+        assert r["ratio"] >= 1 - 1e-6 and r["ms"] > 0 and r["mean"] > 0
+    layer = sections["layer"]["sizes"]
+    assert all(row["psal_ms"] > 0 for row in layer.values())
+    assert layer["32"]["flash_extrapolated_from"] == 16
+    precision = sections["precision"]["cases"]
+    assert len(precision) == 2 * 2 * 5 and all(c["ours"] < 0.05 for c in precision if c["tensor"] != "temperature")
+    race = sections["race"]["fields"]
+    assert len(race) == 4 and all(r["deterministic_equal"] == 3 for r in race.values())
+    assert "skipped" in sections["peer"]
