@@ -303,11 +303,12 @@ from psal.backends import triton_search as ts
 features = {"q_ptr": "*@DTYPE@", "k_ptr": "*@DTYPE@", "mask_ptr": "*u8", "table_ptr": "*i32",
             "nallowed_ptr": "*i32", "init_ptr": "*i64", "src_idx": "*i64", "src_cost": "*fp32",
             "dst_idx": "*i64", "dst_cost": "*fp32"}
-consts = dict(DOT=@DOT@, ACC=tl.@ACC@, BLOCK=32, KB=4, CB=16, ONE_CHUNK=@ONE@)
+block, cb, warps = ts._GPU_SMALL  # the shapes a GPU launches
+consts = dict(DOT=@DOT@, ACC=tl.@ACC@, BLOCK=block, KB=4, CB=cb, ONE_CHUNK=@ONE@)
 for kern in (ts._init_kernel, ts._propagate_kernel, ts._random_kernel):
     sig = {n: "constexpr" if n in consts else features.get(n, "i32") for n in kern.arg_names}
     triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=4))
+                   options=dict(num_warps=warps))
 print("ok")
 """
 

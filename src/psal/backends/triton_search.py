@@ -63,12 +63,17 @@ from .reference import allowed_table, compute_dtype
 
 # Jump-flood steps of one iteration's propagation launches, longest first (as in the reference).
 _JUMPS = (8, 4, 2, 1)
-# GPU: 32 pixels x 16 patch values per tile, 4 warps: ptxas (sm_90a, k <= 4) gives about 96
-# registers per thread and no spills; 64 x 32 took 240 and 64 x 16 165. Small blocks also keep the
-# early exits fine-grained. Not yet timed on a device. Interpreter: programs run one after another
-# and every op costs Python overhead whatever its size, so one big block and one big patch chunk
-# per op win; the chunk is capped so that a tile stays a few MiB.
-_GPU_BLOCK, _GPU_CB, _GPU_WARPS = 32, 16, 4
+# GPU: (BLOCK pixels, CB patch values per chunk, warps), for patches of at most _GPU_SMALL_PATCH
+# values and for larger ones. Timed on an H200 (2026-11-27, `python -m psal.bench gpu --tune`,
+# 12 shapes): 16 x 16 on 2 warps was the fastest on both problems, 512² RGB p = 7 k = 3 10 iterations
+# (157 ms; 32 x 16 on 4 warps 172, 8 x 256 on 4 warps 214, 64 x 64 on 8 warps 287) and 512²
+# 64 channels p = 3 k = 4 5 iterations (372 ms; 16 x 64 on 4 warps 389, 32 x 16 on 4 warps 531).
+# Small blocks keep the early exits fine-grained; wide chunks did not pay. Interpreter: programs
+# run one after another and every op costs Python overhead whatever its size, so one big block and
+# one big patch chunk per op win; the chunk is capped so that a tile stays a few MiB.
+_GPU_SMALL_PATCH = 256
+_GPU_SMALL = (16, 16, 2)
+_GPU_LARGE = (16, 16, 2)
 _INTERP_BLOCK_MAX, _INTERP_TILE = 4096, 1 << 18
 _MASK64 = (1 << 64) - 1
 
@@ -379,7 +384,8 @@ def launch_config(N: int, C: int, H: int, W: int, patch_size: int, interpreted: 
     if interpreted:
         block = min(max(_next_pow2(N * H * W), 16), _INTERP_BLOCK_MAX)
         return dict(BLOCK=block, CB=min(_next_pow2(ppc), max(_INTERP_TILE // block, 16)))
-    return dict(BLOCK=_GPU_BLOCK, CB=min(_next_pow2(ppc), _GPU_CB), num_warps=_GPU_WARPS)
+    block, cb, warps = _GPU_SMALL if ppc <= _GPU_SMALL_PATCH else _GPU_LARGE
+    return dict(BLOCK=block, CB=min(_next_pow2(ppc), cb), num_warps=warps)
 
 
 def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int):
