@@ -1,6 +1,6 @@
 """The compiled CPU attention against the pure-PyTorch reference: outputs, statistics, gradients.
 
-The reference (``reference_attend``) is itself gradchecked and checked against a brute-force
+The reference (``psal.backends.torch.attend``) is itself gradchecked and checked against a brute-force
 oracle elsewhere, so agreement with it to rounding is the contract here. Also: heavy collisions
 of many queries on a few key positions, bitwise determinism across runs and thread counts, NaN
 propagation.
@@ -13,10 +13,10 @@ import itertools
 import pytest
 import torch
 
-from psal.backends import reference_attend as ref
+from psal.backends.torch import attend as ref
 
 numba = pytest.importorskip("numba")
-nb = pytest.importorskip("psal.backends.numba_attend")
+nb = pytest.importorskip("psal.backends.numba.attend")
 
 AGGREGATIONS = ["center", "patch", "patch_mean"]
 SIMILARITIES = ["l2", "dot"]
@@ -162,14 +162,13 @@ def test_nan_propagates(aggregation):
 def test_infinite_scores_give_the_reference_statistic():
     # An infinite query value makes every l2 cost of its pixel +inf, every score -inf: the
     # logsumexp is then -inf (torch's rule), not NaN.
-    from psal.backends import numba_attend, reference_attend
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 3, 3, dtype=torch.float64, generator=g) for _ in range(3))
     q[0, 0, 1, 1] = float("inf")
     idx = torch.randint(0, 9, (1, 2, 3, 3), generator=g)
     T = torch.tensor(1.0, dtype=torch.float64)
-    _, want = reference_attend.attend_forward(q, k, v, idx, T, 1, "center", "l2")
-    _, got = numba_attend.attend_forward(q, k, v, idx, T, 1, "center", "l2")
+    _, want = ref.attend_forward(q, k, v, idx, T, 1, "center", "l2")
+    _, got = nb.attend_forward(q, k, v, idx, T, 1, "center", "l2")
     assert want[0, 1, 1] == float("-inf")
     torch.testing.assert_close(got, want, equal_nan=True)

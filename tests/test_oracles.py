@@ -7,7 +7,8 @@ import torch
 from conftest import naive_cost_matrix
 
 import psal
-from psal.backends import reference
+from psal.backends.layout import unfold_patches
+from psal.backends.torch.search import exact_knn_patches
 
 
 def test_patch_cost_by_hand():
@@ -90,9 +91,9 @@ def test_exact_knn_chunking_does_not_change_the_answer():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, 9, 11, generator=g)
     k = torch.randn(2, 3, 8, 7, generator=g)
-    qp, kp = reference.unfold_patches(q, 3), reference.unfold_patches(k, 3)
-    whole = reference.exact_knn_patches(qp, kp, None, 4, "l2")
-    tiny = reference.exact_knn_patches(qp, kp, None, 4, "l2", budget=64)  # one query column per chunk
+    qp, kp = unfold_patches(q, 3), unfold_patches(k, 3)
+    whole = exact_knn_patches(qp, kp, None, 4, "l2")
+    tiny = exact_knn_patches(qp, kp, None, 4, "l2", budget=64)  # one query column per chunk
     torch.testing.assert_close(whole[1], tiny[1])
 
 

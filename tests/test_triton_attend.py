@@ -17,7 +17,8 @@ import torch
 from conftest import HAVE_TRITON, gen
 
 import psal
-from psal.backends import reference, reference_attend
+from psal.backends.torch import attend as torch_attend
+from psal.backends.torch import search as torch_search
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 
@@ -94,7 +95,7 @@ def test_deterministic_path_is_bitwise_repeatable_and_correct(deterministic, agg
 def test_deterministic_mode_takes_the_gather_path(monkeypatch):
     """Through the interpreter both key-side paths are bitwise repeatable (programs run one after
     another), so the choice itself is checked: atomics by default, the gather when asked."""
-    from psal.backends import triton_attend as ta
+    from psal.backends.triton import attend as ta
 
     launched = []
 
@@ -123,8 +124,8 @@ def test_deterministic_mode_takes_the_gather_path(monkeypatch):
 def _plain_torch(monkeypatch, *args):
     """The pure-PyTorch backend computing in the inputs' own dtype, as plain PyTorch code would."""
     with monkeypatch.context() as m:
-        m.setattr(reference, "compute_dtype", lambda dtype: dtype)
-        m.setattr(reference_attend, "compute_dtype", lambda dtype: dtype)
+        m.setattr(torch_search, "compute_dtype", lambda dtype: dtype)
+        m.setattr(torch_attend, "compute_dtype", lambda dtype: dtype)
         return _grads(*args)
 
 
@@ -162,57 +163,9 @@ def test_float64_matches_the_reference_exactly_enough():
             torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-10)
 
 
-def _python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
-
-
-def test_available_backends_says_why_not():
-    code = "import psal; print(psal.available_backends('cpu')['triton'])"
-    out = _python(code, TRITON_INTERPRET="0")
-    assert "runs on CUDA tensors" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stderr
-    out = _python("import sys; sys.modules['triton'] = None\n" + code, TRITON_INTERPRET="1")
-    assert "needs the triton package" in out.stdout, out.stderr
-    assert psal.available_backends("cpu")["numba"] is None
-
-
-def test_import_psal_does_not_import_triton():
-    out = _python("import sys, psal; print('triton' in sys.modules)")
-    assert out.stdout.strip() == "False", out.stderr
-
-
-def test_auto_keeps_numba_on_cpu_even_when_triton_can_interpret():
-    from psal import _dispatch
-
-    assert _dispatch.search_backend("f", "auto", torch.device("cpu"), op="attend").__name__ == "psal.backends.numba_attend"
-
-
-def test_auto_picks_triton_on_cuda():
-    # The choice needs no GPU: it depends on the device type and on whether triton imports.
-    from psal import _dispatch
-
-    assert _dispatch.search_backend("f", "auto", torch.device("cuda"), op="attend").__name__ == "psal.backends.triton_attend"
-    assert _dispatch.search_backend("f", "auto", torch.device("cuda")).__name__ == "psal.backends.triton_search"
-    assert psal.available_backends("cuda")["triton"] is None
-
-
-def test_auto_falls_back_to_torch_on_cuda_without_triton():
-    code = (
-        "import sys, warnings\n"
-        "sys.modules['triton'] = None\n"  # makes `import triton` fail
-        "import torch, psal\n"
-        "from psal import _dispatch\n"
-        "with warnings.catch_warnings(record=True) as w:\n"
-        "    warnings.simplefilter('always')\n"
-        "    m = _dispatch.search_backend('f', 'auto', torch.device('cuda'), op='attend')\n"
-        "print(m.__name__, any('triton is not installed' in str(x.message) for x in w))\n"
-    )
-    out = _python(code)
-    assert out.stdout.split() == ["psal.backends.reference_attend", "True"], out.stderr
-
-
 @pytest.mark.skipif(not CUDA, reason="the interpreter compiles nothing")
 def test_new_sizes_do_not_recompile():
-    from psal.backends import triton_attend as ta
+    from psal.backends.triton import attend as ta
 
     kernels = [ta._costs, ta._votes, ta._score_grad, ta._query_grad, ta._scatter]
 
@@ -232,7 +185,7 @@ def test_new_sizes_do_not_recompile():
 def test_gpu_tile_shapes_give_the_same_results(monkeypatch):
     """The GPU's small blocks (many programs, lanes of several maps in one program, channel
     chunks) against the interpreter's one big block: same values."""
-    from psal.backends import triton_attend as ta
+    from psal.backends.triton import attend as ta
 
     # 70 channels: two chunks of 64; float64, so that the summation order does not show
     q, k, v, idx, grad = _problem(dtype=torch.float64, C=70, Cv=3, H=9, W=7, K=2, seed=4)
@@ -250,7 +203,7 @@ _COMPILE_FOR_HOPPER = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from psal.backends import triton_attend as ta
+from psal.backends.triton import attend as ta
 
 def signature(kernel, dtype, consts):
     ints = {"C", "H", "W", "Hk", "Wk", "K", "P", "N", "longest"}

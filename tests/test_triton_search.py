@@ -1,4 +1,4 @@
-"""The Triton search backend (``psal.backends.triton_search``) against independent references.
+"""The Triton search backend (``psal.backends.triton.search``) against independent references.
 
 On a machine with CUDA the kernels run on the GPU; elsewhere they run on CPU tensors through
 Triton's interpreter (``TRITON_INTERPRET=1``, set before anything defines the kernels), which
@@ -28,7 +28,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import psal  # noqa: E402
-from psal.backends import triton_search  # noqa: E402
+from psal.backends.triton import search as triton_search  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -298,7 +298,7 @@ _COMPILE_FOR_HOPPER = """
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from psal.backends import triton_search as ts
+from psal.backends.triton import search as ts
 
 features = {"q_ptr": "*@DTYPE@", "k_ptr": "*@DTYPE@", "mask_ptr": "*u8", "table_ptr": "*i32",
             "nallowed_ptr": "*i32", "init_ptr": "*i64", "src_idx": "*i64", "src_cost": "*fp32",

@@ -3,7 +3,7 @@
 ``import psal`` needs only torch; compiled backends load on first use.
 """
 
-from ._dispatch import available_backends, explain_search_backend
+from ._dispatch import available_backends, explain_search_backend  # noqa: F401 - the latter deprecated
 from .functional import (
     attend,
     exact_knn,
@@ -24,7 +24,6 @@ __all__ = [
     "attend",
     "available_backends",
     "exact_knn",
-    "explain_search_backend",
     "full_attention",
     "patch_costs",
     "patchmatch",

@@ -1,27 +1,33 @@
-"""Backend choice: every backend has a ``can_run_*`` predicate that says why it cannot run.
+"""Backend choice, for every op: each backend has a ``can_run_*`` predicate that says why it cannot
+run a problem (its device and, for Triton, its sizes).
 
 ``numba`` runs on CPU tensors, ``triton`` on CUDA tensors (and on CPU tensors through Triton's
-interpreter when ``TRITON_INTERPRET=1``, for tests), ``torch`` anywhere.
+interpreter when ``TRITON_INTERPRET=1``, for tests) whose per-map index ranges fit in 32 bits,
+``torch`` anywhere.
 
-``backend="auto"`` picks the first backend whose predicate holds, in the order of ``SEARCH_ORDER``,
-so the choice is explainable: ``available_backends(device)`` lists each verdict.
+``backend="auto"`` picks the first backend whose predicate holds, in the order of ``ORDER``, so
+the choice is explainable (``available_backends(device)`` lists each verdict) and a problem too
+large for one backend falls back to the next instead of failing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
-import os
 import warnings
 
 import torch
 
+from .backends.device import triton_interpreted
+
 logger = logging.getLogger("psal")
 
-SEARCH_BACKENDS = ("auto", "numba", "triton", "torch")
-SEARCH_ORDER = ("numba", "triton", "torch")
+BACKENDS = ("auto", "numba", "triton", "torch")
+ORDER = ("numba", "triton", "torch")
 _TRITON_MIN_CAPABILITY = (7, 5)  # Triton 3's NVIDIA backend (Turing and newer)
+# Triton kernels divide positions within a map in int32: k * H * W and the padded map sizes must
+# stay below this.
+TRITON_MAX_POSITIONS = 2**31
 
 
 def _fail(reason: str, raise_error: bool) -> bool:
@@ -31,7 +37,7 @@ def _fail(reason: str, raise_error: bool) -> bool:
     return False
 
 
-def can_run_numba(device: torch.device, raise_error: bool = False) -> bool:
+def can_run_numba(device: torch.device, positions: int = 0, raise_error: bool = False) -> bool:
     if device.type != "cpu":
         return _fail(f"backend 'numba' runs on CPU tensors only, got tensors on {device}", raise_error)
     try:
@@ -41,15 +47,7 @@ def can_run_numba(device: torch.device, raise_error: bool = False) -> bool:
     return True
 
 
-def triton_interpreted() -> bool:
-    """Whether Triton kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``).
-
-    Triton reads the variable when a kernel is defined, so it must be set before the first use of
-    the Triton backend in a process."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def can_run_triton(device: torch.device, raise_error: bool = False) -> bool:
+def can_run_triton(device: torch.device, positions: int = 0, raise_error: bool = False) -> bool:
     if device.type == "cpu" and not triton_interpreted():
         return _fail(
             "backend 'triton' runs on CUDA tensors (on CPU tensors only through Triton's interpreter, "
@@ -58,6 +56,10 @@ def can_run_triton(device: torch.device, raise_error: bool = False) -> bool:
         )
     if device.type not in ("cpu", "cuda"):
         return _fail(f"backend 'triton' runs on CUDA tensors, got tensors on {device}", raise_error)
+    if positions >= TRITON_MAX_POSITIONS:
+        return _fail(
+            f"backend 'triton' needs k * H * W and the padded map sizes below 2**31, got {positions}", raise_error
+        )
     try:
         importlib.import_module("triton")
     except ImportError as exc:
@@ -73,26 +75,18 @@ def can_run_triton(device: torch.device, raise_error: bool = False) -> bool:
     return True
 
 
-def can_run_torch(device: torch.device, raise_error: bool = False) -> bool:
+def can_run_torch(device: torch.device, positions: int = 0, raise_error: bool = False) -> bool:
     return True
 
 
 _PREDICATES = {"numba": can_run_numba, "triton": can_run_triton, "torch": can_run_torch}
 
 
-# Modules per (operation, backend); each implements the same folded contract.
-_MODULES = {
-    ("search", "numba"): "numba_cpu",
-    ("search", "triton"): "triton_search",
-    ("search", "torch"): "reference",
-    ("attend", "numba"): "numba_attend",
-    ("attend", "triton"): "triton_attend",
-    ("attend", "torch"): "reference_attend",
-}
-
-
-def _module(name: str, op: str = "search"):
-    return importlib.import_module(f"psal.backends.{_MODULES[op, name]}")
+def positions(num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: int) -> int:
+    """The largest per-map position count of a problem (matches ``k * H * W``, padded maps): what
+    the size limits of a backend are checked against."""
+    r = patch_size // 2
+    return max(num_neighbors * H * W, (H + 2 * r) * (W + 2 * r), (Hk + 2 * r) * (Wk + 2 * r))
 
 
 def available_backends(device="cpu") -> dict:
@@ -104,7 +98,7 @@ def available_backends(device="cpu") -> dict:
     """
     device = torch.device(device)
     out = {}
-    for name in SEARCH_ORDER:
+    for name in ORDER:
         try:
             _PREDICATES[name](device, raise_error=True)
             out[name] = None
@@ -113,18 +107,29 @@ def available_backends(device="cpu") -> dict:
     return out
 
 
-explain_search_backend = available_backends  # the name of version 0.1.0
+def explain_search_backend(device="cpu") -> dict:
+    """Deprecated: the former name of :func:`available_backends`."""
+    warnings.warn(
+        "psal.explain_search_backend is deprecated; use psal.available_backends", DeprecationWarning, stacklevel=2
+    )
+    return available_backends(device)
 
 
-def search_backend(fn: str, backend: str, device: torch.device, op: str = "search"):
+def _module(name: str, op: str):
+    return importlib.import_module(f"psal.backends.{name}.{op}")
+
+
+def choose(fn: str, op: str, backend: str, device: torch.device, positions: int = 0):
     """The module that implements ``op`` (``"search"``: ``patchmatch``; ``"attend"``:
-    ``attend_forward``/``attend_backward``) for ``backend`` on ``device``."""
+    ``attend_forward``/``attend_backward``) with ``backend`` for a problem on ``device`` of
+    ``positions`` (see :func:`positions`). ``"auto"``: the first backend of ``ORDER`` that can run
+    it (never the Triton interpreter, which is for tests)."""
     if backend == "auto":
-        for name in SEARCH_ORDER:
+        for name in ORDER:
             if name == "triton" and device.type == "cpu":
-                continue  # the interpreter is for tests, never a choice
-            if _PREDICATES[name](device):
-                if name == "torch" and device.type in ("cpu", "cuda"):
+                continue
+            if _PREDICATES[name](device, positions):
+                if name == "torch" and device.type in ("cpu", "cuda") and positions < TRITON_MAX_POSITIONS:
                     missing = "numba" if device.type == "cpu" else "triton"
                     warnings.warn(
                         f"psal: {missing} is not installed, so {device.type.upper()} tensors run on the "
@@ -135,19 +140,14 @@ def search_backend(fn: str, backend: str, device: torch.device, op: str = "searc
                 return _module(name, op)
         raise ValueError(f"{fn}: no backend can run on {device}: {available_backends(device)}")
     if backend not in _PREDICATES:
-        raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, SEARCH_BACKENDS))}, got {backend!r}")
-    require(fn, backend, device)
+        raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    require(fn, backend, device, positions)
     return _module(backend, op)
 
 
-def require(fn: str, backend: str, device: torch.device) -> None:
+def require(fn: str, backend: str, device: torch.device, positions: int = 0) -> None:
     """Raises ``ValueError`` naming ``fn`` when the named ``backend`` cannot run on ``device``."""
     try:
-        _PREDICATES[backend](device, raise_error=True)
+        _PREDICATES[backend](device, positions, raise_error=True)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
-
-
-def cuda_device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: a context that makes it ``t``'s device."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

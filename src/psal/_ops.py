@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import search_backend
-from .backends.reference import compute_dtype
+from ._dispatch import choose, positions
+from .backends.layout import compute_dtype
 
 
 def _contiguous(*tensors):
@@ -47,7 +47,8 @@ def patchmatch(
     if N == 0 or H * W == 0:
         size = (N, num_neighbors, H, W)
         return query.new_empty(size, dtype=torch.int64), query.new_empty(size, dtype=torch.float32)
-    impl = search_backend("psal.patchmatch", backend, query.device)
+    size = positions(num_neighbors, H, W, key.shape[-2], key.shape[-1], patch_size)
+    impl = choose("psal.patchmatch", "search", backend, query.device, size)
     query, key, key_mask, init = _contiguous(query, key, key_mask, init)
     idx, cost = impl.patchmatch(
         query, key, key_mask, num_neighbors, patch_size, num_iters, similarity, init, int(seed.reshape(-1)[0])
@@ -75,11 +76,12 @@ def attend(
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Folded attention: -> ``out (N, Cv, H, W)`` in the value's dtype and the per-pixel statistic
-    ``(N, H, W)`` in the compute dtype that the backward needs (see ``reference_attend``)."""
-    N, _, H, W = indices.shape
+    ``(N, H, W)`` in the compute dtype that the backward needs (see ``psal.backends.torch.attend``)."""
+    N, K, H, W = indices.shape
     if N * H * W == 0:
         return _attend_empty(value, indices, query.dtype)
-    impl = search_backend("psal.attend", backend, query.device, op="attend")
+    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size)
+    impl = choose("psal.attend", "attend", backend, query.device, size)
     out, stat = impl.attend_forward(
         *_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity
     )
@@ -114,10 +116,11 @@ def attend_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``psal::attend`` for query, key, value and temperature, in their dtypes."""
-    N, _, H, W = indices.shape
+    N, K, H, W = indices.shape
     if N * H * W == 0:
         return _backward_empty(query, key, value, temperature)
-    impl = search_backend("psal.attend", backend, query.device, op="attend")
+    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size)
+    impl = choose("psal.attend", "attend", backend, query.device, size)
     gq, gk, gv, gt = impl.attend_backward(
         *_contiguous(grad, query, key, value, indices, temperature, out, stat),
         patch_size,

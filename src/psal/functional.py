@@ -6,8 +6,9 @@ import torch
 
 from . import _checks as checks
 from . import _ops
-from ._dispatch import SEARCH_BACKENDS
-from .backends import dense, reference
+from ._dispatch import BACKENDS
+from .backends import dense, layout
+from .backends.torch import search as oracle
 from .types import KNNField
 
 FULL_ATTENTION_METHODS = ("auto", "sdpa", "chunked")
@@ -27,11 +28,11 @@ def _unfold_field(idx: torch.Tensor, cost: torch.Tensor, shapes: checks.MapShape
 
 
 def _folded(query, key, key_mask, num_heads: int):
-    """Detached query, key and mask with the heads moved into the batch (see ``reference.fold_heads``)."""
+    """Detached query, key and mask with the heads moved into the batch (see ``layout.fold_heads``)."""
     return (
-        reference.fold_heads(query.detach(), num_heads),
-        reference.fold_heads(key.detach(), num_heads),
-        reference.fold_mask(key_mask, num_heads),
+        layout.fold_heads(query.detach(), num_heads),
+        layout.fold_heads(key.detach(), num_heads),
+        layout.fold_mask(key_mask, num_heads),
     )
 
 
@@ -53,7 +54,7 @@ def patchmatch(
     key_mask: torch.Tensor | None = None,
     similarity: str = "l2",
     num_heads: int = 1,
-    init: KNNField | None = None,
+    init: KNNField | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> KNNField:
@@ -70,7 +71,8 @@ def patchmatch(
         similarity: ``"l2"`` (sum of squared differences) or ``"dot"`` (minus the patch inner
             product).
         num_heads: splits the channels into this many groups, each with its own field.
-        init: a ``KNNField`` (any ``k``) to warm-start from; the result is never worse than it.
+        init: a ``KNNField`` (any ``k``), or its indices ``Tensor[B, heads, k0, H, W]`` int64, to
+            warm-start from; the result is never worse than it.
         generator: the source of randomness; the same seed gives the same field.
         backend: ``"auto"`` (numba on CPU, Triton on CUDA, else torch), ``"numba"`` (CPU,
             compiled, all cores), ``"triton"`` (CUDA) or ``"torch"`` (any device).
@@ -102,7 +104,7 @@ def _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similari
     similarity = checks.check_similarity(fn, similarity)
     init_idx = checks.check_init(fn, init, shapes, query.device)
     generator = checks.check_generator(fn, generator)
-    backend = checks.check_backend(fn, backend, SEARCH_BACKENDS, query.device)
+    backend = checks.check_backend(fn, backend, BACKENDS, query.device)
     q, kk, mask = _folded(query, key, key_mask, shapes.num_heads)
     idx, cost = _ops.patchmatch(
         q,
@@ -148,7 +150,7 @@ def exact_knn(
     if shapes.batch == 0 or shapes.height * shapes.width == 0:
         return _empty_field(shapes, k, query.device)
     with torch.no_grad():
-        idx, cost = reference.exact_knn(*_folded(query, key, key_mask, shapes.num_heads), k, patch_size, similarity)
+        idx, cost = oracle.exact_knn(*_folded(query, key, key_mask, shapes.num_heads), k, patch_size, similarity)
     return _unfold_field(idx, cost, shapes)
 
 
@@ -183,7 +185,7 @@ def patch_costs(
         return torch.empty(indices.shape, dtype=torch.float32, device=query.device)
     with torch.no_grad():
         q, k, _ = _folded(query, key, None, shapes.num_heads)
-        cost = reference.patch_costs(q, k, indices.flatten(0, 1), patch_size, similarity)
+        cost = oracle.patch_costs(q, k, indices.flatten(0, 1), patch_size, similarity)
     return cost.reshape(indices.shape)
 
 
@@ -258,12 +260,12 @@ def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, agg
     aggregation = checks.check_aggregation(fn, aggregation)
     similarity = checks.check_similarity(fn, similarity)
     temperature = checks.check_temperature(fn, temperature, query)
-    backend = checks.check_backend(fn, backend, SEARCH_BACKENDS, query.device)
+    backend = checks.check_backend(fn, backend, BACKENDS, query.device)
     h = shapes.num_heads
     out, _ = _ops.attend(
-        reference.fold_heads(query, h),
-        reference.fold_heads(key, h),
-        reference.fold_heads(value, h),
+        layout.fold_heads(query, h),
+        layout.fold_heads(key, h),
+        layout.fold_heads(value, h),
         indices.flatten(0, 1),
         temperature,
         patch_size,
@@ -287,7 +289,7 @@ def ps_attention(
     key_mask: torch.Tensor | None = None,
     similarity: str = "l2",
     num_heads: int = 1,
-    init: KNNField | None = None,
+    init: KNNField | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     return_field: bool = False,
     backend: str = "auto",
@@ -375,10 +377,10 @@ def full_attention(
         return empty + 0 * (query.sum() + key.sum() + value.sum())
     h = shapes.num_heads
     out = dense.full_attention(
-        reference.fold_heads(query, h),
-        reference.fold_heads(key, h),
-        reference.fold_heads(value, h),
-        reference.fold_mask(key_mask, h),
+        layout.fold_heads(query, h),
+        layout.fold_heads(key, h),
+        layout.fold_heads(value, h),
+        layout.fold_mask(key_mask, h),
         temperature,
         patch_size,
         aggregation,

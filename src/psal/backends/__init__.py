@@ -1,2 +1,4 @@
-"""Backends. ``reference`` is pure PyTorch (the oracle and the portable search); ``numba_cpu`` is
-the compiled CPU search. Nothing here imports from the public layer above."""
+"""Backends, by engine and op: ``torch/`` (pure PyTorch, the oracle and the portable fallback),
+``numba/`` (CPU), ``triton/`` (CUDA), each with ``search.py`` and ``attend.py``; ``dense.py`` (full
+attention, the exact baseline). They share ``layout`` (folding, padding, channel-last) and
+``device``; none imports the dispatcher or the public layer above, nor another engine."""

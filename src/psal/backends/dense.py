@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .reference import compute_dtype, unfold_patches
-from .reference_attend import vote_counts
+from .layout import compute_dtype, unfold_patches, vote_counts
 
 # Score elements per chunk of the chunked path (a (chunk, Nk) matrix of this many entries).
 CHUNK_ELEMENTS = 1 << 22

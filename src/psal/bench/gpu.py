@@ -297,7 +297,7 @@ def section_layer(run: Run) -> dict:
     args = run.args
     dtype = getattr(torch, args.layer_dtype)
     C, p, K, iters = 64, 3, 4, 5
-    layer = psal.PSAttention(patch_size=p, num_neighbors=K, num_iters=iters)
+    layer = psal.PSAttention(patch_size=p, num_neighbors=K, num_iters=iters, seed=0)
     res = {"channels": C, "patch_size": p, "k": K, "iters": iters, "dtype": args.layer_dtype, "sizes": {}}
     sdpa_backends = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     last_measured: dict = {}
@@ -307,7 +307,6 @@ def section_layer(run: Run) -> dict:
             continue
         row: dict = {}
         res["sizes"][S] = row
-        torch.manual_seed(0)
         try:
             fq, fk = features(run, S, C, dtype)
             g = torch.randn(fq.shape, generator=torch.Generator().manual_seed(1)).to(run.device, dtype)
@@ -389,14 +388,14 @@ def _free(run: Run) -> None:
 def plain_torch_precision():
     """The pure-PyTorch backend computing in the inputs' own dtype, as plain PyTorch code would
     (instead of float32 for float16/bfloat16 inputs)."""
-    from psal.backends import reference, reference_attend
+    from psal.backends.torch import attend, search
 
-    saved = reference.compute_dtype, reference_attend.compute_dtype
-    reference.compute_dtype = reference_attend.compute_dtype = lambda dtype: dtype
+    saved = search.compute_dtype, attend.compute_dtype
+    search.compute_dtype = attend.compute_dtype = lambda dtype: dtype
     try:
         yield
     finally:
-        reference.compute_dtype, reference_attend.compute_dtype = saved
+        search.compute_dtype, attend.compute_dtype = saved
 
 
 def _grads(q, k, v, idx, grad, T, backend, aggregation, p):
@@ -597,7 +596,7 @@ def section_peer(run: Run) -> dict:
         row = {}
         for name, att in (
             ("peer", pa.PSAttention(patch_size=3, n_iters=5, aggregation=False)),
-            ("psal", psal.PSAttention(patch_size=3, num_neighbors=3, num_iters=5)),
+            ("psal", psal.PSAttention(patch_size=3, num_neighbors=3, num_iters=5, seed=0)),
         ):
             q, k, v = (t.clone().requires_grad_() for t in (fq, fk, fk))
 
@@ -642,7 +641,7 @@ def section_tune(run: Run) -> dict:
     64-channel 3 x 3 patch of 576) and keeps, for the sections that follow, the fastest of each
     class (``triton_search._GPU_SMALL`` / ``_GPU_LARGE``); then a few attention tile shapes."""
     import psal
-    from psal.backends import triton_attend, triton_search
+    from psal.backends.triton import attend as triton_attend, search as triton_search
 
     if not run.cuda:
         return {"skipped": "tile shapes are tuned on a GPU"}

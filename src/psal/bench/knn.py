@@ -51,7 +51,7 @@ def _inputs(size: int):
 
 
 def _patch_rows(x: torch.Tensor, p: int):
-    from psal.backends.reference import unfold_patches
+    from psal.backends.layout import unfold_patches
 
     return unfold_patches(x, p)[0].T.contiguous().numpy()  # (H*W, C*p*p) float32
 
@@ -114,7 +114,8 @@ def worker(args) -> None:
 
 def _exact_sample(q, key, p: int, k: int, sample: int, seed: int = 0):
     """Exact k-NN costs (k, n) for a random sample of query pixels (all of them if few)."""
-    from psal.backends.reference import exact_knn_patches, unfold_patches
+    from psal.backends.layout import unfold_patches
+    from psal.backends.torch.search import exact_knn_patches
 
     qpat, kpat = unfold_patches(q, p), unfold_patches(key, p)
     L = qpat.shape[2]

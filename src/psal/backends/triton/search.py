@@ -1,6 +1,6 @@
 """Triton PatchMatch for CUDA tensors (and CPU tensors through Triton's interpreter, for tests).
 
-Same folded contract as :func:`psal.backends.reference.patchmatch`: query ``(N, C, H, W)``, key
+Same folded contract as :func:`psal.backends.torch.search.patchmatch`: query ``(N, C, H, W)``, key
 ``(N, C, Hk, Wk)``, an optional allowed-key mask ``(N, Hk * Wk)``, warm-start candidates
 ``(N, K0, H, W)``; the heads are already in the batch.
 
@@ -11,7 +11,7 @@ it depend on how pixels are grouped into programs, except that on a GPU the tile
 summation order inside ``tl.sum`` (the last bits of a cost); the block sizes are fixed constants.
 
 - ``_init_kernel``: ``K`` distinct random allowed positions per query pixel (ranks drawn without
-  replacement among the allowed positions, mapped through ``reference.allowed_table``), then the
+  replacement among the allowed positions, mapped through ``layout.allowed_table``), then the
   warm-start candidates, offered like any other.
 - ``_propagate_kernel``: one jump-flood step (8, 4, 2, 1 in each iteration; a step that reaches
   past the query map is skipped): the neighbour ``x + e`` at that distance in each of the four
@@ -58,10 +58,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import cuda_device_of, triton_interpreted
-from .reference import allowed_table, compute_dtype
+from ..device import cuda_device_of, triton_interpreted
+from .. import rng
+from ..layout import allowed_table, channel_last, compute_dtype
 
-# Jump-flood steps of one iteration's propagation launches, longest first (as in the reference).
+# Jump-flood steps of one iteration's propagation launches, longest first (as in the pure-PyTorch backend).
 _JUMPS = (8, 4, 2, 1)
 # GPU: (BLOCK pixels, CB patch values per chunk, warps), for patches of at most _GPU_SMALL_PATCH
 # values and for larger ones. Timed on an H200 (2026-11-27, `python -m psal.bench gpu --tune`,
@@ -75,7 +76,6 @@ _GPU_SMALL_PATCH = 256
 _GPU_SMALL = (16, 16, 2)
 _GPU_LARGE = (16, 16, 2)
 _INTERP_BLOCK_MAX, _INTERP_TILE = 4096, 1 << 18
-_MASK64 = (1 << 64) - 1
 
 _RUNTIME = ["N", "H", "W", "Hk", "Wk", "C", "K", "P", "has_mask", "key_lo", "key_hi"]
 
@@ -361,21 +361,14 @@ def _random_kernel(
 
 
 def _launch_key(seed: int, tag: int) -> tuple[int, int]:
-    """A per-launch hash key from the caller's seed (splitmix64): two 31-bit halves, so that they
-    are always int32 arguments and the seed's value never changes the kernels' signature."""
-    z = (seed + (tag + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    z ^= z >> 31
+    """A per-launch hash key from the caller's seed (``rng.stream``): two 31-bit halves, so that
+    they are always int32 arguments and the seed's value never changes the kernels' signature."""
+    z = rng.stream(seed, tag)
     return z & 0x7FFFFFFF, (z >> 31) & 0x7FFFFFFF
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(int(x) - 1, 0).bit_length()
-
-
-def _channel_last(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(dtype).permute(0, 2, 3, 1).contiguous()
 
 
 def launch_config(N: int, C: int, H: int, W: int, patch_size: int, interpreted: bool) -> dict:
@@ -389,7 +382,7 @@ def launch_config(N: int, C: int, H: int, W: int, patch_size: int, interpreted: 
 
 
 def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int):
-    """Same contract as :func:`psal.backends.reference.patchmatch`, on CUDA tensors (or CPU
+    """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CUDA tensors (or CPU
     tensors through Triton's interpreter)."""
     N, C, H, W = query.shape
     Hk, Wk = key.shape[-2:]
@@ -399,8 +392,8 @@ def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters:
     # Features are read in their own dtype; mixed dtypes are read in the compute dtype.
     dtype = query.dtype if query.dtype == key.dtype else compute_dtype(query.dtype)
     acc = tl.float64 if compute_dtype(query.dtype) == torch.float64 else tl.float32
-    q = _channel_last(query, dtype)
-    k = _channel_last(key, dtype)
+    q = channel_last(query, dtype)
+    k = channel_last(key, dtype)
     if mask is None:
         has_mask = 0
         mask_u8 = torch.ones(1, dtype=torch.uint8, device=dev)

@@ -1,6 +1,6 @@
 """Pure-PyTorch attention over a k-NN field: forward and an explicit backward, on any device.
 
-Works on folded maps (heads in the batch, see ``reference``): query ``(N, C, H, W)``, key
+Works on folded maps (heads in the batch, see ``psal.backends.torch.search``): query ``(N, C, H, W)``, key
 ``(N, C, Hk, Wk)``, value ``(N, Cv, Hk, Wk)``, indices ``(N, K, H, W)`` int64 and a 0-dim
 temperature tensor. Inputs are trusted: ``psal.functional`` has validated them.
 
@@ -22,32 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import PatchCosts, compute_dtype
-
-
-def vote_counts(H: int, W: int, patch_size: int, device, dtype) -> torch.Tensor:
-    """``(H, W)``: how many query patches cover each pixel (``p * p`` away from the borders)."""
-    r = patch_size // 2
-
-    def along(n):
-        i = torch.arange(n, device=device)
-        return (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(dtype)
-
-    return along(H)[:, None] * along(W)[None, :]
-
-
-def replicate_pad_adjoint(g: torch.Tensor, r: int) -> torch.Tensor:
-    """The adjoint of ``F.pad(x, (r, r, r, r), mode="replicate")``: fold the border rows back in."""
-    if r == 0:
-        return g
-    H, W = g.shape[-2] - 2 * r, g.shape[-1] - 2 * r
-    rows = g[..., r : r + H, :].clone()
-    rows[..., 0, :] += g[..., :r, :].sum(-2)
-    rows[..., H - 1, :] += g[..., r + H :, :].sum(-2)
-    out = rows[..., r : r + W].clone()
-    out[..., 0] += rows[..., :r].sum(-1)
-    out[..., W - 1] += rows[..., r + W :].sum(-1)
-    return out
+from ..layout import compute_dtype, replicate_pad_adjoint, vote_counts
+from .search import PatchCosts
 
 
 class _Field:

@@ -1,4 +1,4 @@
-"""Pure-PyTorch backend: the exact oracles and a vectorised PatchMatch that runs on any device.
+"""Pure-PyTorch search: the exact oracles and a vectorised PatchMatch that runs on any device.
 
 Everything here works on *folded* maps, with the heads moved into the batch: query
 ``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, an optional allowed-key mask ``(N, Hk * Wk)`` and fields
@@ -15,26 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..layout import allowed_table, compute_dtype, unfold_patches
+
 # Stands in for +inf where a real cost must still beat a candidate that is barred from the list.
 _FINITE_MAX = torch.finfo(torch.float32).max
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def fold_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B * heads, C // heads, H, W)``; head ``h`` owns a contiguous channel block."""
-    B, C, H, W = x.shape
-    return x.reshape(B * num_heads, C // num_heads, H, W)
-
-
-def fold_mask(key_mask, num_heads: int):
-    """``(B, Hk, Wk)`` bool -> ``(B * heads, Hk * Wk)``, or ``None``."""
-    if key_mask is None:
-        return None
-    return key_mask.flatten(1).repeat_interleave(num_heads, dim=0)
 
 
 def sanitize_costs(costs: torch.Tensor) -> torch.Tensor:
@@ -100,12 +84,6 @@ def patch_costs(query, key, indices, patch_size: int, similarity: str) -> torch.
     return costs.float().view(N, M, H, W)
 
 
-def unfold_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``(N, C, H, W)`` -> every patch as a column, ``(N, C * p * p, H * W)``, replicate padded."""
-    r = patch_size // 2
-    return F.unfold(F.pad(x.to(compute_dtype(x.dtype)), (r, r, r, r), mode="replicate"), patch_size)
-
-
 def exact_knn(query, key, mask, num_neighbors: int, patch_size: int, similarity: str):
     """Brute-force k-NN: ``indices (N, k, H, W)`` int64 and ``costs (N, k, H, W)`` float32."""
     N, _, H, W = query.shape
@@ -156,14 +134,6 @@ def exact_knn_patches(qpat, kpat, mask, num_neighbors: int, similarity: str, bud
 
 # ----------------------------------------------------------------------------------------------
 # Random initialisation, shared with the compiled backends through the same contract.
-
-
-def allowed_table(mask, N: int, Nk: int):
-    """For a mask ``(N, Nk)``: the allowed flat positions first, ascending, and how many there are."""
-    if mask is None:
-        return None, None
-    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # (N, Nk), allowed first
-    return order, mask.sum(1)
 
 
 def sample_distinct(n_allowed, N: int, K: int, L: int, generator, device) -> torch.Tensor:

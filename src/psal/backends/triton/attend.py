@@ -1,6 +1,6 @@
 """Triton attention over a k-NN field: forward and backward, for CUDA tensors.
 
-Same folded contract as ``reference_attend`` (read its docstring for the notation): query
+Same folded contract as ``psal.backends.torch.attend`` (read its docstring for the notation): query
 ``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, value ``(N, Cv, Hk, Wk)``, indices ``(N, K, H, W)``,
 a 0-dim temperature; the heads are already in the batch. On CPU tensors the kernels run through
 Triton's interpreter (``TRITON_INTERPRET=1``), which is how the test suite checks them without a GPU.
@@ -22,8 +22,8 @@ Scheme. The heavy loops (``C * p * p * K`` per pixel) are Triton kernels; what i
 
 Layouts: features are made channel-last (``(N, H, W, C)``), so that one gathered key or value
 position is ``C`` contiguous values; per-match tensors are ``(N, K, H * W)``. Positions within a
-map are int32 (cheaper division on GPUs; ``K * H * W < 2**31``); memory offsets are int64. Positions outside a
-map are clamped (replicate padding). Everything accumulates in float32 (float64 for float64
+map are int32 (cheaper division on GPUs; dispatch sends only problems with ``K * H * W < 2**31``
+here); memory offsets are int64. Positions outside a map are clamped (replicate padding). Everything accumulates in float32 (float64 for float64
 inputs); float16/bfloat16 inputs are read as they are.
 
 Only the block sizes, the channel chunk (a power of two, with masks), the dtype and the mode are
@@ -40,9 +40,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .._dispatch import cuda_device_of, triton_interpreted
-from .reference import compute_dtype
-from .reference_attend import replicate_pad_adjoint, vote_counts
+from ..device import cuda_device_of, triton_interpreted
+from ..layout import channel_last, compute_dtype, replicate_pad_adjoint, vote_counts
 
 _SIZES = ["C", "H", "W", "Hk", "Wk", "K", "P", "N"]
 
@@ -346,11 +345,6 @@ def _tiles(lanes: int, channels: int) -> dict:
     return dict(BLOCK=block, CB=cb, num_warps=max(1, min(16, block * cb // 64)))
 
 
-def _last(x: torch.Tensor) -> torch.Tensor:
-    """``(N, C, H, W)`` -> channel-last contiguous ``(N, H, W, C)``."""
-    return x.permute(0, 2, 3, 1).contiguous()
-
-
 def _first(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """Channel-last ``(N, H * W * C)``-shaped storage -> ``(N, C, H, W)``."""
     N = x.shape[0]
@@ -368,14 +362,8 @@ class _Call:
         self.C, self.Cv = query.shape[1], value.shape[1]
         self.Hk, self.Wk = key.shape[-2:]
         self.p, self.r = patch_size, patch_size // 2
-        padded = max((self.H + 2 * self.r) * (self.W + 2 * self.r), (self.Hk + 2 * self.r) * (self.Wk + 2 * self.r))
-        if self.K * self.L >= 2**31 or padded >= 2**31:
-            raise ValueError(
-                f"psal.attend: backend 'triton' needs k * H * W and the padded map sizes below 2**31, "
-                f"got k * H * W = {self.K * self.L} and {padded}"
-            )
         self.dot = similarity == "dot"
-        self.q, self.k, self.v = _last(query), _last(key), _last(value)
+        self.q, self.k, self.v = channel_last(query), channel_last(key), channel_last(value)
         self.idx = indices.reshape(self.N, self.K, self.L).contiguous()
         self.T = temperature.to(self.dt)
         self.lanes = self.N * self.K * self.L  # one lane per match
@@ -488,7 +476,7 @@ def _attend_backward(grad, query, key, value, indices, temperature, out, stat, p
     dt = f.dt
     stat = stat.to(dt).reshape(N, L)
     if aggregation == "patch":
-        g = _last(grad)
+        g = channel_last(grad)
         g0 = (grad.to(dt) * out.to(dt)).sum(1).reshape(N, L).contiguous()
         s, log_den = f.s.contiguous(), stat.contiguous()
         gs = f.score_grad(g, f.p, logw=s, shift=log_den, g0=g0)
@@ -498,7 +486,7 @@ def _attend_backward(grad, query, key, value, indices, temperature, out, stat, p
         g = grad.to(dt)
         if aggregation == "patch_mean":
             g = g / vote_counts(H, W, p, g.device, dt)
-        g = _last(g)
+        g = channel_last(g)
         logw = (f.s - stat[:, None]).contiguous()
         w = torch.exp(logw)
         dots = f.score_grad(g, p)

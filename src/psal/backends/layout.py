@@ -1,0 +1,86 @@
+"""Layout helpers that every backend shares: heads folded into the batch, patches as columns,
+channel-last copies, replicate padding and its adjoint, the allowed-key table, vote counts.
+
+Pure PyTorch, no kernels and no dispatch: the backends (``torch``, ``numba``, ``triton``, ``dense``)
+import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def fold_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B * heads, C // heads, H, W)``; head ``h`` owns a contiguous channel block."""
+    B, C, H, W = x.shape
+    return x.reshape(B * num_heads, C // num_heads, H, W)
+
+
+def fold_mask(key_mask, num_heads: int):
+    """``(B, Hk, Wk)`` bool -> ``(B * heads, Hk * Wk)``, or ``None``."""
+    if key_mask is None:
+        return None
+    return key_mask.flatten(1).repeat_interleave(num_heads, dim=0)
+
+
+def unfold_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> every patch as a column, ``(N, C * p * p, H * W)``, replicate padded."""
+    r = patch_size // 2
+    return F.unfold(F.pad(x.to(compute_dtype(x.dtype)), (r, r, r, r), mode="replicate"), patch_size)
+
+
+def channel_last(x: torch.Tensor, dtype: torch.dtype | None = None, pad: int = 0) -> torch.Tensor:
+    """``(N, C, H, W)`` -> contiguous ``(N, H + 2 pad, W + 2 pad, C)`` in ``dtype`` (default: its
+    own), replicate padded by ``pad``: one pixel's ``C`` values, and a patch row's, are contiguous."""
+    x = x.detach() if dtype is None else x.detach().to(dtype)
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def channel_last_rows(x: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, H + 2 pad, (W + 2 pad) * C)``: :func:`channel_last`, one flat row
+    per image row, so that the ``p * C`` values of a patch row are one contiguous run."""
+    N, C, H, W = x.shape
+    return channel_last(x, dtype, pad).reshape(N, H + 2 * pad, (W + 2 * pad) * C)
+
+
+def replicate_pad_adjoint(g: torch.Tensor, r: int) -> torch.Tensor:
+    """The adjoint of ``F.pad(x, (r, r, r, r), mode="replicate")``: fold the border rows back in."""
+    if r == 0:
+        return g
+    H, W = g.shape[-2] - 2 * r, g.shape[-1] - 2 * r
+    rows = g[..., r : r + H, :].clone()
+    rows[..., 0, :] += g[..., :r, :].sum(-2)
+    rows[..., H - 1, :] += g[..., r + H :, :].sum(-2)
+    out = rows[..., r : r + W].clone()
+    out[..., 0] += rows[..., :r].sum(-1)
+    out[..., W - 1] += rows[..., r + W :].sum(-1)
+    return out
+
+
+def vote_counts(H: int, W: int, patch_size: int, device, dtype) -> torch.Tensor:
+    """``(H, W)``: how many query patches cover each pixel (``p * p`` away from the borders)."""
+    r = patch_size // 2
+
+    def along(n):
+        i = torch.arange(n, device=device)
+        return (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(dtype)
+
+    return along(H)[:, None] * along(W)[None, :]
+
+
+def allowed_table(mask, N: int, Nk: int):
+    """For a mask ``(N, Nk)``: the allowed flat positions first, ascending, and how many there are
+    (``(None, None)`` without a mask). Random initialisations draw ranks among the allowed
+    positions and map them through this table, in every backend alike."""
+    if mask is None:
+        return None, None
+    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # (N, Nk), allowed first
+    return order, mask.sum(1)

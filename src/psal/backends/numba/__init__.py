@@ -1,0 +1,1 @@
+"""numba, CPU tensors: the compiled search and attention (every ``@njit`` kernel in ``kernels``)."""

@@ -1,0 +1,128 @@
+"""Compiled CPU PatchMatch (numba), parallel over every core.
+
+Scheme: sequential-scan propagation with alternating directions, inside horizontal bands of
+``_BAND`` rows. Each (map, band) pair is one task of a ``prange``; a band only reads pixels of its
+own band, so no task reads what another writes. The band boundaries move by half a band every
+other iteration so that vertical propagation crosses them. Random numbers come from a counter
+hash of (seed, iteration, pixel): results depend on neither the thread count nor the schedule.
+
+Layouts: padded maps are channel-last and flattened per row, ``(N, H + 2r, (W + 2r) * C)``, so the
+``p * C`` values of one patch row are contiguous; fields are ``(N, H, W, K)``.
+
+Compiled once, cached on disk (numba ``cache=True``), so later processes load instead of compile.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import rng
+from ..layout import allowed_table, channel_last_rows
+from .kernels import search_init, search_iterate
+
+_BAND = 16  # rows per parallel task; fixed, so that results do not depend on the thread count
+# Lower-bound sketch: values per pixel. The key's sketch is read at random places, so it must stay
+# in cache: 8 values were fastest at 256x256 keys, 4 at 512x512 (8 took 1.2x longer there).
+_SKETCH_DIMS_SMALL, _SKETCH_DIMS_LARGE, _SKETCH_LARGE_KEYS = 8, 4, 1 << 17
+_SKETCH_CHANNELS = 8  # principal channel directions considered
+# Random starts screened by their sketch bound per match (at most _SCREEN_MAX per pixel): at
+# 256x256, p = 7, k = 3, 48 took the mean cost ratio to exact after 5 iterations from 1.045 to 1.032
+# for 8% more time; one more iteration instead bought less (1.038 for 15%).
+_SCREEN_PER_MATCH, _SCREEN_MAX = 16, 64
+class _SketchBasis(NamedTuple):
+    """``D`` orthonormal patch filters, each a channel direction times a spatial DCT patch."""
+
+    chans: torch.Tensor  # (m, C): orthonormal channel directions
+    spatial: torch.Tensor  # (D, p, p): the spatial patch of each filter
+    which: torch.Tensor  # (D,): the channel direction of each filter
+
+
+def _sketch_basis(p: int, C: int, key: torch.Tensor, dims: int) -> _SketchBasis:
+    """``dims`` orthonormal patch filters that capture most of the key's variance.
+
+    Candidates are the tensor products of orthonormal channel directions (the principal
+    directions of the key's channels) and the lowest 2-D DCT-II patches (frequencies 0..2 on each
+    axis); the ``dims`` whose responses vary most over (a subsample of) the key are kept.
+
+    Orthonormal projections can only shrink a vector, so the squared distance between two
+    patches' sketches is a lower bound of their l2 patch cost: a candidate whose bound already
+    reaches the worst kept cost is dropped after ``dims`` operations instead of ``C * p * p``.
+    """
+    x = torch.arange(p, dtype=torch.float64)
+    freqs = range(min(p, 3))
+    dct = [torch.cos(torch.pi * f * (2 * x + 1) / (2 * p)) * ((1.0 if f == 0 else 2.0) / p) ** 0.5 for f in freqs]
+    spatial = torch.stack([a.outer(b) for a in dct for b in dct]).float()  # (s, p, p)
+    # Statistics only choose among orthonormal filters: non-finite values may not break them.
+    k = torch.nan_to_num(key.detach().float(), nan=0.0, posinf=0.0, neginf=0.0)
+    f = k.transpose(0, 1).reshape(C, -1).double()
+    f = f - f.mean(1, keepdim=True)
+    try:
+        chans = torch.linalg.eigh(f @ f.T).eigenvectors.T  # (C, C), rows orthonormal
+    except RuntimeError:  # pragma: no cover - eigh failing to converge
+        chans = torch.eye(C, dtype=torch.float64)
+    chans = chans[-min(C, _SKETCH_CHANNELS):].float()  # (m, C)
+    m, s = chans.shape[0], spatial.shape[0]
+    stride = max(1, int((key.shape[-2] * key.shape[-1] / 4096) ** 0.5))  # about 4096 patches
+    y = _project(k, chans, p // 2)  # (N, m, Hk + 2r, Wk + 2r)
+    resp = F.conv2d(y.flatten(0, 1)[:, None], spatial[:, None], stride=stride)  # (N * m, s, h, w)
+    var = resp.reshape(-1, m * s, resp.shape[-2] * resp.shape[-1]).transpose(0, 1).flatten(1).var(1, correction=0)
+    keep = var.argsort(descending=True)[:dims]
+    return _SketchBasis(chans, spatial[keep % s], keep // s)
+
+
+def _project(x: torch.Tensor, chans: torch.Tensor, r: int) -> torch.Tensor:
+    """Channels of ``x (N, C, H, W)`` onto the directions ``chans (m, C)``, replicate padded by r."""
+    y = torch.einsum("mc,nchw->nmhw", chans, x.detach().float())
+    return F.pad(y, (r, r, r, r), mode="replicate")
+
+
+def _sketch(x: torch.Tensor, r: int, basis: _SketchBasis) -> np.ndarray:
+    """Sketch ``(N, H, W, D)`` of every patch of ``x (N, C, H, W)``: one depthwise filter each."""
+    y = _project(x, basis.chans, r)[:, basis.which]  # (N, D, H + 2r, W + 2r)
+    z = F.conv2d(y, basis.spatial[:, None], groups=basis.spatial.shape[0])
+    return z.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int):
+    """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CPU tensors."""
+    N, C, H, W = query.shape
+    Hk, Wk = key.shape[-2:]
+    K, p, r = num_neighbors, patch_size, patch_size // 2
+    qp = channel_last_rows(query, torch.float32, r).numpy()
+    kp = channel_last_rows(key, torch.float32, r).numpy()
+    dot = similarity == "dot"
+    if dot:  # no bound for a dot-product cost
+        sq = sk = np.zeros((1, 1, 1, 0), dtype=np.float32)
+        screen = 0
+    else:
+        dims = _SKETCH_DIMS_SMALL if Hk * Wk <= _SKETCH_LARGE_KEYS else _SKETCH_DIMS_LARGE
+        basis = _sketch_basis(p, C, key, dims)
+        screen = min(_SCREEN_PER_MATCH * K, _SCREEN_MAX)
+        sq = _sketch(query, r, basis)
+        sk = _sketch(key, r, basis)
+    if mask is None:
+        mask_np = np.ones((1, 1), dtype=np.bool_)
+        allowed = np.zeros((1, 1), dtype=np.int64)
+        n_allowed = np.full(N, Hk * Wk, dtype=np.int64)
+    else:
+        order, count = allowed_table(mask, N, Hk * Wk)
+        mask_np = mask.contiguous().numpy()
+        allowed = order.contiguous().numpy()
+        n_allowed = count.numpy().astype(np.int64)
+    if init_idx is None:
+        init_np = np.zeros((1, 1, 1, 1), dtype=np.int64)
+    else:
+        init_np = init_idx.reshape(N, -1, H, W).permute(0, 2, 3, 1).contiguous().numpy()
+    out_idx = np.empty((N, H, W, K), dtype=np.int64)
+    out_cost = np.empty((N, H, W, K), dtype=np.float32)
+    has_mask = mask is not None
+    search_init(qp, kp, sq, sk, mask_np, has_mask, allowed, n_allowed, init_np, init_idx is not None, out_idx, out_cost, Wk, p, C, dot, np.uint64(rng.stream(seed, -1)), screen)
+    for it in range(num_iters):
+        search_iterate(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, Hk, Wk, p, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND)
+    idx = torch.from_numpy(out_idx).permute(0, 3, 1, 2).contiguous()
+    cost = torch.from_numpy(out_cost).permute(0, 3, 1, 2).contiguous()
+    return idx, cost

@@ -1,0 +1,1 @@
+"""Triton, CUDA tensors (CPU tensors through Triton's interpreter, for tests): the search and attention kernels."""
