@@ -40,6 +40,30 @@ def test_cross_attention_with_other_sizes_and_a_mask(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", MODEL_CASES)
+def test_explicit_randomness_seed_or_generator(backend, device):
+    """A seeded layer draws from its own generator, not torch's global one; a generator passed to
+    forward wins; a block passes it on."""
+    x = torch.rand(1, 4, 14, 13, generator=gen(0)).to(device)
+    opts = dict(num_neighbors=3, num_iters=1, backend=backend)
+    a, b = psal.PSAttention(seed=7, **opts), psal.PSAttention(seed=7, **opts)
+    torch.manual_seed(0)
+    out_a = a(x)
+    torch.manual_seed(123)  # the global generator plays no part
+    out_b = b(x)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
+    # the layer's own generator advances: its second call draws other random starts
+    second = a(x, generator=gen(5))
+    want = psal.ps_attention(x, x, x, **opts, generator=gen(5))
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    assert not torch.equal(psal.PSAttention(seed=8, **opts)(x), out_b)
+    block = psal.PSALBlock(4, num_neighbors=3, num_iters=1, backend=backend).to(device)
+    block.out.weight.data.copy_(torch.randn(block.out.weight.shape, generator=gen(1)))  # not the identity
+    torch.testing.assert_close(block(x, generator=gen(2)), block(x, generator=gen(2)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"psal.PSAttention: seed must be"):
+        psal.PSAttention(seed=-1)
+
+
+@pytest.mark.parametrize("backend, device", MODEL_CASES)
 def test_learned_temperature_gets_a_gradient_and_stays_positive(backend, device):
     layer = psal.PSAttention(learn_temperature=True, temperature=0.5, backend=backend).to(device)
     assert [n for n, _ in layer.named_parameters()] == ["log_temperature"]

@@ -192,12 +192,14 @@ def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: 
 
 
 def check_init(fn: str, init, shapes: MapShapes, device: torch.device):
-    """A warm-start field: a ``KNNField`` (or any object with ``indices``) or ``None``."""
+    """A warm start: a ``KNNField`` (or any object with ``indices``), its indices tensor, or ``None``."""
     if init is None:
         return None
+    if isinstance(init, torch.Tensor):
+        return check_field_indices(fn, "init", init, shapes, device)
     indices = getattr(init, "indices", None)
-    if isinstance(init, torch.Tensor) or not isinstance(indices, torch.Tensor):
-        raise TypeError(f"{fn}: init must be a psal.KNNField or None, got {type(init).__name__}")
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"{fn}: init must be a psal.KNNField, an indices tensor or None, got {type(init).__name__}")
     return check_field_indices(fn, "init.indices", indices, shapes, device)
 
 

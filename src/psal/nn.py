@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import _checks as checks
-from ._dispatch import SEARCH_BACKENDS
+from ._dispatch import BACKENDS
 from .functional import ps_attention
 from .types import KNNField
 
@@ -24,9 +24,12 @@ class PSAttention(nn.Module):
         warm_start: in training mode, start each call's search from the previous call's field when
             the shapes match (the result is never worse than that field). Off by default, because
             it makes an output depend on earlier calls. Not meant for ``torch.compile``.
+        seed: the search's random draws come from this layer's own generator, seeded with it
+            (``self.generator``, which may also be replaced); ``None``: from torch's global
+            generator (``torch.manual_seed``). A ``generator=`` passed to ``forward`` wins.
 
     Shapes:
-        ``forward(query, key=None, value=None, key_mask=None)``: query ``(B, C, H, W)``, key
+        ``forward(query, key=None, value=None, key_mask=None, generator=None)``: query ``(B, C, H, W)``, key
         ``(B, C, Hk, Wk)`` (default: the query, self-attention), value ``(B, Cv, Hk, Wk)``
         (default: the key), key_mask ``(B, Hk, Wk)`` bool -> ``(B, Cv, H, W)``.
 
@@ -48,6 +51,7 @@ class PSAttention(nn.Module):
         num_heads: int = 1,
         warm_start: bool = False,
         backend: str = "auto",
+        seed: int | None = None,
     ):
         super().__init__()
         fn = "psal.PSAttention"
@@ -58,7 +62,7 @@ class PSAttention(nn.Module):
         self.aggregation = checks.check_aggregation(fn, aggregation)
         self.similarity = checks.check_similarity(fn, similarity)
         self.num_heads = checks.check_int(fn, "num_heads", num_heads, 1)
-        self.backend = checks.check_choice(fn, "backend", backend, SEARCH_BACKENDS)
+        self.backend = checks.check_choice(fn, "backend", backend, BACKENDS)
         self.warm_start = bool(warm_start)
         self.learn_temperature = bool(learn_temperature)
         if self.learn_temperature:
@@ -67,6 +71,9 @@ class PSAttention(nn.Module):
             self.temperature = float(temperature)
         self._field: KNNField | None = None
         self._field_key = None
+        # Not a buffer: a generator is state of the run, not of the model, and stays on the CPU
+        # (the seed it draws is passed to the kernels, whatever the device).
+        self.generator = None if seed is None else torch.Generator().manual_seed(checks.check_int(fn, "seed", seed, 0))
 
     @property
     def current_temperature(self):
@@ -80,7 +87,7 @@ class PSAttention(nn.Module):
             return None
         return self._field
 
-    def forward(self, query, key=None, value=None, key_mask=None):
+    def forward(self, query, key=None, value=None, key_mask=None, generator=None):
         key = query if key is None else key
         value = key if value is None else value
         out, field = ps_attention(
@@ -96,6 +103,7 @@ class PSAttention(nn.Module):
             similarity=self.similarity,
             num_heads=self.num_heads,
             init=self._init_field(query, key),
+            generator=self.generator if generator is None else generator,
             return_field=True,
             backend=self.backend,
         )
@@ -133,7 +141,7 @@ class PSALBlock(nn.Module):
         **attention_options: passed to :class:`PSAttention`.
 
     Shapes:
-        ``forward(x, context=None, key_mask=None)``: x ``(B, channels, H, W)``, context
+        ``forward(x, context=None, key_mask=None, generator=None)``: x ``(B, channels, H, W)``, context
         ``(B, channels, Hk, Wk)``, key_mask ``(B, Hk, Wk)`` bool -> ``(B, channels, H, W)``.
 
     Example:
@@ -170,11 +178,11 @@ class PSALBlock(nn.Module):
                 f"{fn}: {name} must have shape (B, {self.channels}, H, W), got {tuple(t.shape)}"
             )
 
-    def forward(self, x, context=None, key_mask=None):
+    def forward(self, x, context=None, key_mask=None, generator=None):
         self._check("x", x)
         if context is None:
             context = x
         else:
             self._check("context", context)
-        y = self.attention(self.query(x), self.key(context), self.value(context), key_mask=key_mask)
+        y = self.attention(self.query(x), self.key(context), self.value(context), key_mask=key_mask, generator=generator)
         return x + self.out(y)

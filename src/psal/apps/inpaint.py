@@ -37,9 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as checks
-from .._dispatch import SEARCH_BACKENDS
+from .._dispatch import BACKENDS
 from ..functional import attend, patch_costs, patchmatch
-from ..types import KNNField
 
 __all__ = ["inpaint"]
 
@@ -291,7 +290,7 @@ def inpaint(
     if not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool) or not tolerance >= 0:
         raise ValueError(f"{_FN}: tolerance must be a number >= 0, got {tolerance!r}")
     generator = checks.check_generator(_FN, generator)
-    backend = checks.check_backend(_FN, backend, SEARCH_BACKENDS, image.device)
+    backend = checks.check_backend(_FN, backend, BACKENDS, image.device)
     if progress is not None and not callable(progress):
         raise TypeError(f"{_FN}: progress must be callable as progress(done, total) or None, got {type(progress).__name__}")
 
@@ -340,7 +339,7 @@ def inpaint(
                 indices = torch.where(allowed, indices, fresh.indices)
             costs = patch_costs(feat, feat, indices, patch_size=patch_size)
             cur = _vote(cur, feat, indices, costs, lhole, near, depth, patch_size, backend)
-        field = None if indices is None else KNNField(indices, torch.zeros(indices.shape, device=indices.device))
+        field = indices  # a warm start from the coarser scale's matches (bare indices), or None
         for _ in range(num_iters):
             feat = _features(cur, C)
             field = patchmatch(feat, feat, patch_size=patch_size, num_neighbors=k, num_iters=search_iters,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..functional import full_attention
-from ..nn import PSALBlock
+from ..nn import PSALBlock, PSAttention
 
 __all__ = ["InpaintNet", "MIXERS", "inpaint_with_model", "load_pretrained", "PRETRAINED_PATH"]
 
@@ -52,7 +52,8 @@ class FullAttention(nn.Module):
         self.patch_size, self.method = patch_size, method
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
 
-    def forward(self, query, key, value, key_mask=None):
+    def forward(self, query, key, value, key_mask=None, generator=None):
+        """As :class:`psal.PSAttention`'s; ``generator`` is taken and unused (nothing is random)."""
         T = self.log_temperature.exp()
         if self.method == "auto":
             return full_attention(query, key, value, patch_size=self.patch_size, temperature=T, key_mask=key_mask)
@@ -181,11 +182,19 @@ def load_pretrained(path: str | None = None, map_location="cpu") -> InpaintNet:
 
 
 @torch.no_grad()
-def inpaint_with_model(image: torch.Tensor, hole: torch.Tensor, model: InpaintNet | None = None) -> torch.Tensor:
+def inpaint_with_model(
+    image: torch.Tensor, hole: torch.Tensor, model: InpaintNet | None = None, seed: int | None = None
+) -> torch.Tensor:
     """Fill ``hole`` of ``image`` (``(1, C, H, W)``, C = 1 or 3) with a trained :class:`InpaintNet`
-    (default: :func:`load_pretrained`); known pixels are returned bitwise unchanged."""
+    (default: :func:`load_pretrained`); known pixels are returned bitwise unchanged. ``seed``: the
+    PSAL layers' searches draw from their own generators, seeded with it (else from theirs as
+    they are, or torch's global one)."""
     if model is None:
         model = load_pretrained(map_location=image.device)
+    if seed is not None:
+        for m in model.modules():
+            if isinstance(m, PSAttention):
+                m.generator = torch.Generator().manual_seed(seed)
     hole = hole.reshape(image.shape[0], 1, *image.shape[-2:])
     rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
     param = next(model.parameters())
@@ -194,3 +203,9 @@ def inpaint_with_model(image: torch.Tensor, hole: torch.Tensor, model: InpaintNe
     if image.shape[1] == 1:
         out = out.mean(1, keepdim=True)
     return torch.where(hole, out, image)
+
+
+def hole_l1(out: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean absolute error over the hole's pixels (all channels)."""
+    h = hole.expand_as(out).to(out.dtype)
+    return ((out - target).abs() * h).sum() / h.sum().clamp_min(1)

@@ -27,8 +27,7 @@ from psal.bench import common
 
 
 def child(mixer: str, size: int, device: str, repeats: int, width: int) -> dict:
-    from psal.apps.inpaint_net import InpaintNet
-    from psal.examples.train_inpainting import hole_l1
+    from psal.apps.inpaint_net import InpaintNet, hole_l1
 
     dev = torch.device(device)
     torch.manual_seed(0)

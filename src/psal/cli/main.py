@@ -187,13 +187,12 @@ def _fill_with_model(path, image, hole, device, seed):
 
     if not os.path.isfile(path):
         raise CLIError(f"checkpoint {path!r}: no such file")
-    torch.manual_seed(seed)  # the PSAL block's search draws from torch's generator
     try:
         model = load_pretrained(path, map_location=device)
     except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"checkpoint {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
-    return inpaint_with_model(image.to(device), hole.to(device), model.to(device))
+    return inpaint_with_model(image.to(device), hole.to(device), model.to(device), seed=seed)
 
 
 def cmd_upscale(args) -> dict:

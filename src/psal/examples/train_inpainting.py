@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from psal import images
-from psal.apps.inpaint_net import MIXERS, InpaintNet
+from psal.apps.inpaint_net import MIXERS, InpaintNet, hole_l1
 
 TRAIN_IMAGES = (
     "brick", "grass", "gravel", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
@@ -134,11 +134,6 @@ def held_out_set(crop: int = 96, per_picture: int = 2, seed: int = 0):
             crops.append(pic[0, :, y : y + crop, x : x + crop])
     imgs = torch.stack(crops)
     return imgs, random_holes(len(crops), crop, g)
-
-
-def hole_l1(out: torch.Tensor, target: torch.Tensor, hole: torch.Tensor) -> torch.Tensor:
-    h = hole.expand_as(out).to(out.dtype)
-    return ((out - target).abs() * h).sum() / h.sum().clamp_min(1)
 
 
 @torch.no_grad()
