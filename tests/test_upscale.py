@@ -3,6 +3,8 @@ alone on a texture, consistent with its input, and clear errors."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import gen
@@ -63,3 +65,18 @@ def test_bad_input():
         upscale(torch.rand(3, 16, 16), 2)
     with pytest.raises(TypeError, match="upscale: image must be a floating-point tensor"):
         upscale(torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 2)
+
+
+def test_luminance_follows_the_device_of_its_input():
+    """``psal demo --device cuda`` built the luminance weights of ``y_psnr`` on the CPU and failed on
+    CUDA inputs; meta tensors stand in for a GPU here."""
+    from psal.apps.metrics import luma, y_psnr
+
+    y = luma(torch.empty(1, 3, 5, 4, device="meta"))
+    assert y.device.type == "meta" and y.shape == (1, 1, 5, 4)
+    white = luma(torch.ones(1, 3, 2, 2, dtype=torch.float64))
+    torch.testing.assert_close(white, torch.full((1, 1, 2, 2), 219 / 255, dtype=torch.float64))  # BT.601: 16..235
+    a = torch.zeros(1, 3, 8, 8)
+    b = a.clone()
+    b[..., 4, 4] = 1.0  # one white pixel in the 4 x 4 centre: mse = (219/255)^2 / 16
+    assert abs(y_psnr(a, b, 2) - 10 * math.log10(16 / (219 / 255) ** 2)) < 1e-4

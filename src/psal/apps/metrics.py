@@ -46,11 +46,15 @@ def hole_psnr(a: torch.Tensor, b: torch.Tensor, hole: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / (a[h] - b[h]).square().mean().clamp_min(1e-12)))
 
 
+def luma(img: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, H, W)``: BT.601 luminance of an RGB image in ``[0, 1]``, on the image's device."""
+    w = torch.tensor([65.481, 128.553, 24.966], dtype=img.dtype, device=img.device).view(1, 3, 1, 1) / 255
+    return (img.clamp(0, 1) * w).sum(1, keepdim=True)
+
+
 def y_psnr(a: torch.Tensor, b: torch.Tensor, crop: int) -> float:
     """PSNR in dB of the BT.601 luminance, ``crop`` pixels left out at every border."""
-    w = torch.tensor([65.481, 128.553, 24.966], dtype=a.dtype).view(1, 3, 1, 1) / 255
-    ya, yb = (a.clamp(0, 1) * w).sum(1, keepdim=True), (b.clamp(0, 1) * w).sum(1, keepdim=True)
-    mse = (ya - yb)[..., crop:-crop, crop:-crop].square().mean()
+    mse = (luma(a) - luma(b))[..., crop:-crop, crop:-crop].square().mean()
     return float(10 * torch.log10(1 / mse.clamp_min(1e-12)))
 
 
