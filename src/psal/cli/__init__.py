@@ -1,1 +1,1 @@
-"""Programs run from the command line (``python -m psal.cli.demo``); they print, the library does not."""
+"""The ``psal`` command (``psal inpaint | colorize | upscale | reconstruct | demo``); it prints, the library does not."""
