@@ -102,17 +102,12 @@ class Run:
         print(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn, device: torch.device, warmup: int = 1, repeats: int = 10, budget_s: float = 10.0) -> tuple[float, int]:
     """Median milliseconds of ``fn()`` over up to ``repeats`` calls (fewer once ``budget_s`` is
     spent, at least one) after ``warmup`` untimed calls; CUDA events on a GPU."""
     for _ in range(warmup):
         fn()
-    sync(device)
+    common.sync(str(device))
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeats and (not times or time.perf_counter() - start < budget_s):
@@ -251,7 +246,7 @@ def section_search(run: Run) -> dict:
     res = {"inputs": source, "size": S, "patch_size": p, "k": K, "runs": []}
     t = time.perf_counter()
     exact = psal.exact_knn(q, k, patch_size=p, num_neighbors=K)
-    sync(run.device)
+    common.sync(str(run.device))
     res["exact_seconds"] = time.perf_counter() - t
     res["exact_best"], res["exact_mean"] = _interior_mean(exact.costs, p, 3)
     rows = [["exact (brute force)", "–", _fmt(res["exact_seconds"] * 1e3, 4), _fmt(res["exact_best"], 4), _fmt(res["exact_mean"], 4), "1.000"]]
