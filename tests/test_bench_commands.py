@@ -5,11 +5,38 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 pytest.importorskip("skimage")
 
 
+def test_scenarios_build_the_inputs_and_truths():
+    pytest.importorskip("skimage")
+    from psal import images
+    from psal.apps import scenarios
+
+    truth, hole = scenarios.inpaint_case("chelsea", 96)
+    assert truth.shape == (1, 3, 96, 96) and hole.shape == (1, 1, 96, 96) and hole.dtype == torch.bool
+    assert 0.12 <= hole.float().mean() <= 0.25
+    assert torch.equal(scenarios.inpaint_case("chelsea", 96)[1], hole)  # seeded by the name
+    shown = scenarios.inpaint_shown(truth, hole)
+    assert torch.equal(shown[~hole.expand_as(truth)], truth[~hole.expand_as(truth)])
+    assert torch.equal(shown[:, 1][hole[:, 0]], torch.zeros(int(hole.sum())))
+    gray, reference, target = scenarios.colorize_case("coffee", 64)
+    assert gray.shape == (1, 1, 64, 64) and reference.shape == target.shape == (1, 3, 64, 64)
+    assert torch.allclose(gray, 0.299 * target[:, :1] + 0.587 * target[:, 1:2] + 0.114 * target[:, 2:], atol=1e-6)
+    low, high = scenarios.upscale_case("camera", 65, 3)
+    assert high.shape == (1, 3, 63, 63) and low.shape == (1, 3, 21, 21)
+    # a picture shrunk to a longest side keeps its aspect; one smaller is left alone
+    coffee = images.load_bundled("coffee", longest=300)
+    assert coffee.shape == (1, 3, 200, 300)
+    assert images.load_bundled("chelsea", longest=1000).shape == (1, 3, 300, 451)
+    with pytest.raises(ValueError, match="size or longest"):
+        images.load_bundled("coffee", 64, longest=300)
+
+
 def test_bench_apps_small(tmp_path, capsys):
+    from psal.apps import scenarios
     from psal.bench import apps
 
     report, gallery = tmp_path / "apps.json", tmp_path / "gallery.png"
@@ -25,10 +52,10 @@ def test_bench_apps_small(tmp_path, capsys):
     assert set(results["upscale"]) == {"x2", "x4"}
     for scale in ("x2", "x4"):
         per = results["upscale"][scale]
-        assert len(per["psal"]) == len(apps.UPSCALE_IMAGES)
+        assert len(per["psal"]) == len(scenarios.UPSCALE_PICTURES)
         # the upscaled picture is consistent with its input, so never far below bicubic
         assert sum(p for p, _ in per["psal"]) >= sum(p for p, _ in per["bicubic"])
-    assert len(results["colorize"]["psal"]) == len(apps.COLOUR_IMAGES)
+    assert len(results["colorize"]["psal"]) == len(scenarios.COLOUR_PICTURES)
     assert gallery.stat().st_size > 1000
 
 

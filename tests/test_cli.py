@@ -162,6 +162,23 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["out.png"]
 
 
+def test_json_reports_are_written_atomically(tmp_path, monkeypatch):
+    from psal import images
+
+    out = tmp_path / "report.json"
+    images.write_json(out, {"a": 1.5, "path": tmp_path})
+    assert json.loads(out.read_text()) == {"a": 1.5, "path": str(tmp_path)}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="disk full"):
+        images.write_json(out, {"a": 2})
+    assert json.loads(out.read_text())["a"] == 1.5
+    assert sorted(os.listdir(tmp_path)) == ["report.json"]
+
+
 def test_console_entry_point_prints_one_line(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "psal.cli", "reconstruct", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o", str(tmp_path / "c.png")],

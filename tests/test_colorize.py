@@ -28,12 +28,9 @@ def _chroma_psnr(a, b) -> float:
 
 def test_colours_another_crop_of_the_same_scene_better_than_a_global_transfer():
     pytest.importorskip("skimage")
-    im = images.load_bundled("coffee")
-    H, W = im.shape[-2:]
-    s = min(H, W) * 5 // 8
-    reference = images.resize(im[..., :s, :s], (112, 112))
-    truth = images.resize(im[..., H - s :, W - s :], (112, 112))
-    gray = (truth * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    from psal.apps.scenarios import colorize_case
+
+    gray, reference, truth = colorize_case("coffee", 112)
     ours = colorize(gray, reference, generator=gen(0))
     assert ours.shape == (1, 3, 112, 112)
     base = global_transfer(gray, reference)

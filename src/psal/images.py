@@ -1,4 +1,5 @@
-"""Image helpers for demos, benchmarks and tests: bundled images, PNG files, PSNR.
+"""Image helpers for demos, benchmarks and tests: bundled images, image files, PSNR, and the one
+atomic file writer that every image, report and checkpoint goes through.
 
 The bundled images are scikit-image's (they load without a network); install the ``demo`` extra.
 """
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 BUNDLED = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")
+# More of scikit-image's pictures that load without a network (no pooch download).
+MORE_PICTURES = ("hubble_deep_field", "immunohistochemistry", "retina", "coins", "moon", "cell", "cat", "colorwheel")
 
 
 def _need(module: str):
@@ -37,21 +40,34 @@ def resize(image: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(image, size=tuple(size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
-def load_bundled(name: str, size=None, gray: bool = False) -> torch.Tensor:
+def grayscale(image: torch.Tensor) -> torch.Tensor:
+    """``Tensor[B, 3, H, W]`` RGB -> ``Tensor[B, 1, H, W]``: ITU-R BT.601 luma weights (0.299,
+    0.587, 0.114), on the image's device and in its dtype."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+    return (image * w).sum(1, keepdim=True)
+
+
+def load_bundled(name: str, size=None, gray: bool = False, longest: int | None = None) -> torch.Tensor:
     """A scikit-image sample as ``Tensor[1, 3, H, W]`` (``[1, 1, H, W]`` if ``gray``) in ``[0, 1]``.
 
     Args:
-        name: one of :data:`BUNDLED`.
+        name: one of :data:`BUNDLED` or :data:`MORE_PICTURES`.
         size: ``int`` for a square or ``(H, W)``; ``None`` keeps the original size.
+        longest: with ``size=None``, shrink (never enlarge) so that the longer side is at most this.
     """
-    if name not in BUNDLED:
-        raise ValueError(f"load_bundled: name must be one of {', '.join(BUNDLED)}, got {name!r}")
+    if name not in BUNDLED + MORE_PICTURES:
+        raise ValueError(f"load_bundled: name must be one of {', '.join(BUNDLED + MORE_PICTURES)}, got {name!r}")
+    if size is not None and longest is not None:
+        raise ValueError(f"load_bundled: give size or longest, not both (got size={size!r}, longest={longest!r})")
     data = _need("skimage.data")
-    image = to_tensor(getattr(data, name)())
+    image = to_tensor(getattr(data, name)())[:, :3]  # an alpha channel is dropped
     if gray and image.shape[1] == 3:
-        image = (image * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        image = grayscale(image)
     elif not gray and image.shape[1] == 1:
         image = image.expand(1, 3, *image.shape[-2:]).contiguous()
+    if longest is not None and max(image.shape[-2:]) > longest:
+        scale = longest / max(image.shape[-2:])
+        size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
     if size is not None:
         image = resize(image, (size, size) if isinstance(size, int) else size)
     return image
@@ -114,3 +130,11 @@ def side_by_side(pictures, height: int = 256, gap: int = 4) -> torch.Tensor:
         rows.append(resize(pic, (height, width)))
         rows.append(torch.ones(1, 3, height, gap))
     return torch.cat(rows[:-1], dim=3)
+
+
+def write_json(path, data) -> None:
+    """``data`` as indented JSON at ``path``, atomically (see :func:`write_atomically`)."""
+    import json
+
+    text = json.dumps(data, indent=1, default=str).encode()
+    write_atomically(path, lambda f: f.write(text))

@@ -34,13 +34,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from psal.apps import scenarios
 from psal.apps.inpaint_net import PRETRAINED_PATH
-from psal.apps.metrics import chroma_psnr, gradient_ratio, hole_psnr, make_hole, y_psnr
+from psal.apps.metrics import chroma_psnr, gradient_ratio, hole_psnr, y_psnr
 from psal.bench import common
-
-INPAINT_IMAGES = ("brick", "grass", "gravel", "astronaut", "coffee", "chelsea", "camera", "rocket")
-COLOUR_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")  # the colour ones among the bundled
-UPSCALE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")
 
 
 def _pypatchmatch(img, hole):
@@ -84,7 +81,6 @@ def _has_pypatchmatch() -> bool:
 
 
 def run_inpaint(args, gallery):
-    from psal import images
     from psal.apps.inpaint import inpaint
 
     methods = {"psal": lambda gt, hole: inpaint(gt, hole, generator=torch.Generator().manual_seed(args.seed))}
@@ -98,9 +94,8 @@ def run_inpaint(args, gallery):
         print("  (pypatchmatch is not installed: pip install pypatchmatch; its column is left out)", file=sys.stderr)
     methods["biharmonic"] = _biharmonic
     rows, per = [], {m: [] for m in methods}
-    for name in args.images or INPAINT_IMAGES:
-        gt = images.load_bundled(name, args.size)
-        hole = make_hole(args.size, 1000 + sum(map(ord, name)))
+    for name in args.images or scenarios.INPAINT_PICTURES:
+        gt, hole = scenarios.inpaint_case(name, args.size)
         truth_ratio = gradient_ratio(gt, hole)
         outs = {}
         for m, fn in methods.items():
@@ -110,9 +105,8 @@ def run_inpaint(args, gallery):
             res = (hole_psnr(out, gt, hole), gradient_ratio(out, hole) / truth_ratio, known, sec)
             per[m].append(res)
             rows.append([name, f"{100 * float(hole.float().mean()):.1f}", m, f"{res[0]:.2f}", f"{res[1]:.2f}", f"{res[2]:.3f}", f"{res[3]:.2f}"])
-        shown = torch.where(hole.expand_as(gt), torch.tensor([1.0, 0.0, 1.0]).view(1, 3, 1, 1), gt)
         other = outs.get("pypatchmatch", outs["biharmonic"])
-        gallery.append(("inpaint " + name, [shown, outs["psal"], other, gt]))
+        gallery.append(("inpaint " + name, [scenarios.inpaint_shown(gt, hole), outs["psal"], other, gt]))
     for m, res in per.items():
         rows.append(["mean", "", m, *(f"{statistics.mean(r[i] for r in res):.2f}" for i in range(2)), f"{max(r[2] for r in res):.3f}", f"{statistics.mean(r[3] for r in res):.2f}"])
     print(common.markdown_table(["image", "hole %", "method", "hole PSNR dB", "gradient ratio", "known max change", "s"], rows))
@@ -120,17 +114,11 @@ def run_inpaint(args, gallery):
 
 
 def run_colorize(args, gallery):
-    from psal import images
     from psal.apps.colorize import colorize, global_transfer
 
     rows, per = [], {"psal": [], "global transfer": []}
-    for name in COLOUR_IMAGES:
-        im = images.load_bundled(name)
-        H, W = im.shape[-2:]
-        s = min(H, W) * 5 // 8
-        reference = images.resize(im[..., :s, :s], (args.size, args.size))
-        truth = images.resize(im[..., H - s :, W - s :], (args.size, args.size))
-        gray = (truth * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    for name in scenarios.COLOUR_PICTURES:
+        gray, reference, truth = scenarios.colorize_case(name, args.size)
         ours, sec = _timed(lambda: colorize(gray, reference, generator=torch.Generator().manual_seed(args.seed)))
         base, bsec = _timed(lambda: global_transfer(gray, reference))
         for m, out, t in (("psal", ours, sec), ("global transfer", base, bsec)):
@@ -144,17 +132,13 @@ def run_colorize(args, gallery):
 
 
 def run_upscale(args, gallery):
-    from psal import images
-    from psal.apps.upscale import back_project, downsample, enlarge, upscale
+    from psal.apps.upscale import back_project, enlarge, upscale
 
     results = {}
     for scale in args.scales:
         rows, per = [], {"psal": [], "bicubic": [], "back-projection": []}
-        for name in UPSCALE_IMAGES:
-            truth = images.load_bundled(name, args.size)
-            side = args.size - args.size % scale  # a whole number of low-resolution pixels
-            truth = truth[..., :side, :side]
-            low = downsample(truth, scale).clamp(0, 1)
+        for name in scenarios.UPSCALE_PICTURES:
+            low, truth = scenarios.upscale_case(name, args.size, scale)
             ours, sec = _timed(lambda: upscale(low, scale, generator=torch.Generator().manual_seed(args.seed)))
             bicubic, bsec = _timed(lambda: enlarge(low, truth.shape[-2:]).clamp(0, 1))
             bp, psec = _timed(lambda: back_project(enlarge(low, truth.shape[-2:]), low).clamp(0, 1))
@@ -174,7 +158,7 @@ def run_upscale(args, gallery):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench apps", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--images", nargs="*", help=f"inpainting images (default: {', '.join(INPAINT_IMAGES)})")
+    ap.add_argument("--images", nargs="*", help=f"inpainting images (default: {', '.join(scenarios.INPAINT_PICTURES)})")
     ap.add_argument("--tasks", nargs="+", default=["inpaint", "colorize", "upscale"], choices=["inpaint", "colorize", "upscale"])
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
     ap.add_argument("--seed", type=int, default=0)

@@ -119,10 +119,9 @@ class PeakMemory:
 def write_json(path, args, results) -> None:
     """The environment, the command's arguments and its results, as JSON at ``path`` (if given)."""
     if path:
-        import json
+        from psal.images import write_json as write
 
-        with open(path, "w") as f:
-            json.dump({"environment": environment_dict(), "args": vars(args), "results": results}, f, indent=1)
+        write(path, {"environment": environment_dict(), "args": vars(args), "results": results})
 
 
 def markdown_table(header, rows) -> str:

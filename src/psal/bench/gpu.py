@@ -94,9 +94,9 @@ class Run:
         return self.args.budget - (time.perf_counter() - self.t0)
 
     def save(self) -> None:
-        tmp = self.out / "gpu_check.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        tmp.replace(self.out / "gpu_check.json")
+        from psal.images import write_json
+
+        write_json(self.out / "gpu_check.json", self.results)
 
     def log(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:6.1f} s] {msg}", file=sys.stderr, flush=True)

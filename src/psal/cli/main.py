@@ -16,7 +16,6 @@ set ``PSAL_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -229,16 +228,11 @@ def cmd_demo(args) -> dict:
     writes each result, a gallery (input | result | truth per task) and the metrics."""
     import psal
     from psal import images
+    from psal.apps import scenarios
     from psal.apps.colorize import colorize
     from psal.apps.inpaint import inpaint
-    from psal.apps.metrics import (
-        chroma_psnr,
-        gradient_ratio,
-        hole_psnr,
-        make_hole,
-        y_psnr,
-    )
-    from psal.apps.upscale import downsample, enlarge, upscale
+    from psal.apps.metrics import chroma_psnr, gradient_ratio, hole_psnr, y_psnr
+    from psal.apps.upscale import enlarge, upscale
 
     try:
         images.load_bundled("brick", 8)
@@ -251,66 +245,57 @@ def cmd_demo(args) -> dict:
     def gen():
         return torch.Generator(device=device).manual_seed(args.seed)
 
+    def to(*tensors):
+        return [t.to(device) for t in tensors]
+
     rows, metrics = [], {}
     bar = _progress(4, "demo", args.quiet)
     t0 = time.perf_counter()
-    # inpaint: a texture and a photograph, each with a seeded hole of 12-22% of the area
-    for name in ("brick", "chelsea"):
-        truth = images.load_bundled(name, size).to(device)
-        hole = make_hole(size, 1000 + sum(map(ord, name))).to(device)
+    for name in scenarios.DEMO["inpaint"]:
+        truth, hole = to(*scenarios.inpaint_case(name, size))
         out = inpaint(truth, hole, generator=gen())
-        shown = torch.where(hole, torch.tensor([1.0, 0.0, 1.0], device=device).view(1, 3, 1, 1), truth)
         metrics[f"inpaint_{name}"] = {
             "hole_fraction": float(hole.float().mean()),
             "hole_psnr_db": hole_psnr(out, truth, hole),
             "gradient_ratio_vs_truth": gradient_ratio(out, hole) / gradient_ratio(truth, hole),
         }
-        rows.append((f"inpaint_{name}", [shown, out, truth]))
+        rows.append((f"inpaint_{name}", [scenarios.inpaint_shown(truth, hole), out, truth]))
     if bar is not None:
         bar.update()
-    # colorize: the bottom-right crop of coffee in gray, coloured from its top-left crop
-    im = images.load_bundled("coffee").to(device)
-    H, W = im.shape[-2:]
-    s = min(H, W) * 5 // 8
-    reference = images.resize(im[..., :s, :s], (size, size))
-    truth = images.resize(im[..., H - s :, W - s :], (size, size))
-    gray = (truth * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    out = colorize(gray, reference, generator=gen())
-    metrics["colorize_coffee"] = {"chroma_psnr_db": chroma_psnr(out, truth)}
-    rows.append(("colorize_coffee", [gray, out, truth]))
+    for name in scenarios.DEMO["colorize"]:
+        gray, reference, truth = to(*scenarios.colorize_case(name, size))
+        out = colorize(gray, reference, generator=gen())
+        metrics[f"colorize_{name}"] = {"chroma_psnr_db": chroma_psnr(out, truth)}
+        rows.append((f"colorize_{name}", [gray, out, truth]))
     if bar is not None:
         bar.update()
-    # upscale x2: camera shrunk, then enlarged again
-    truth = images.load_bundled("camera", size).to(device)
-    low = downsample(truth, 2).clamp(0, 1)
-    out = upscale(low, 2, generator=gen())
-    bicubic = enlarge(low, truth.shape[-2:])
-    metrics["upscale_camera_x2"] = {"y_psnr_db": y_psnr(out, truth, 2), "bicubic_y_psnr_db": y_psnr(bicubic, truth, 2)}
-    rows.append(("upscale_camera_x2", [bicubic.clamp(0, 1), out, truth]))
+    for name, scale in scenarios.DEMO["upscale"]:
+        low, truth = to(*scenarios.upscale_case(name, size, scale))
+        out = upscale(low, scale, generator=gen())
+        bicubic = enlarge(low, truth.shape[-2:])
+        metrics[f"upscale_{name}_x{scale}"] = {"y_psnr_db": y_psnr(out, truth, scale), "bicubic_y_psnr_db": y_psnr(bicubic, truth, scale)}
+        rows.append((f"upscale_{name}_x{scale}", [bicubic.clamp(0, 1), out, truth]))
     if bar is not None:
         bar.update()
-    # reconstruct: astronaut from the patches of coffee
-    target, source = images.load_bundled("astronaut", size).to(device), images.load_bundled("coffee", size).to(device)
-    field = psal.patchmatch(target, source, patch_size=7, generator=gen())
-    out = psal.attend(target, source, source, field.indices, patch_size=7, aggregation="center")
-    metrics["reconstruct_astronaut_from_coffee"] = {"psnr_db": images.psnr(out.cpu(), target.cpu())}
-    rows.append(("reconstruct_astronaut_from_coffee", [source, out, target]))
+    for target_name, source_name in scenarios.DEMO["reconstruct"]:
+        target, source = to(*scenarios.reconstruct_case(target_name, source_name, size))
+        field = psal.patchmatch(target, source, patch_size=7, generator=gen())
+        out = psal.attend(target, source, source, field.indices, patch_size=7, aggregation="center")
+        metrics[f"reconstruct_{target_name}_from_{source_name}"] = {"psnr_db": images.psnr(out.cpu(), target.cpu())}
+        rows.append((f"reconstruct_{target_name}_from_{source_name}", [source, out, target]))
     if bar is not None:
         bar.update()
         bar.close()
     seconds = time.perf_counter() - t0
     for name, (_, result, _) in rows:
         write_image(result, os.path.join(args.out, f"{name}.png"))
-    gallery = torch.cat(
-        [t for _, pics in rows for t in (images.side_by_side([p.cpu() for p in pics], height=size), torch.ones(1, 3, 6, 3 * size + 8))][:-1],
-        dim=2,
-    )  # fmt: skip
-    write_image(gallery, os.path.join(args.out, "demo_gallery.png"))
+    gallery = [images.side_by_side([p.cpu() for p in pics], height=size) for _, pics in rows]
+    gap = torch.ones(1, 3, 6, gallery[0].shape[-1])
+    write_image(torch.cat([t for row in gallery for t in (row, gap)][:-1], dim=2), os.path.join(args.out, "demo_gallery.png"))
     table = "\n".join(f"{task:36s} " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()) for task, m in metrics.items())
     print(table, file=sys.stderr if args.quiet else sys.stdout)
     report = {"command": "demo", "output": args.out, "seconds": seconds, "metrics": metrics}
-    with open(os.path.join(args.out, "demo_metrics.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    images.write_json(os.path.join(args.out, "demo_metrics.json"), report)
     return report
 
 
@@ -391,10 +376,9 @@ def _write_report(path: str, report: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIError(f"--report {path!r}: folder {folder!r} does not exist")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    from psal.images import write_json
+
+    write_json(path, report)
 
 
 def main(argv=None) -> int:

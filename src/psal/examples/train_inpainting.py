@@ -55,16 +55,7 @@ HELD_OUT_IMAGES = ("astronaut", "chelsea", "camera")
 def load_picture(name: str, longest: int = 512) -> torch.Tensor:
     """A bundled scikit-image picture as ``(1, 3, H, W)`` in ``[0, 1]``, its longer side at most
     ``longest``. Cached: treat the result as read-only."""
-    import skimage.data
-
-    t = images.to_tensor(getattr(skimage.data, name)())
-    if t.shape[1] == 1:
-        t = t.expand(1, 3, -1, -1)
-    t = t[:, :3].contiguous()
-    scale = longest / max(t.shape[-2:])
-    if scale < 1:
-        t = images.resize(t, (round(t.shape[-2] * scale), round(t.shape[-1] * scale)))
-    return t.clamp(0, 1)
+    return images.load_bundled(name, longest=longest)
 
 
 def random_holes(batch: int, size: int, generator: torch.Generator, shapes: int = 4) -> torch.Tensor:
