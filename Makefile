@@ -21,8 +21,10 @@ setup: $(VENV)/.installed-test
 demo: $(VENV)/.installed-demo
 	$(BIN)/psal demo --out out
 
+# One pytest worker per core (pytest-xdist); PYTEST_ARGS=-n0 runs them in one process.
+PYTEST_ARGS ?= -n auto
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: bench-knn bench-attention
 

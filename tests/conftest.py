@@ -11,7 +11,13 @@ import importlib.util
 import os
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # pytest-xdist workers share the cores: OpenMP threads (torch's, numba's) that spin-wait
+    # between parallel regions would take them from the other workers. Read when OpenMP loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if CUDA:
@@ -24,6 +30,18 @@ else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import psal  # noqa: E402
+
+# Under pytest-xdist (`make test` runs one worker per core), torch's and numba's threads share the
+# cores with the other workers instead of each worker taking them all.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_THREADS)
+    try:
+        import numba
+
+        numba.set_num_threads(min(_THREADS, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:  # pragma: no cover
+        pass
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -60,6 +78,35 @@ def pytest_configure(config):
         settings.load_profile("psal")
     except ImportError:  # pragma: no cover
         pass
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not os.environ.get("PYTEST_XDIST_WORKER"):
+        _warm_numba_cache()
+
+
+# Every numba kernel signature the suite uses, split in two about equal halves.
+_WARM = [
+    "q = torch.rand(1, 4, 8, 8); psal.patchmatch(q, q, num_neighbors=2, backend='numba')\n"
+    "q = torch.rand(1, 4, 8, 8, dtype=torch.float64, requires_grad=True); i = torch.zeros(1, 1, 2, 8, 8, dtype=torch.long)\n"
+    "i[:, :, 1] = 1\n"
+    "for a in ('center', 'patch'): psal.attend(q, q, q, i, aggregation=a, backend='numba').sum().backward()",
+    "q = torch.rand(1, 4, 8, 8, requires_grad=True); i = torch.zeros(1, 1, 2, 8, 8, dtype=torch.long)\n"
+    "i[:, :, 1] = 1\n"
+    "for a in ('center', 'patch'): psal.attend(q, q, q, i, aggregation=a, backend='numba').sum().backward()",
+]
+
+
+def _warm_numba_cache():
+    """Under pytest-xdist, before the workers start: compile the numba kernels into their disk
+    cache once, in two processes at a time, so that the workers (and the processes that tests
+    start) load them instead of each compiling them all (about 90 s of CPU each, cold)."""
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("numba") is None:
+        return
+    procs = [subprocess.Popen([sys.executable, "-c", "import torch, psal\n" + code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for code in _WARM]
+    for proc in procs:
+        proc.wait()
 
 
 @pytest.fixture

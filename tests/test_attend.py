@@ -77,6 +77,10 @@ def _gradcheck(backend, device, aggregation, similarity, p, heads, fast=True, ma
 @pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("aggregation, similarity, heads", list(itertools.product(AGGREGATIONS, ["l2", "dot"], [1, 2])))
 def test_gradcheck(backend, device, aggregation, similarity, heads):
+    if heads == 2 and backend == "triton" and device == "cpu":
+        # Heads are folded into the batch above the backends: for a backend, two heads are two
+        # more maps, which the interpreted case already has (B = 2); 10 s each through it.
+        pytest.skip("two heads are two more maps for a backend; heads = 1 covers Triton's interpreter")
     _gradcheck(backend, device, aggregation, similarity, 3, heads)
 
 

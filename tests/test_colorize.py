@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import gen
 
-from psal import images
 from psal.apps.colorize import colorize, global_transfer, lab_from_rgb, rgb_from_lab
 
 
