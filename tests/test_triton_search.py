@@ -246,6 +246,15 @@ def test_low_precision_equals_float32_of_the_rounded_input(dtype):
     assert low.costs.dtype == torch.float32
 
 
+def test_non_contiguous_inputs_give_the_same_field():
+    q = rand(2, 3, 9, 8, seed=43)
+    k = rand(2, 8, 7, 3, seed=44).permute(0, 3, 2, 1)  # non-contiguous (2, 3, 7, 8)
+    assert not k.is_contiguous()
+    a = search(q, k, num_iters=1, generator=gen(5))
+    b = search(q, k.contiguous(), num_iters=1, generator=gen(5))
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.costs, b.costs)
+
+
 def test_float64_is_summed_in_float64():
     """Features near 1000 that differ in the 5th decimal: float32 keeps about 3 significant
     digits of their differences, float64 all of them."""
@@ -302,9 +311,9 @@ from psal.backends.triton import search as ts
 
 features = {"q_ptr": "*@DTYPE@", "k_ptr": "*@DTYPE@", "mask_ptr": "*u8", "table_ptr": "*i32",
             "nallowed_ptr": "*i32", "init_ptr": "*i64", "src_idx": "*i64", "src_cost": "*fp32",
-            "dst_idx": "*i64", "dst_cost": "*fp32"}
+            "dst_idx": "*i64", "dst_cost": "*fp32", "qpos_ptr": "*i64", "nbr_ptr": "*i64"}
 block, cb, warps = ts._GPU_SMALL  # the shapes a GPU launches
-consts = dict(DOT=@DOT@, ACC=tl.@ACC@, BLOCK=block, KB=4, CB=cb, ONE_CHUNK=@ONE@)
+consts = dict(DOT=@DOT@, ACC=tl.@ACC@, BLOCK=block, KB=4, CB=cb, ONE_CHUNK=@ONE@, SPARSE=@SPARSE@)
 for kern in (ts._init_kernel, ts._propagate_kernel, ts._random_kernel):
     sig = {n: "constexpr" if n in consts else features.get(n, "i32") for n in kern.arg_names}
     triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
@@ -315,15 +324,15 @@ print("ok")
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
 @pytest.mark.parametrize(
-    "dtype, acc, dot, one",
-    [("fp32", "float32", False, False), ("bf16", "float32", True, True), ("fp64", "float64", False, True)],
+    "dtype, acc, dot, one, sparse",
+    [("fp32", "float32", False, False, True), ("bf16", "float32", True, True, False), ("fp64", "float64", False, True, False)],
 )
-def test_kernels_compile_for_hopper(dtype, acc, dot, one):
+def test_kernels_compile_for_hopper(dtype, acc, dot, one, sparse):
     """Without a GPU the interpreter never compiles the kernels: compile them for sm_90 (H100/H200)
     down to a cubin with Triton's own ptxas, in a process where the interpreter is off."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     code = _COMPILE_FOR_HOPPER
-    for name, value in (("@DTYPE@", dtype), ("@ACC@", acc), ("@DOT@", str(dot)), ("@ONE@", str(one))):
+    for name, value in (("@DTYPE@", dtype), ("@ACC@", acc), ("@DOT@", str(dot)), ("@ONE@", str(one)), ("@SPARSE@", str(sparse))):
         code = code.replace(name, value)
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -50,6 +50,15 @@ def search(**kw):
         (dict(generator=0), TypeError, r"generator must be a torch.Generator"),
         (dict(init=torch.zeros(1)), TypeError, r"init must have dtype torch.int64, got torch.float32"),
         (dict(init=5), TypeError, r"init must be a psal.KNNField, an indices tensor or None, got int"),
+        (dict(positions=[1, 2]), TypeError, r"positions must be a torch.Tensor .* got list"),
+        (dict(positions=torch.ones(9, 8, dtype=torch.bool)), ValueError, r"positions mask must have the query's spatial shape \(H, W\) = \(8, 9\), got \(9, 8\)"),
+        (dict(positions=torch.tensor([1.0, 2.0])), TypeError, r"positions must be a bool \(H, W\) mask or a 1-D int64 .* torch.float32 with shape \(2\)"),
+        (dict(positions=torch.tensor([[1, 2]])), TypeError, r"positions must be .* 1-D int64 .* shape \(1, 2\)"),
+        (dict(positions=torch.tensor([3, 72])), ValueError, r"positions must be flat query positions in \[0, 72\) for a 8x9 query, got values in \[3, 72\]"),
+        (dict(positions=torch.tensor([-1, 3])), ValueError, r"positions must be flat query positions in \[0, 72\)"),
+        (dict(positions=torch.tensor([5, 3, 9])), ValueError, r"positions \(3\) must be strictly ascending"),
+        (dict(positions=torch.tensor([3, 3])), ValueError, r"positions \(2\) must be strictly ascending"),
+        (dict(positions=torch.tensor([3, 9]), init=torch.zeros(2, 1, 3, 8, 9, dtype=torch.int64)), ValueError, r"init must have shape \(B, heads, k, M\) = \(2, 1, k, 2\) for 2 query positions, got \(2, 1, 3, 8, 9\)"),
     ],
 )
 def test_bad_arguments(kwargs, error, pattern):

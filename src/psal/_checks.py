@@ -163,21 +163,27 @@ def check_mask_allows_a_key(fn: str, key_mask, shapes: MapShapes) -> None:
         raise ValueError(f"{fn}: key_mask {_shape(key_mask)} allows no key position in batch element {b}")
 
 
-def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: torch.device, k=None):
-    """Indices ``(B, heads, k, H, W)``, int64, flat key positions in ``[0, Hk * Wk)``."""
+def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: torch.device, k=None, positions=None):
+    """Indices ``(B, heads, k, H, W)`` (``(B, heads, k, M)`` with ``M`` sparse query
+    ``positions``), int64, flat key positions in ``[0, Hk * Wk)``."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype != torch.int64:
         raise TypeError(f"{fn}: {name} must have dtype torch.int64, got {indices.dtype}")
-    B, h, H, W = shapes.batch, shapes.num_heads, shapes.height, shapes.width
+    B, h = shapes.batch, shapes.num_heads
+    spatial = (shapes.height, shapes.width) if positions is None else (positions.numel(),)
     if (
-        indices.dim() != 5
+        indices.dim() != 3 + len(spatial)
         or tuple(indices.shape[:2]) != (B, h)
-        or tuple(indices.shape[3:]) != (H, W)
+        or tuple(indices.shape[3:]) != spatial
         or indices.shape[2] < 1
         or (k is not None and indices.shape[2] != k)
     ):
-        want = f"(B, heads, {'k' if k is None else k}, H, W) = ({B}, {h}, {'k' if k is None else k}, {H}, {W})"
+        kk = "k" if k is None else k
+        if positions is None:
+            want = f"(B, heads, {kk}, H, W) = ({B}, {h}, {kk}, {shapes.height}, {shapes.width})"
+        else:
+            want = f"(B, heads, {kk}, M) = ({B}, {h}, {kk}, {spatial[0]}) for {spatial[0]} query positions"
         raise ValueError(f"{fn}: {name} must have shape {want}, got {_shape(indices)}")
     if indices.device != device:
         raise ValueError(f"{fn}: {name} must be on the inputs' device {device}, got {indices.device}")
@@ -191,16 +197,47 @@ def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: 
     return indices
 
 
-def check_init(fn: str, init, shapes: MapShapes, device: torch.device):
+def check_positions(fn: str, positions, shapes: MapShapes, device: torch.device):
+    """Sparse query positions: ``None``, a bool ``(H, W)`` mask of the query pixels to compute, or
+    their flat indices ``row * W + col`` as a strictly ascending 1-D int64 tensor. Returns the
+    indices (``(M,)`` int64 on ``device``) or ``None``."""
+    if positions is None:
+        return None
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{fn}: positions must be a torch.Tensor (bool (H, W) or int64 (M,)) or None, got {type(positions).__name__}")
+    H, W = shapes.height, shapes.width
+    if positions.device != device:
+        raise ValueError(f"{fn}: positions must be on the inputs' device {device}, got {positions.device}")
+    if positions.dtype == torch.bool:
+        if tuple(positions.shape) != (H, W):
+            raise ValueError(f"{fn}: a bool positions mask must have the query's spatial shape (H, W) = ({H}, {W}), got {_shape(positions)}")
+        return positions.flatten().nonzero().squeeze(1)
+    if positions.dtype != torch.int64 or positions.dim() != 1:
+        raise TypeError(
+            f"{fn}: positions must be a bool (H, W) mask or a 1-D int64 tensor of flat query positions, "
+            f"got {positions.dtype} with shape {_shape(positions)}"
+        )
+    if positions.numel() > 0 and data_checks_enabled(positions):
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= H * W:
+            raise ValueError(
+                f"{fn}: positions must be flat query positions in [0, {H * W}) for a {H}x{W} query, got values in [{lo}, {hi}]"
+            )
+        if positions.numel() > 1 and not bool((positions[1:] > positions[:-1]).all()):
+            raise ValueError(f"{fn}: positions {_shape(positions)} must be strictly ascending (sorted, no repeats)")
+    return positions
+
+
+def check_init(fn: str, init, shapes: MapShapes, device: torch.device, positions=None):
     """A warm start: a ``KNNField`` (or any object with ``indices``), its indices tensor, or ``None``."""
     if init is None:
         return None
     if isinstance(init, torch.Tensor):
-        return check_field_indices(fn, "init", init, shapes, device)
+        return check_field_indices(fn, "init", init, shapes, device, positions=positions)
     indices = getattr(init, "indices", None)
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{fn}: init must be a psal.KNNField, an indices tensor or None, got {type(init).__name__}")
-    return check_field_indices(fn, "init.indices", indices, shapes, device)
+    return check_field_indices(fn, "init.indices", indices, shapes, device, positions=positions)
 
 
 def check_generator(fn: str, generator):

@@ -80,13 +80,24 @@ def can_run_torch(device: torch.device, positions: int = 0, raise_error: bool = 
 
 
 _PREDICATES = {"numba": can_run_numba, "triton": can_run_triton, "torch": can_run_torch}
+# The ops each backend runs over sparse query positions (``positions=``).
+SPARSE_OPS = {"numba": ("search",), "triton": ("search",), "torch": ("search", "attend")}
 
 
-def positions(num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: int) -> int:
-    """The largest per-map position count of a problem (matches ``k * H * W``, padded maps): what
-    the size limits of a backend are checked against."""
+def _sparse_ok(name: str, op: str, sparse: bool, raise_error: bool = False) -> bool:
+    if not sparse or op in SPARSE_OPS[name]:
+        return True
+    what = {"search": "search", "attend": "attention"}[op]
+    return _fail(f"backend {name!r} has no sparse-query {what} (positions=) yet; use 'torch' or 'auto'", raise_error)
+
+
+def positions(num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: int, searched: int | None = None) -> int:
+    """The largest per-map position count of a problem (matches ``k * L`` of the ``L`` searched
+    pixels, all ``H * W`` by default; padded maps): what the size limits of a backend are checked
+    against."""
     r = patch_size // 2
-    return max(num_neighbors * H * W, (H + 2 * r) * (W + 2 * r), (Hk + 2 * r) * (Wk + 2 * r))
+    L = H * W if searched is None else searched
+    return max(num_neighbors * L, (H + 2 * r) * (W + 2 * r), (Hk + 2 * r) * (Wk + 2 * r))
 
 
 def available_backends(device="cpu") -> dict:
@@ -119,17 +130,18 @@ def _module(name: str, op: str):
     return importlib.import_module(f"psal.backends.{name}.{op}")
 
 
-def choose(fn: str, op: str, backend: str, device: torch.device, positions: int = 0):
+def choose(fn: str, op: str, backend: str, device: torch.device, positions: int = 0, sparse: bool = False):
     """The module that implements ``op`` (``"search"``: ``patchmatch``; ``"attend"``:
     ``attend_forward``/``attend_backward``) with ``backend`` for a problem on ``device`` of
-    ``positions`` (see :func:`positions`). ``"auto"``: the first backend of ``ORDER`` that can run
-    it (never the Triton interpreter, which is for tests)."""
+    ``positions`` (see :func:`positions`), over ``sparse`` query positions or not. ``"auto"``: the
+    first backend of ``ORDER`` that can run it (never the Triton interpreter, which is for tests)."""
     if backend == "auto":
         for name in ORDER:
             if name == "triton" and device.type == "cpu":
                 continue
-            if _PREDICATES[name](device, positions):
-                if name == "torch" and device.type in ("cpu", "cuda") and positions < TRITON_MAX_POSITIONS:
+            if _PREDICATES[name](device, positions) and _sparse_ok(name, op, sparse):
+                fallback = positions >= TRITON_MAX_POSITIONS or (sparse and op not in SPARSE_OPS["numba"])
+                if name == "torch" and device.type in ("cpu", "cuda") and not fallback:
                     missing = "numba" if device.type == "cpu" else "triton"
                     warnings.warn(
                         f"psal: {missing} is not installed, so {device.type.upper()} tensors run on the "
@@ -142,6 +154,10 @@ def choose(fn: str, op: str, backend: str, device: torch.device, positions: int 
     if backend not in _PREDICATES:
         raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     require(fn, backend, device, positions)
+    try:
+        _sparse_ok(backend, op, sparse, raise_error=True)
+    except ValueError as exc:
+        raise ValueError(f"{fn}: {exc}") from None
     return _module(backend, op)
 
 

@@ -40,26 +40,34 @@ def patchmatch(
     init: Optional[Tensor],
     seed: Tensor,
     backend: str,
+    query_positions: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Folded search: query ``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, key_mask ``(N, Hk * Wk)``,
-    init ``(N, k0, H, W)``, seed a one-element int64 tensor -> indices and costs ``(N, k, H, W)``."""
+    init ``(N, k0, H, W)``, seed a one-element int64 tensor -> indices and costs ``(N, k, H, W)``.
+    With ``query_positions (M,)`` (sparse queries), init and the result are ``(N, k, M)``."""
     N, _, H, W = query.shape
-    if N == 0 or H * W == 0:
-        size = (N, num_neighbors, H, W)
+    size = _field_size(N, num_neighbors, H, W, query_positions)
+    if N == 0 or size[-1] * size[-2] == 0 or (query_positions is not None and query_positions.numel() == 0):
         return query.new_empty(size, dtype=torch.int64), query.new_empty(size, dtype=torch.float32)
-    size = positions(num_neighbors, H, W, key.shape[-2], key.shape[-1], patch_size)
-    impl = choose("psal.patchmatch", "search", backend, query.device, size)
+    L = H * W if query_positions is None else query_positions.numel()
+    count = positions(num_neighbors, H, W, key.shape[-2], key.shape[-1], patch_size, L)
+    impl = choose("psal.patchmatch", "search", backend, query.device, count, sparse=query_positions is not None)
     query, key, key_mask, init = _contiguous(query, key, key_mask, init)
+    opts = {} if query_positions is None else {"positions": query_positions.contiguous()}
     idx, cost = impl.patchmatch(
-        query, key, key_mask, num_neighbors, patch_size, num_iters, similarity, init, int(seed.reshape(-1)[0])
+        query, key, key_mask, num_neighbors, patch_size, num_iters, similarity, init, int(seed.reshape(-1)[0]), **opts
     )
     return idx.contiguous(), cost.contiguous()
 
 
+def _field_size(N: int, k: int, H: int, W: int, query_positions) -> tuple:
+    return (N, k, H, W) if query_positions is None else (N, k, query_positions.shape[0])
+
+
 @patchmatch.register_fake
-def _(query, key, key_mask, num_neighbors, patch_size, num_iters, similarity, init, seed, backend):
+def _(query, key, key_mask, num_neighbors, patch_size, num_iters, similarity, init, seed, backend, query_positions=None):
     N, _, H, W = query.shape
-    size = (N, num_neighbors, H, W)
+    size = _field_size(N, num_neighbors, H, W, query_positions)
     return query.new_empty(size, dtype=torch.int64), query.new_empty(size, dtype=torch.float32)
 
 
@@ -74,30 +82,37 @@ def attend(
     aggregation: str,
     similarity: str,
     backend: str,
+    query_positions: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Folded attention: -> ``out (N, Cv, H, W)`` in the value's dtype and the per-pixel statistic
-    ``(N, H, W)`` in the compute dtype that the backward needs (see ``psal.backends.torch.attend``)."""
-    N, K, H, W = indices.shape
-    if N * H * W == 0:
-        return _attend_empty(value, indices, query.dtype)
-    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size)
-    impl = choose("psal.attend", "attend", backend, query.device, size)
+    ``(N, H, W)`` in the compute dtype that the backward needs (see ``psal.backends.torch.attend``).
+    With ``query_positions (M,)`` (sparse queries): indices ``(N, K, M)``, out ``(N, Cv, M)``,
+    statistic ``(N, M)``."""
+    N, K = indices.shape[:2]
+    L = indices[0, 0].numel() if N * K else 0
+    if N * L == 0:
+        return _attend_empty(query, value, indices, query_positions)
+    H, W = query.shape[-2:]
+    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L)
+    impl = choose("psal.attend", "attend", backend, query.device, size, sparse=query_positions is not None)
+    opts = {} if query_positions is None else {"positions": query_positions.contiguous()}
     out, stat = impl.attend_forward(
-        *_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity
+        *_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity, **opts
     )
     # Outputs must be contiguous: the fake kernels promise it, and compiled code checks strides.
     return out.to(value.dtype).contiguous(), stat.to(compute_dtype(query.dtype)).contiguous()
 
 
-def _attend_empty(value, indices, query_dtype):
-    N, _, H, W = indices.shape
-    out = value.new_zeros(N, value.shape[1], H, W)
-    return out, value.new_zeros(N, H, W, dtype=compute_dtype(query_dtype))
+def _attend_empty(query, value, indices, query_positions=None):
+    N = indices.shape[0]
+    spatial = tuple(query.shape[-2:]) if query_positions is None else (query_positions.shape[0],)
+    out = value.new_zeros(N, value.shape[1], *spatial)
+    return out, value.new_zeros(N, *spatial, dtype=compute_dtype(query.dtype))
 
 
 @attend.register_fake
-def _(query, key, value, indices, temperature, patch_size, aggregation, similarity, backend):
-    return _attend_empty(value, indices, query.dtype)
+def _(query, key, value, indices, temperature, patch_size, aggregation, similarity, backend, query_positions=None):
+    return _attend_empty(query, value, indices, query_positions)
 
 
 @torch.library.custom_op("psal::attend_backward", mutates_args=())
@@ -114,18 +129,23 @@ def attend_backward(
     aggregation: str,
     similarity: str,
     backend: str,
+    query_positions: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``psal::attend`` for query, key, value and temperature, in their dtypes."""
-    N, K, H, W = indices.shape
-    if N * H * W == 0:
+    N, K = indices.shape[:2]
+    L = indices[0, 0].numel() if N * K else 0
+    if N * L == 0:
         return _backward_empty(query, key, value, temperature)
-    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size)
-    impl = choose("psal.attend", "attend", backend, query.device, size)
+    H, W = query.shape[-2:]
+    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L)
+    impl = choose("psal.attend", "attend", backend, query.device, size, sparse=query_positions is not None)
+    opts = {} if query_positions is None else {"positions": query_positions.contiguous()}
     gq, gk, gv, gt = impl.attend_backward(
         *_contiguous(grad, query, key, value, indices, temperature, out, stat),
         patch_size,
         aggregation,
         similarity,
+        **opts,
     )
     return (
         gq.to(query.dtype).contiguous(),
@@ -145,24 +165,24 @@ def _backward_empty(query, key, value, temperature):
 
 
 @attend_backward.register_fake
-def _(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity, backend):
+def _(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity, backend, query_positions=None):
     return _backward_empty(query, key, value, temperature)
 
 
 def _attend_setup_context(ctx, inputs, output):
-    query, key, value, indices, temperature, patch_size, aggregation, similarity, backend = inputs
+    query, key, value, indices, temperature, patch_size, aggregation, similarity, backend, query_positions = inputs
     out, stat = output
-    ctx.save_for_backward(query, key, value, indices, temperature, out, stat)
+    ctx.save_for_backward(query, key, value, indices, temperature, out, stat, query_positions)
     ctx.options = (patch_size, aggregation, similarity, backend)
     ctx.mark_non_differentiable(stat)
 
 
 def _attend_backward(ctx, grad_out, grad_stat):
-    query, key, value, indices, temperature, out, stat = ctx.saved_tensors
+    query, key, value, indices, temperature, out, stat, query_positions = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    gq, gk, gv, gt = attend_backward(grad_out, query, key, value, indices, temperature, out, stat, *ctx.options)
-    return gq, gk, gv, None, gt, None, None, None, None
+    gq, gk, gv, gt = attend_backward(grad_out, query, key, value, indices, temperature, out, stat, *ctx.options, query_positions)
+    return gq, gk, gv, None, gt, None, None, None, None, None
 
 
 attend.register_autograd(_attend_backward, setup_context=_attend_setup_context)

@@ -14,16 +14,21 @@ from .types import KNNField
 FULL_ATTENTION_METHODS = ("auto", "sdpa", "chunked")
 
 
-def _empty_field(shapes: checks.MapShapes, k: int, device) -> KNNField:
-    size = (shapes.batch, shapes.num_heads, k, shapes.height, shapes.width)
+def _spatial(shapes: checks.MapShapes, positions) -> tuple:
+    """The spatial part of a field's shape: ``(H, W)``, or ``(M,)`` for sparse query positions."""
+    return (shapes.height, shapes.width) if positions is None else (positions.numel(),)
+
+
+def _empty_field(shapes: checks.MapShapes, k: int, device, positions=None) -> KNNField:
+    size = (shapes.batch, shapes.num_heads, k, *_spatial(shapes, positions))
     return KNNField(
         torch.empty(size, dtype=torch.int64, device=device),
         torch.empty(size, dtype=torch.float32, device=device),
     )
 
 
-def _unfold_field(idx: torch.Tensor, cost: torch.Tensor, shapes: checks.MapShapes) -> KNNField:
-    size = (shapes.batch, shapes.num_heads, idx.shape[1], shapes.height, shapes.width)
+def _unfold_field(idx: torch.Tensor, cost: torch.Tensor, shapes: checks.MapShapes, positions=None) -> KNNField:
+    size = (shapes.batch, shapes.num_heads, idx.shape[1], *_spatial(shapes, positions))
     return KNNField(idx.reshape(size), cost.reshape(size))
 
 
@@ -57,6 +62,7 @@ def patchmatch(
     init: KNNField | torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
+    positions: torch.Tensor | None = None,
 ) -> KNNField:
     """Approximate k nearest key patches of every query patch, by PatchMatch.
 
@@ -76,10 +82,17 @@ def patchmatch(
         generator: the source of randomness; the same seed gives the same field.
         backend: ``"auto"`` (numba on CPU, Triton on CUDA, else torch), ``"numba"`` (CPU,
             compiled, all cores), ``"triton"`` (CUDA) or ``"torch"`` (any device).
+        positions: sparse queries: search these query pixels only, the same in every batch
+            element and head, given as a bool ``Tensor[H, W]`` mask or as their flat indices
+            ``row * W + col``, a strictly ascending int64 ``Tensor[M]``. Nothing is computed or
+            stored for the other pixels: the field is ``Tensor[B, heads, k, M]`` and ``init`` must
+            be too. A pixel propagates matches from its listed neighbours only, so a connected
+            region searches as well as the dense call does. Every backend.
 
     Returns:
-        ``KNNField(indices, costs)``, both ``Tensor[B, heads, k, H, W]``; indices int64 flat
-        ``row * Wk + col``, costs float32 ascending along ``k``. No gradient flows through it.
+        ``KNNField(indices, costs)``, both ``Tensor[B, heads, k, H, W]`` (``[B, heads, k, M]``
+        with ``positions``); indices int64 flat ``row * Wk + col``, costs float32 ascending along
+        ``k``. No gradient flows through it.
 
     Raises:
         TypeError, ValueError: on bad input, naming the argument and the shapes passed.
@@ -94,15 +107,16 @@ def patchmatch(
     shapes = checks.check_query_key(fn, query, key, num_heads)
     key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
     k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
-    return _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend)
+    return _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend, positions)
 
 
-def _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend):
+def _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend, positions=None):
     """The search once query, key, mask and ``k`` are checked: checks the rest, runs the op."""
     patch_size = checks.check_patch_size(fn, patch_size)
     num_iters = checks.check_int(fn, "num_iters", num_iters, 0)
     similarity = checks.check_similarity(fn, similarity)
-    init_idx = checks.check_init(fn, init, shapes, query.device)
+    positions = checks.check_positions(fn, positions, shapes, query.device)
+    init_idx = checks.check_init(fn, init, shapes, query.device, positions)
     generator = checks.check_generator(fn, generator)
     backend = checks.check_backend(fn, backend, BACKENDS, query.device)
     q, kk, mask = _folded(query, key, key_mask, shapes.num_heads)
@@ -117,8 +131,9 @@ def _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similari
         None if init_idx is None else init_idx.flatten(0, 1),
         _draw_seed(generator),
         backend,
+        positions,
     )
-    return _unfold_field(idx, cost, shapes)
+    return _unfold_field(idx, cost, shapes, positions)
 
 
 def exact_knn(
@@ -162,11 +177,13 @@ def patch_costs(
     patch_size: int = 3,
     similarity: str = "l2",
     num_heads: int = 1,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Costs of given matches, recomputed directly: ``Tensor[B, heads, m, H, W]`` float32.
 
     Args:
-        indices: ``Tensor[B, heads, m, H, W]`` int64 flat key positions (``m`` any count).
+        indices: ``Tensor[B, heads, m, H, W]`` int64 flat key positions (``m`` any count), or
+            ``Tensor[B, heads, m, M]`` for sparse query ``positions`` (see :func:`patchmatch`).
 
     Computed in float64 for float64 inputs, else float32. No gradient flows through it.
 
@@ -180,12 +197,13 @@ def patch_costs(
     shapes = checks.check_query_key(fn, query, key, num_heads)
     patch_size = checks.check_patch_size(fn, patch_size)
     similarity = checks.check_similarity(fn, similarity)
-    indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device)
+    positions = checks.check_positions(fn, positions, shapes, query.device)
+    indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device, positions=positions)
     if indices.numel() == 0:
         return torch.empty(indices.shape, dtype=torch.float32, device=query.device)
     with torch.no_grad():
         q, k, _ = _folded(query, key, None, shapes.num_heads)
-        cost = oracle.patch_costs(q, k, indices.flatten(0, 1), patch_size, similarity)
+        cost = oracle.patch_costs(q, k, indices.flatten(0, 1), patch_size, similarity, positions)
     return cost.reshape(indices.shape)
 
 
@@ -205,6 +223,7 @@ def attend(
     similarity: str = "l2",
     num_heads: int = 1,
     backend: str = "auto",
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over given matches: the differentiable half of PSAL.
 
@@ -233,9 +252,15 @@ def attend(
             outputs are concatenated along channels.
         backend: ``"auto"`` (numba on CPU, Triton on CUDA, else torch), ``"numba"`` (CPU),
             ``"triton"`` (CUDA) or ``"torch"`` (any device).
+        positions: sparse queries (see :func:`patchmatch`): attend for the listed query pixels
+            only, with ``indices`` ``Tensor[B, heads, k, M]`` (a sparse search's field). Only
+            listed patches vote: with ``"patch"``/``"patch_mean"`` a listed pixel takes the votes
+            of the listed patches that cover it, so where all of them are listed the result is
+            the dense call's. The pure-PyTorch backend only (``"auto"`` takes it, any device).
 
     Returns:
-        ``Tensor[B, Cv, H, W]`` in the input dtype (float16/bfloat16 are computed in float32).
+        ``Tensor[B, Cv, H, W]`` in the input dtype (float16/bfloat16 are computed in float32);
+        ``Tensor[B, Cv, M]`` with ``positions``.
 
     Raises:
         TypeError, ValueError: on bad input, naming the argument and the shapes passed.
@@ -248,11 +273,12 @@ def attend(
     """
     fn = "psal.attend"
     shapes = checks.check_query_key(fn, query, key, num_heads)
-    indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device)
-    return _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend)
+    positions = checks.check_positions(fn, positions, shapes, query.device)
+    indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device, positions=positions)
+    return _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend, positions)
 
 
-def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend):
+def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend, positions=None):
     """``attend`` once query, key and indices are checked."""
     checks.check_value(fn, value, shapes, query)
     checks.check_same_dtype(fn, query=query, key=key, value=value)
@@ -272,8 +298,9 @@ def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, agg
         aggregation,
         similarity,
         backend,
+        positions,
     )
-    return out.reshape(shapes.batch, value.shape[1], shapes.height, shapes.width)
+    return out.reshape(shapes.batch, value.shape[1], *_spatial(shapes, positions))
 
 
 def ps_attention(

@@ -1,5 +1,6 @@
 """Layout helpers that every backend shares: heads folded into the batch, patches as columns,
-channel-last copies, replicate padding and its adjoint, the allowed-key table, vote counts.
+channel-last copies, replicate padding and its adjoint, the allowed-key table, vote counts, and
+the neighbour tables and patch pixels of sparse query positions.
 
 Pure PyTorch, no kernels and no dispatch: the backends (``torch``, ``numba``, ``triton``, ``dense``)
 import from here, never from each other.
@@ -84,3 +85,37 @@ def allowed_table(mask, N: int, Nk: int):
         return None, None
     order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # (N, Nk), allowed first
     return order, mask.sum(1)
+
+
+def neighbour_table(positions: torch.Tensor, H: int, W: int, dy: int, dx: int) -> torch.Tensor:
+    """For ascending flat positions ``(M,)`` of an ``H x W`` map (sparse queries): the list index
+    of each one's neighbour at ``(+dy, +dx)``, or -1 where that pixel is off the map or not listed."""
+    i, j = positions // W, positions % W
+    inside = (i + dy >= 0) & (i + dy < H) & (j + dx >= 0) & (j + dx < W)
+    want = positions + (dy * W + dx)
+    at = torch.searchsorted(positions, want).clamp_(max=max(positions.numel() - 1, 0))
+    found = inside & (positions[at] == want)
+    return torch.where(found, at, torch.full_like(at, -1))
+
+
+def offset_tables(positions: torch.Tensor, H: int, W: int, offsets) -> torch.Tensor:
+    """:func:`neighbour_table` for many offsets ``[(dy, dx), ...]`` at once: ``(len(offsets), M)``,
+    one search for all of them."""
+    d = torch.tensor(offsets, dtype=positions.dtype, device=positions.device).view(-1, 2, 1)
+    i, j = positions // W, positions % W
+    ti, tj = i[None] + d[:, 0], j[None] + d[:, 1]
+    inside = (ti >= 0) & (ti < H) & (tj >= 0) & (tj < W)
+    want = ti * W + tj
+    at = torch.searchsorted(positions, want.flatten()).view(want.shape).clamp_(max=max(positions.numel() - 1, 0))
+    found = inside & (positions[at] == want)
+    return torch.where(found, at, torch.full_like(at, -1))
+
+
+def patch_offsets(positions: torch.Tensor, H: int, W: int, patch_size: int) -> torch.Tensor:
+    """``(M, p * p)``: the flat pixels of the patch around each of the flat ``positions (M,)``, in
+    row-major patch order, with replicate padding (coordinates clamped to the map)."""
+    r = patch_size // 2
+    d = torch.arange(-r, r + 1, device=positions.device)
+    i = (positions // W)[:, None, None] + d[None, :, None]
+    j = (positions % W)[:, None, None] + d[None, None, :]
+    return (i.clamp(0, H - 1) * W + j.clamp(0, W - 1)).flatten(1)

@@ -103,20 +103,21 @@ def _insert(li, lc, cand, c, last):
 
 
 @njit(fastmath=_FASTMATH, inline="always", **_HOT)
-def _bound(sq, sk, n, i, j, ki, kj):
-    """Squared distance of two sketches: a lower bound of the l2 patch cost (0 with no sketch)."""
-    a = sq[n, i, j]
+def _bound(sq, sk, n, m, ki, kj):
+    """Squared distance of two sketches, searched pixel ``m``'s and key position (ki, kj)'s: a
+    lower bound of the l2 patch cost (0 with no sketch)."""
+    a = sq[n, m]
     b = sk[n, ki, kj]
     lb = np.float32(0.0)
-    for t in range(np.uint64(sq.shape[3])):
+    for t in range(np.uint64(sq.shape[2])):
         e = a[t] - b[t]
         lb += e * e
     return lb
 
 
 @njit(fastmath=_FASTMATH, inline="always", **_HOT)
-def _try(qp, kp, sq, sk, mask, has_mask, n, i, j, li, lc, ki, kj, Wk, p, C, dot):
-    """Offer key position (ki, kj) to the list of query pixel (i, j).
+def _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, ki, kj, Wk, p, C, dot):
+    """Offer key position (ki, kj) to the list of searched pixel ``m`` at (i, j).
 
     Kept if allowed, not in the list yet, and strictly better than the worst. The sketch lower
     bound rejects most random candidates before their cost is computed.
@@ -129,70 +130,86 @@ def _try(qp, kp, sq, sk, mask, has_mask, n, i, j, li, lc, ki, kj, Wk, p, C, dot)
         if li[t] == cand:
             return
     worst = lc[K - 1]
-    if sq.shape[3] > 0 and _bound(sq, sk, n, i, j, ki, kj) >= worst:
+    if sq.shape[2] > 0 and _bound(sq, sk, n, m, ki, kj) >= worst:
         return
     c = _cost(qp, kp, n, i, j, ki, kj, p, C, dot, worst)
     if c < worst:  # False for NaN
         _insert(li, lc, cand, c, K - 1)
 
 
+# Searched pixels: every pixel of the query map (``dense``: list index m is the flat position), or
+# the ascending flat positions ``qpos``. ``up``/``down`` give the list index of the pixel one row
+# above/below (-1: not listed) and ``row_start[i]`` the first list index of row ``i``.
+
+
+@njit(inline="always", **_HOT)
+def _position(qpos, dense, m):
+    return m if dense else qpos[m]
+
+
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def search_init(qp, kp, sq, sk, mask, has_mask, allowed, n_allowed, init_idx, has_init, out_idx, out_cost, Wk, p, C, dot, seed, screen):
-    N, H, W, K = out_idx.shape
+def search_init(qp, kp, sq, sk, mask, has_mask, allowed, n_allowed, init_idx, has_init, out_idx, out_cost, qpos, dense, HW, W, Wk, p, C, dot, seed, screen):
+    N, M, K = out_idx.shape
     inf = np.float32(np.inf)
-    for t in prange(N * H):
-        n = t // H
-        i = t % H
+    chunk = 64
+    nc = (M + chunk - 1) // chunk
+    for t in prange(N * nc):
+        n = t // nc
+        m0 = (t % nc) * chunk
         nal = n_allowed[n]
-        for j in range(W):
-            li = out_idx[n, i, j]
-            lc = out_cost[n, i, j]
-            state = _mix(seed ^ np.uint64((n * H + i) * W + j))
+        for m in range(m0, min(m0 + chunk, M)):
+            pos = _position(qpos, dense, m)
+            i = pos // W
+            j = pos - i * W
+            li = out_idx[n, m]
+            lc = out_cost[n, m]
+            state = _mix(seed ^ np.uint64(n * HW + pos))
             # K distinct ranks, kept sorted in li: draw r below the count not taken yet, then step
             # it past every taken rank <= r.
-            for m in range(K):
-                state, r = _below(state, nal - m)
-                pos = 0
-                while pos < m and li[pos] <= r:
+            for a in range(K):
+                state, r = _below(state, nal - a)
+                at = 0
+                while at < a and li[at] <= r:
                     r += 1
-                    pos += 1
-                for q in range(m, pos, -1):
+                    at += 1
+                for q in range(a, at, -1):
                     li[q] = li[q - 1]
-                li[pos] = r
-            for m in range(K):
+                li[at] = r
+            for a in range(K):
                 if has_mask:
-                    li[m] = allowed[n, li[m]]
-                lc[m] = _bound(sq, sk, n, i, j, li[m] // Wk, li[m] % Wk) if screen > 0 else np.float32(0.0)
+                    li[a] = allowed[n, li[a]]
+                lc[a] = _bound(sq, sk, n, m, li[a] // Wk, li[a] % Wk) if screen > 0 else np.float32(0.0)
             # Screening: `screen` more random positions, each replacing the kept one with the
             # highest sketch bound when its own bound is lower. Bounds cost a few operations
             # where a cost costs C * p * p, so the start is far better for little time.
             for _ in range(screen):
                 state, r = _below(state, nal)
                 y = allowed[n, r] if has_mask else r
-                lb = _bound(sq, sk, n, i, j, y // Wk, y % Wk)
+                lb = _bound(sq, sk, n, m, y // Wk, y % Wk)
                 top = 0
-                for m in range(K):
-                    if li[m] == y:
+                for a in range(K):
+                    if li[a] == y:
                         top = -1
                         break
-                    if lc[m] > lc[top]:
-                        top = m
+                    if lc[a] > lc[top]:
+                        top = a
                 if top >= 0 and lb < lc[top]:
                     li[top] = y
                     lc[top] = lb
-            for m in range(K):
-                y = li[m]
+            for a in range(K):
+                y = li[a]
                 c = _cost(qp, kp, n, i, j, y // Wk, y % Wk, p, C, dot, inf)
-                _insert(li, lc, y, inf if c != c else c, m)  # sorted as the list fills
+                _insert(li, lc, y, inf if c != c else c, a)  # sorted as the list fills
             if has_init:
-                for m in range(init_idx.shape[3]):
-                    y = init_idx[n, i, j, m]
-                    _try(qp, kp, sq, sk, mask, has_mask, n, i, j, li, lc, y // Wk, y % Wk, Wk, p, C, dot)
+                for a in range(init_idx.shape[2]):
+                    y = init_idx[n, m, a]
+                    _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, y // Wk, y % Wk, Wk, p, C, dot)
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def search_iterate(qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, Hk, Wk, p, C, dot, seed, it, band):
-    N, H, W, K = out_idx.shape
+def search_iterate(qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense, H, W, Hk, Wk, p, C, dot, seed, it, band):
+    N, M, K = out_idx.shape
+    HW = H * W
     forward = it % 2 == 0
     d = 1 if forward else -1
     shift = ((it // 2) % 2) * (band // 2)
@@ -202,47 +219,56 @@ def search_iterate(qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, Hk, Wk, p,
         b = t % nb
         r0 = max(b * band - shift, 0)
         r1 = min((b + 1) * band - shift, H)
-        for ii in range(r1 - r0):
-            i = r0 + ii if forward else r1 - 1 - ii
-            for jj in range(W):
-                j = jj if forward else W - 1 - jj
-                li = out_idx[n, i, j]
-                lc = out_cost[n, i, j]
-                # Propagation: the neighbour x - e behind in the scan matched y; x takes y + e.
-                # All K matches of the neighbour are offered.
-                jn = j - d
-                if 0 <= jn < W:
-                    nl = out_idx[n, i, jn]
-                    for m in range(K):
-                        yr = nl[m] // Wk
-                        yc = nl[m] - yr * Wk + d
-                        if 0 <= yc < Wk:
-                            _try(qp, kp, sq, sk, mask, has_mask, n, i, j, li, lc, yr, yc, Wk, p, C, dot)
-                iN = i - d
-                if r0 <= iN < r1:
-                    nl = out_idx[n, iN, j]
-                    for m in range(K):
-                        yr = nl[m] // Wk
-                        yc = nl[m] - yr * Wk
+        lo = r0 * W if dense else row_start[r0]
+        hi = r1 * W if dense else row_start[r1]
+        for mm in range(hi - lo):
+            m = lo + mm if forward else hi - 1 - mm
+            pos = _position(qpos, dense, m)
+            i = pos // W
+            j = pos - i * W
+            li = out_idx[n, m]
+            lc = out_cost[n, m]
+            # Propagation: the neighbour x - e behind in the scan matched y; x takes y + e.
+            # All K matches of the neighbour are offered.
+            jn = j - d
+            mn = m - d
+            if 0 <= jn < W and (dense or (lo <= mn < hi and qpos[mn] == pos - d)):
+                nl = out_idx[n, mn]
+                for a in range(K):
+                    yr = nl[a] // Wk
+                    yc = nl[a] - yr * Wk + d
+                    if 0 <= yc < Wk:
+                        _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr, yc, Wk, p, C, dot)
+            iN = i - d
+            if r0 <= iN < r1:
+                if dense:
+                    mn = m - d * W
+                else:
+                    mn = up[m] if forward else down[m]
+                if mn >= 0:
+                    nl = out_idx[n, mn]
+                    for a in range(K):
+                        yr = nl[a] // Wk
+                        yc = nl[a] - yr * Wk
                         yr += d
                         if 0 <= yr < Hk:
-                            _try(qp, kp, sq, sk, mask, has_mask, n, i, j, li, lc, yr, yc, Wk, p, C, dot)
-                # Random search around each kept match in turn, in windows of radius
-                # max(Hk, Wk) / 2^s down to 1. Searching around all k (not only the best) is what
-                # brings the 2nd..k-th matches within a few percent of exact (measured: the mean
-                # cost ratio to exact went from 1.06 to 1.03 at 128x128).
-                state = _mix(seed ^ np.uint64((n * H + i) * W + j))
-                for a in range(K):
-                    br = li[a] // Wk
-                    bc = li[a] - br * Wk
-                    R = max(Hk, Wk)
-                    while R >= 1:
-                        lo_r = max(br - R, 0)
-                        lo_c = max(bc - R, 0)
-                        state, r = _below(state, min(br + R, Hk - 1) - lo_r + 1)
-                        state, c = _below(state, min(bc + R, Wk - 1) - lo_c + 1)
-                        _try(qp, kp, sq, sk, mask, has_mask, n, i, j, li, lc, lo_r + r, lo_c + c, Wk, p, C, dot)
-                        R //= 2
+                            _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr, yc, Wk, p, C, dot)
+            # Random search around each kept match in turn, in windows of radius
+            # max(Hk, Wk) / 2^s down to 1. Searching around all k (not only the best) is what
+            # brings the 2nd..k-th matches within a few percent of exact (measured: the mean
+            # cost ratio to exact went from 1.06 to 1.03 at 128x128).
+            state = _mix(seed ^ np.uint64(n * HW + pos))
+            for a in range(K):
+                br = li[a] // Wk
+                bc = li[a] - br * Wk
+                R = max(Hk, Wk)
+                while R >= 1:
+                    lo_r = max(br - R, 0)
+                    lo_c = max(bc - R, 0)
+                    state, r = _below(state, min(br + R, Hk - 1) - lo_r + 1)
+                    state, c = _below(state, min(bc + R, Wk - 1) - lo_c + 1)
+                    _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, lo_r + r, lo_c + c, Wk, p, C, dot)
+                    R //= 2
 
 
 # ----------------------------------------------------------------------------------------------

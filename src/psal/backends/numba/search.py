@@ -7,7 +7,9 @@ other iteration so that vertical propagation crosses them. Random numbers come f
 hash of (seed, iteration, pixel): results depend on neither the thread count nor the schedule.
 
 Layouts: padded maps are channel-last and flattened per row, ``(N, H + 2r, (W + 2r) * C)``, so the
-``p * C`` values of one patch row are contiguous; fields are ``(N, H, W, K)``.
+``p * C`` values of one patch row are contiguous; fields are ``(N, M, K)`` over the ``M`` searched
+pixels: all ``H * W`` in raster order, or the listed ``positions`` (sparse queries, whose bands
+are the same row ranges; a pixel propagates from the listed neighbours only).
 
 Compiled once, cached on disk (numba ``cache=True``), so later processes load instead of compile.
 """
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import rng
-from ..layout import allowed_table, channel_last_rows
+from ..layout import allowed_table, channel_last_rows, neighbour_table, patch_offsets
 from .kernels import search_init, search_iterate
 
 _BAND = 16  # rows per parallel task; fixed, so that results do not depend on the thread count
@@ -87,22 +89,34 @@ def _sketch(x: torch.Tensor, r: int, basis: _SketchBasis) -> np.ndarray:
     return z.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int):
+def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Tensor) -> np.ndarray:
+    """Sketch ``(N, M, D)`` of the patches of ``x (N, C, H, W)`` at the flat ``positions (M,)``
+    only: their pixels gathered (replicate padding as clamped coordinates), then projected."""
+    N, C, H, W = x.shape
+    patches = x.detach().float().flatten(2)[:, :, patch_offsets(positions, H, W, p)]  # (N, C, M, p * p)
+    y = torch.einsum("mc,ncla->nmla", basis.chans, patches)[:, basis.which]  # (N, D, M, p * p)
+    return torch.einsum("ndla,da->nld", y, basis.spatial.flatten(1)).contiguous().numpy()
+
+
+def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
     """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CPU tensors."""
     N, C, H, W = query.shape
     Hk, Wk = key.shape[-2:]
     K, p, r = num_neighbors, patch_size, patch_size // 2
+    dense = positions is None
+    M = H * W if dense else positions.numel()
     qp = channel_last_rows(query, torch.float32, r).numpy()
     kp = channel_last_rows(key, torch.float32, r).numpy()
     dot = similarity == "dot"
     if dot:  # no bound for a dot-product cost
-        sq = sk = np.zeros((1, 1, 1, 0), dtype=np.float32)
+        sq = np.zeros((1, 1, 0), dtype=np.float32)
+        sk = np.zeros((1, 1, 1, 0), dtype=np.float32)
         screen = 0
     else:
         dims = _SKETCH_DIMS_SMALL if Hk * Wk <= _SKETCH_LARGE_KEYS else _SKETCH_DIMS_LARGE
         basis = _sketch_basis(p, C, key, dims)
         screen = min(_SCREEN_PER_MATCH * K, _SCREEN_MAX)
-        sq = _sketch(query, r, basis)
+        sq = _sketch(query, r, basis).reshape(N, M, -1) if dense else _sketch_at(query, p, basis, positions)
         sk = _sketch(key, r, basis)
     if mask is None:
         mask_np = np.ones((1, 1), dtype=np.bool_)
@@ -114,15 +128,25 @@ def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters:
         allowed = order.contiguous().numpy()
         n_allowed = count.numpy().astype(np.int64)
     if init_idx is None:
-        init_np = np.zeros((1, 1, 1, 1), dtype=np.int64)
+        init_np = np.zeros((1, 1, 1), dtype=np.int64)
     else:
-        init_np = init_idx.reshape(N, -1, H, W).permute(0, 2, 3, 1).contiguous().numpy()
-    out_idx = np.empty((N, H, W, K), dtype=np.int64)
-    out_cost = np.empty((N, H, W, K), dtype=np.float32)
+        init_np = init_idx.reshape(N, -1, M).transpose(1, 2).contiguous().numpy()
+    if dense:
+        qpos = up = down = row_start = np.zeros(1, dtype=np.int64)
+    else:
+        qpos = positions.contiguous().numpy()
+        up = neighbour_table(positions, H, W, -1, 0).numpy()
+        down = neighbour_table(positions, H, W, 1, 0).numpy()
+        row_start = torch.searchsorted(positions, torch.arange(H + 1) * W).numpy()
+    out_idx = np.empty((N, M, K), dtype=np.int64)
+    out_cost = np.empty((N, M, K), dtype=np.float32)
     has_mask = mask is not None
-    search_init(qp, kp, sq, sk, mask_np, has_mask, allowed, n_allowed, init_np, init_idx is not None, out_idx, out_cost, Wk, p, C, dot, np.uint64(rng.stream(seed, -1)), screen)
+    search_init(qp, kp, sq, sk, mask_np, has_mask, allowed, n_allowed, init_np, init_idx is not None, out_idx, out_cost,
+                qpos, dense, H * W, W, Wk, p, C, dot, np.uint64(rng.stream(seed, -1)), screen)  # fmt: skip
     for it in range(num_iters):
-        search_iterate(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, Hk, Wk, p, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND)
-    idx = torch.from_numpy(out_idx).permute(0, 3, 1, 2).contiguous()
-    cost = torch.from_numpy(out_cost).permute(0, 3, 1, 2).contiguous()
+        search_iterate(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense,
+                       H, W, Hk, Wk, p, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND)  # fmt: skip
+    shape = (N, K, H, W) if dense else (N, K, M)
+    idx = torch.from_numpy(out_idx).transpose(1, 2).reshape(shape).contiguous()
+    cost = torch.from_numpy(out_cost).transpose(1, 2).reshape(shape).contiguous()
     return idx, cost

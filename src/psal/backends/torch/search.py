@@ -8,6 +8,10 @@ Positions outside a map are read with replicate padding, as ``PSAL.md`` fixes: p
 by ``r = patch_size // 2`` makes every patch an ordinary window of the padded map, so the patch of
 query pixel ``(i, j)`` starts at padded ``(i, j)`` and the patch of key position ``(y, x)`` at
 padded ``(y, x)``.
+
+Sparse queries: with ``positions`` (``(M,)`` int64, ascending flat query positions ``i * W + j``),
+only those query pixels are searched and fields are ``(N, k, M)``; a pixel propagates from the
+neighbours that are in the list.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layout import allowed_table, compute_dtype, unfold_patches
+from ..layout import allowed_table, compute_dtype, neighbour_table, unfold_patches
 
 # Stands in for +inf where a real cost must still beat a candidate that is barred from the list.
 _FINITE_MAX = torch.finfo(torch.float32).max
@@ -44,7 +48,7 @@ class PatchCosts:
     of the features that an unfold would make are never held.
     """
 
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, patch_size: int, similarity: str):
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, patch_size: int, similarity: str, positions=None):
         dt = compute_dtype(query.dtype)
         r = patch_size // 2
         pad = (r, r, r, r)
@@ -56,18 +60,27 @@ class PatchCosts:
         kp = F.pad(key.to(dt), pad, mode="replicate")  # (N, C, Hk + 2r, Wk + 2r)
         self.Wkp = kp.shape[-1]
         self.kflat = kp.flatten(2)  # (N, C, (Hk + 2r) * (Wk + 2r))
+        # Sparse queries: the padded-query corner of each listed pixel's patch.
+        self.qcorner = None if positions is None else (positions // self.W) * (self.W + 2 * r) + positions % self.W
+
+    def _query(self, di: int, dj: int) -> torch.Tensor:
+        """``(N, C, L)``: the query value at patch offset ``(di, dj)`` of every searched pixel."""
+        if self.qcorner is None:
+            return self.qp[:, :, di : di + self.H, dj : dj + self.W].flatten(2)
+        return self.qp.flatten(2)[:, :, self.qcorner + (di * self.qp.shape[-1] + dj)]
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
-        """``indices (N, M, H * W)`` flat key positions -> costs ``(N, M, H * W)`` in the compute dtype."""
+        """``indices (N, M, L)`` flat key positions of the ``L`` searched query pixels (all
+        ``H * W``, or the listed positions) -> costs ``(N, M, L)`` in the compute dtype."""
         N, M, L = indices.shape
         C = self.kflat.shape[1]
-        H, W, p = self.H, self.W, self.p
+        p = self.p
         corner = (indices // self.Wk) * self.Wkp + indices % self.Wk  # patch corner in the padded key
         corner = corner.reshape(N, 1, M * L)
         out = self.qp.new_zeros(N, M, L)
         for di in range(p):
             for dj in range(p):
-                q = self.qp[:, :, di : di + H, dj : dj + W].reshape(N, C, 1, L)
+                q = self._query(di, dj).reshape(N, C, 1, L)
                 k = self.kflat.gather(2, (corner + (di * self.Wkp + dj)).expand(N, C, M * L))
                 k = k.view(N, C, M, L)
                 if self.dot:
@@ -77,11 +90,12 @@ class PatchCosts:
         return out
 
 
-def patch_costs(query, key, indices, patch_size: int, similarity: str) -> torch.Tensor:
-    """Costs ``(N, M, H, W)`` float32 of the matches ``indices (N, M, H, W)``."""
-    N, M, H, W = indices.shape
-    costs = PatchCosts(query, key, patch_size, similarity)(indices.reshape(N, M, H * W))
-    return costs.float().view(N, M, H, W)
+def patch_costs(query, key, indices, patch_size: int, similarity: str, positions=None) -> torch.Tensor:
+    """Costs float32 of the matches ``indices``: ``(N, M, H, W)``, or ``(N, M, L)`` of the
+    ``positions (L,)`` when given."""
+    N, M = indices.shape[:2]
+    costs = PatchCosts(query, key, patch_size, similarity, positions)(indices.reshape(N, M, -1))
+    return costs.float().view(indices.shape)
 
 
 def exact_knn(query, key, mask, num_neighbors: int, patch_size: int, similarity: str):
@@ -162,15 +176,19 @@ _JUMPS = (8, 4, 2, 1)
 
 
 class _Search:
-    """State and steps of one vectorised PatchMatch run over all ``N`` maps at once."""
+    """State and steps of one vectorised PatchMatch run over all ``N`` maps at once, on every
+    query pixel or on the listed ``positions`` only."""
 
-    def __init__(self, query, key, mask, K, patch_size, similarity, generator):
+    def __init__(self, query, key, mask, K, patch_size, similarity, generator, positions=None):
         self.N, _, self.H, self.W = query.shape
         self.Hk, self.Wk = key.shape[-2:]
         self.K = K
         self.mask = mask
         self.gen = generator
-        self.costs = PatchCosts(query, key, patch_size, similarity)
+        self.positions = positions
+        self.tables = {}  # (dy, dx) -> neighbour_table of the listed positions
+        self.L = self.H * self.W if positions is None else positions.numel()
+        self.costs = PatchCosts(query, key, patch_size, similarity, positions)
         self.device = query.device
 
     def _bar(self, cand, valid, idx):
@@ -193,7 +211,7 @@ class _Search:
         return all_i.gather(1, best), all_c.gather(1, best)
 
     def init(self, init_idx):
-        N, K, L = self.N, self.K, self.H * self.W
+        N, K, L = self.N, self.K, self.L
         order, n_allowed = allowed_table(self.mask, N, self.Hk * self.Wk)
         ranks = sample_distinct(self.Hk * self.Wk if order is None else n_allowed, N, K, L, self.gen, self.device)
         idx = ranks if order is None else order.gather(1, ranks.view(N, K * L)).view(N, K, L)
@@ -206,6 +224,8 @@ class _Search:
 
     def propagate(self, idx, step: int):
         """Candidates from the four neighbours at distance ``step``: all ``K`` matches of each."""
+        if self.positions is not None:
+            return self._propagate_listed(idx, step)
         N, K, H, W, Hk, Wk = self.N, self.K, self.H, self.W, self.Hk, self.Wk
         grid = idx.view(N, K, H, W)
         yr, yc = grid // Wk, grid % Wk
@@ -227,9 +247,29 @@ class _Search:
         valid = (r >= 0) & (r < Hk) & (c >= 0) & (c < Wk)
         return self._bar(r * Wk + c, valid, idx)
 
+    def _propagate_listed(self, idx, step: int):
+        """:meth:`propagate` on listed positions: the same candidates, in the same order, from
+        the neighbours that are listed (the others offer none)."""
+        Hk, Wk = self.Hk, self.Wk
+        yr, yc = idx // Wk, idx % Wk
+        rows, cols = [], []
+        for dy, dx in ((0, step), (0, -step), (step, 0), (-step, 0)):
+            if abs(dy) >= self.H or abs(dx) >= self.W:
+                continue
+            if (dy, dx) not in self.tables:
+                self.tables[dy, dx] = neighbour_table(self.positions, self.H, self.W, dy, dx)
+            at = self.tables[dy, dx]
+            listed = at >= 0
+            src = at.clamp(min=0)
+            rows.append(torch.where(listed, yr[:, :, src] - dy, -1))
+            cols.append(torch.where(listed, yc[:, :, src] - dx, -1))
+        r, c = torch.cat(rows, 1), torch.cat(cols, 1)
+        valid = (r >= 0) & (r < Hk) & (c >= 0) & (c < Wk)
+        return self._bar(r * Wk + c, valid, idx)
+
     def random_search(self, idx):
         """One candidate per window of radius ``max(Hk, Wk) / 2^i`` (down to 1) around the best match."""
-        N, L, Hk, Wk = self.N, self.H * self.W, self.Hk, self.Wk
+        N, L, Hk, Wk = self.N, self.L, self.Hk, self.Wk
         radii = []
         R = max(Hk, Wk)
         while R >= 1:
@@ -247,19 +287,20 @@ class _Search:
         return self._bar(cand, torch.ones_like(cand, dtype=torch.bool), idx)
 
 
-def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int):
+def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
     """Vectorised PatchMatch (jump-flood propagation of all ``k`` matches, random search).
 
-    Returns ``indices (N, k, H, W)`` int64 and ``costs (N, k, H, W)`` float32, ascending along k.
+    Returns ``indices (N, k, H, W)`` int64 and ``costs (N, k, H, W)`` float32, ascending along k;
+    with ``positions (M,)``, ``(N, k, M)`` for the listed query pixels only (``init_idx`` too).
     """
     gen = torch.Generator(device=query.device)
     gen.manual_seed(seed)
-    s = _Search(query, key, mask, num_neighbors, patch_size, similarity, gen)
+    s = _Search(query, key, mask, num_neighbors, patch_size, similarity, gen, positions)
     idx, cost = s.init(init_idx)
     for _ in range(num_iters):
         for step in _JUMPS:
             if step < max(s.H, s.W):
                 idx, cost = s.merge(idx, cost, s.propagate(idx, step))
         idx, cost = s.merge(idx, cost, s.random_search(idx))
-    N, K, H, W = s.N, s.K, s.H, s.W
-    return idx.view(N, K, H, W), cost.view(N, K, H, W)
+    shape = (s.N, s.K, s.H, s.W) if positions is None else (s.N, s.K, s.L)
+    return idx.view(shape), cost.view(shape)

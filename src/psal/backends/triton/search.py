@@ -34,6 +34,10 @@ per-launch key derived from the caller's seed, so a pixel's draws depend neither
 program runs it nor when. (Triton's Philox, ``tl.randint``, would do as well; the hash is a
 fraction of its operations, which matters under the interpreter.)
 
+Sparse queries (``positions``, ``(M,)`` ascending flat query pixels): lanes are the listed pixels,
+fields ``(N, K, M)``; a lane draws its random numbers from its pixel's counters, as in a dense
+search, and propagates from the neighbours that are listed (per-step tables of their list slots).
+
 Layouts: query and key are made channel-last, ``(N, H, W, C)``, in their own dtype, so that the
 ``p * C`` values of one patch row are contiguous; they are summed in float32 (float64 for float64
 inputs). Fields are ``(N, K, H * W)`` int64/float32, the layout of the result. Positions outside a
@@ -60,7 +64,7 @@ import triton.language as tl
 
 from ..device import cuda_device_of, triton_interpreted
 from .. import rng
-from ..layout import allowed_table, channel_last, compute_dtype
+from ..layout import allowed_table, channel_last, compute_dtype, neighbour_table
 
 # Jump-flood steps of one iteration's propagation launches, longest first (as in the pure-PyTorch backend).
 _JUMPS = (8, 4, 2, 1)
@@ -77,7 +81,7 @@ _GPU_SMALL = (16, 16, 2)
 _GPU_LARGE = (16, 16, 2)
 _INTERP_BLOCK_MAX, _INTERP_TILE = 4096, 1 << 18
 
-_RUNTIME = ["N", "H", "W", "Hk", "Wk", "C", "K", "P", "has_mask", "key_lo", "key_hi"]
+_RUNTIME = ["N", "H", "W", "Hk", "Wk", "C", "K", "P", "M", "has_mask", "key_lo", "key_hi"]
 
 
 @triton.jit
@@ -194,17 +198,26 @@ def _offer(
 
 @triton.jit
 def _setup(
-    src_idx, src_cost, N, H, W, Hk, Wk, C, K, P,
+    src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M,
     BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr, ONE_CHUNK: tl.constexpr, LOAD: tl.constexpr,
+    SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """What a program computes once: its lanes (one query pixel each, of any map, so that small
-    maps leave no lane idle), their coordinates, the patch context ``ctx`` that ``_patch_cost``
-    reads, the list-tile helpers ``lst``, the field offsets and (``LOAD``) the lists themselves."""
-    g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # global pixel n * L + pix
+    """What a program computes once: its lanes (one searched query pixel each, of any map, so
+    that small maps leave no lane idle), their list slot ``m``, global pixel ``g = n * L + pix``
+    (what random counters are keyed on, so that a listed pixel draws what it draws in a dense
+    search) and coordinates, the patch context ``ctx`` that ``_patch_cost`` reads, the list-tile
+    helpers ``lst``, the field offsets and (``LOAD``) the lists themselves. ``M`` searched pixels
+    per map: all ``L = H * W``, or (``SPARSE``) the flat positions at ``qpos_ptr``."""
+    s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # searched slot n * M + m
     L = H * W
-    lane = g < N.to(tl.int64) * L
-    n = g // L
-    pix = (g - n * L).to(tl.int32)
+    lane = s < N.to(tl.int64) * M
+    n = s // M
+    m = s - n * M
+    if SPARSE:
+        pix = tl.load(qpos_ptr + m, mask=lane, other=0).to(tl.int32)
+    else:
+        pix = m.to(tl.int32)
+    g = n * L + pix
     qi = pix // W
     qj = pix - qi * W
     qi = qi.to(tl.int64)
@@ -230,8 +243,8 @@ def _setup(
     # Gather index that shifts a list tile one column to the right.
     shift = tl.maximum(col - 1, 0) + tl.zeros([BLOCK, KB], tl.int32)
     lst = (col, col < K, col == K - 1, shift, K)
-    fbase = n * K * L + pix  # list slot 0 of each lane; slot j is j * L further
-    at = fbase[:, None] + col.to(tl.int64) * L
+    fbase = n * K * M + m  # list slot 0 of each lane; slot j is j * M further
+    at = fbase[:, None] + col.to(tl.int64) * M
     on = lane[:, None] & (col < K)
     if LOAD:
         lidx = tl.load(src_idx + at, mask=on, other=-1)
@@ -239,22 +252,21 @@ def _setup(
     else:
         lidx = tl.full([BLOCK, KB], -1, tl.int64)
         lcost = tl.full([BLOCK, KB], float("inf"), tl.float32)
-    return g, n, lane, qi, qj, ctx, lst, at, on, lidx, lcost
+    return g, n, m, lane, qi, qj, ctx, lst, at, on, lidx, lcost
 
 
 @triton.jit(do_not_specialize=_RUNTIME + ["K0"])
 def _init_kernel(
-    q_ptr, k_ptr, mask_ptr, table_ptr, nallowed_ptr, init_ptr, dst_idx, dst_cost,
-    N, H, W, Hk, Wk, C, K, P, has_mask, key_lo, key_hi, K0,
+    q_ptr, k_ptr, mask_ptr, table_ptr, nallowed_ptr, init_ptr, dst_idx, dst_cost, qpos_ptr,
+    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, K0,
     DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    g, n, lane, _, _, ctx, lst, at, on, lidx, lcost = _setup(
-        dst_idx, dst_cost, N, H, W, Hk, Wk, C, K, P, BLOCK, KB, CB, ONE_CHUNK, False
+    g, n, slot, lane, _, _, ctx, lst, at, on, lidx, lcost = _setup(
+        dst_idx, dst_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, False, SPARSE
     )
     col = lst[0]
     shift = lst[3]
-    L = H * W
     Nk = Hk * Wk
     mbase = n * Nk
     nal = tl.load(nallowed_ptr + n, mask=lane, other=Nk)
@@ -278,7 +290,7 @@ def _init_kernel(
             DOT, ACC, BLOCK, CB, ONE_CHUNK,
         )  # fmt: skip
     for m in range(K0):
-        y = tl.load(init_ptr + ((n * K0 + m) * L + (g - n * L)), mask=lane, other=-1)
+        y = tl.load(init_ptr + ((n * K0 + m) * M + slot), mask=lane, other=-1)
         ok = lane & (y >= 0) & (y < Nk)
         y = tl.where(ok, y, 0)
         ki = (y.to(tl.int32) // Wk).to(tl.int64)
@@ -292,27 +304,33 @@ def _init_kernel(
 
 @triton.jit(do_not_specialize=_RUNTIME + ["step"])
 def _propagate_kernel(
-    q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost,
-    N, H, W, Hk, Wk, C, K, P, has_mask, key_lo, key_hi, step,
+    q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost, qpos_ptr, nbr_ptr,
+    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, step,
     DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    _, n, lane, qi, qj, ctx, lst, at, on, lidx, lcost = _setup(
-        src_idx, src_cost, N, H, W, Hk, Wk, C, K, P, BLOCK, KB, CB, ONE_CHUNK, True
+    """``SPARSE``: ``nbr_ptr`` holds, for each direction ``d`` and listed pixel, the list slot of
+    its neighbour at this step (-1: not listed), ``(4, M)``."""
+    _, n, slot, lane, qi, qj, ctx, lst, at, on, lidx, lcost = _setup(
+        src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, True, SPARSE
     )
-    L = H * W
     mbase = n * Hk * Wk
     for d in range(4):
         # d = 0, 1: the neighbours at (0, +step), (0, -step); d = 2, 3: (+step, 0), (-step, 0).
         sign = 1 - 2 * (d % 2)
         dy = sign * step * (d // 2)
         dx = sign * step * (1 - d // 2)
-        ni = qi + dy
-        nj = qj + dx
-        near = lane & (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
-        nat = n * K * L + (ni * W + nj)
+        if SPARSE:
+            nslot = tl.load(nbr_ptr + (d * M + slot), mask=lane, other=-1)
+            near = lane & (nslot >= 0)
+        else:
+            ni = qi + dy
+            nj = qj + dx
+            near = lane & (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
+            nslot = ni * W + nj
+        nat = n * K * M + nslot
         for m in range(K):
-            y = tl.load(src_idx + (nat + m * L), mask=near, other=0)
+            y = tl.load(src_idx + (nat + m * M), mask=near, other=0)
             ki = (y.to(tl.int32) // Wk).to(tl.int64)
             kj = y - ki * Wk - dx
             ki -= dy
@@ -327,13 +345,13 @@ def _propagate_kernel(
 
 @triton.jit(do_not_specialize=_RUNTIME + ["num_radii"])
 def _random_kernel(
-    q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost,
-    N, H, W, Hk, Wk, C, K, P, has_mask, key_lo, key_hi, num_radii,
+    q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost, qpos_ptr,
+    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, num_radii,
     DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    g, n, lane, _, _, ctx, lst, at, on, lidx, lcost = _setup(
-        src_idx, src_cost, N, H, W, Hk, Wk, C, K, P, BLOCK, KB, CB, ONE_CHUNK, True
+    g, n, _, lane, _, _, ctx, lst, at, on, lidx, lcost = _setup(
+        src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, True, SPARSE
     )
     col = lst[0]
     mbase = n * Hk * Wk
@@ -381,12 +399,14 @@ def launch_config(N: int, C: int, H: int, W: int, patch_size: int, interpreted: 
     return dict(BLOCK=block, CB=min(_next_pow2(ppc), cb), num_warps=warps)
 
 
-def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int):
+def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
     """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CUDA tensors (or CPU
-    tensors through Triton's interpreter)."""
+    tensors through Triton's interpreter), sparse ``positions`` included."""
     N, C, H, W = query.shape
     Hk, Wk = key.shape[-2:]
     K, P, L, Nk = num_neighbors, patch_size, H * W, Hk * Wk
+    sparse = positions is not None
+    M = positions.numel() if sparse else L
     dev = query.device
     interpreted = dev.type == "cpu" or triton_interpreted()
     # Features are read in their own dtype; mixed dtypes are read in the compute dtype.
@@ -409,25 +429,34 @@ def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters:
         K0, init = 0, torch.zeros(1, dtype=torch.int64, device=dev)
     else:
         K0, init = init_idx.shape[1], init_idx.contiguous()
+    qpos = positions.contiguous() if sparse else torch.zeros(1, dtype=torch.int64, device=dev)
 
-    cfg = launch_config(N, C, H, W, P, interpreted)
-    cfg.update(DOT=similarity == "dot", ACC=acc, KB=max(_next_pow2(K), 2), ONE_CHUNK=P * P * C <= cfg["CB"])
-    grid = (triton.cdiv(N * L, cfg["BLOCK"]),)
-    sizes = (N, H, W, Hk, Wk, C, K, P, has_mask)
+    def neighbours(step):
+        """``(4, M)`` list slots of the neighbours at ``step`` in the kernel's four directions."""
+        if not sparse:
+            return qpos
+        moves = ((0, step), (0, -step), (step, 0), (-step, 0))
+        return torch.stack([neighbour_table(positions, H, W, dy, dx) for dy, dx in moves]).contiguous()
 
-    idx = torch.empty(N, K, L, dtype=torch.int64, device=dev)
-    cost = torch.empty(N, K, L, dtype=torch.float32, device=dev)
+    cfg = launch_config(N, C, 1, M, P, interpreted)
+    cfg.update(DOT=similarity == "dot", ACC=acc, KB=max(_next_pow2(K), 2), ONE_CHUNK=P * P * C <= cfg["CB"], SPARSE=sparse)
+    grid = (triton.cdiv(N * M, cfg["BLOCK"]),)
+    sizes = (N, H, W, Hk, Wk, C, K, P, M, has_mask)
+
+    idx = torch.empty(N, K, M, dtype=torch.int64, device=dev)
+    cost = torch.empty(N, K, M, dtype=torch.float32, device=dev)
     spare_idx, spare_cost = torch.empty_like(idx), torch.empty_like(cost)
     num_radii = max(Hk, Wk).bit_length()  # the radii max(Hk, Wk) >> s, s < num_radii, are >= 1
+    tables = {step: neighbours(step) for step in _JUMPS if step < max(H, W)} if num_iters else {}
     with cuda_device_of(query):
-        _init_kernel[grid](q, k, mask_u8, table, n_allowed, init, idx, cost, *sizes, *_launch_key(seed, -1), K0, **cfg)
+        _init_kernel[grid](q, k, mask_u8, table, n_allowed, init, idx, cost, qpos, *sizes, *_launch_key(seed, -1), K0, **cfg)
         for it in range(num_iters):
             for step in _JUMPS:
                 if step >= max(H, W):
                     continue
-                _propagate_kernel[grid](q, k, mask_u8, idx, cost, spare_idx, spare_cost, *sizes, 0, 0, step, **cfg)
+                _propagate_kernel[grid](q, k, mask_u8, idx, cost, spare_idx, spare_cost, qpos, tables[step], *sizes, 0, 0, step, **cfg)
                 idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
             key_lo, key_hi = _launch_key(seed, it)
-            _random_kernel[grid](q, k, mask_u8, idx, cost, spare_idx, spare_cost, *sizes, key_lo, key_hi, num_radii, **cfg)
+            _random_kernel[grid](q, k, mask_u8, idx, cost, spare_idx, spare_cost, qpos, *sizes, key_lo, key_hi, num_radii, **cfg)
             idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
-    return idx.view(N, K, H, W), cost.view(N, K, H, W)
+    return (idx.view(N, K, H, W), cost.view(N, K, H, W)) if not sparse else (idx, cost)
