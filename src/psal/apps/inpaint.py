@@ -53,6 +53,8 @@ _TEMPERATURE_PERCENTILE = 0.75
 _TEMPERATURE_SCALE = 10.0
 # Wexler's confidence: a patch's votes are weighted by exp(-_CONFIDENCE * mean depth in the hole).
 _CONFIDENCE = 3.0
+# Sparse queries when the pixels whose patch meets the hole are at most this share of the picture.
+_SPARSE_BELOW = 0.2
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -143,29 +145,48 @@ def _features(state: torch.Tensor, channels: int) -> torch.Tensor:
     return torch.cat([state, (0.5 * _GRADIENT_WEIGHT) * gx, (0.5 * _GRADIENT_WEIGHT) * gy], 1)
 
 
-def _upsample_indices(indices: torch.Tensor, coarse: tuple, fine: tuple) -> torch.Tensor:
+def _upsample_indices(indices: torch.Tensor, coarse: tuple, coarse_where, fine: tuple, fine_where):
     """Coarse matches carried to the fine grid: fine pixel ``x`` in coarse cell ``c`` whose match
-    is ``m`` takes ``x + (m - c) * scale``, clamped to the map (Newson's field upsampling)."""
+    is ``m`` takes ``x + (m - c) * scale``, clamped to the map (Newson's field upsampling).
+
+    Sparse fields: coarse matches ``(1, heads, k, Mc)`` of the listed coarse pixels
+    ``coarse_where``, for the listed fine pixels ``fine_where`` (``None``: every pixel, fields
+    ``(1, heads, k, h, w)``). Returns the fine matches and which fine pixels found their coarse
+    cell listed (the others hold an arbitrary position, to be replaced)."""
     hc, wc = coarse
     hf, wf = fine
     device = indices.device
-    ii = torch.arange(hf, device=device)
-    jj = torch.arange(wf, device=device)
-    ci = torch.div(ii * hc, hf, rounding_mode="floor").clamp_(max=hc - 1)
-    cj = torch.div(jj * wc, wf, rounding_mode="floor").clamp_(max=wc - 1)
-    up = indices[..., ci[:, None], cj[None, :]]  # (1, heads, k, hf, wf)
-    row = ii[:, None] + torch.div((up // wc - ci[:, None]) * hf, hc, rounding_mode="floor")
-    col = jj[None, :] + torch.div((up % wc - cj[None, :]) * wf, wc, rounding_mode="floor")
-    return row.clamp_(0, hf - 1) * wf + col.clamp_(0, wf - 1)
+    if coarse_where is None:
+        coarse_where, indices = torch.arange(hc * wc, device=device), indices.flatten(3)
+    dense = fine_where is None
+    if dense:
+        fine_where = torch.arange(hf * wf, device=device)
+    i, j = fine_where // wf, fine_where % wf
+    ci = torch.div(i * hc, hf, rounding_mode="floor").clamp_(max=hc - 1)
+    cj = torch.div(j * wc, wf, rounding_mode="floor").clamp_(max=wc - 1)
+    cell = ci * wc + cj
+    slot = torch.searchsorted(coarse_where, cell).clamp_(max=coarse_where.numel() - 1)
+    found = coarse_where[slot] == cell
+    up = indices[..., slot]  # (1, heads, k, Mf)
+    row = i + torch.div((up // wc - ci) * hf, hc, rounding_mode="floor")
+    col = j + torch.div((up % wc - cj) * wf, wc, rounding_mode="floor")
+    out = row.clamp_(0, hf - 1) * wf + col.clamp_(0, wf - 1)
+    if dense:
+        return out.view(*out.shape[:3], hf, wf), found.view(hf, wf)
+    return out, found
 
 
-def _vote(state, feat, indices, costs, hole, near, depth, patch_size, backend, aggregation="patch", scale=_TEMPERATURE_SCALE):
-    """One reconstruction of the hole of ``state`` from the matches ``indices`` of the patches
-    (their ``costs`` set the temperature); known pixels are returned as they were.
+def _vote(state, feat, indices, costs, hole, near, where, depth, patch_size, backend, aggregation="patch", scale=_TEMPERATURE_SCALE):
+    """One reconstruction of the hole of ``state`` from the matches ``indices`` (their ``costs``
+    set the temperature): returns the new state, whose hole pixels are rewritten and all others
+    kept, and the change of the hole pixels ``(1, channels, holes)``, for the stopping test.
 
-    ``near``: query positions whose patch meets the hole; ``depth``: see :func:`_hole_depth`.
+    ``near``: the query pixels whose patch meets the hole, the only ones whose votes reach it;
+    ``where``: their flat indices when the search was sparse (indices and costs are then theirs
+    only, and so is the vote), else ``None``; ``depth``: see :func:`_hole_depth`.
     """
-    best = torch.where(near, costs.amin(2)[:, 0], torch.nan).flatten()
+    best = costs.amin(2)[:, 0]
+    best = (best if where is not None else torch.where(near, best, torch.nan)).flatten()
     temp = torch.nanquantile(best.double(), _TEMPERATURE_PERCENTILE).to(state.dtype)
     temp = (temp * scale).clamp_min(1e-6 * patch_size * patch_size)
     # Wexler's confidence through one more query channel, zero in the key: it adds
@@ -174,8 +195,18 @@ def _vote(state, feat, indices, costs, hole, near, depth, patch_size, backend, a
     extra = (temp * _CONFIDENCE * depth / (patch_size * patch_size)).sqrt()
     query = torch.cat([feat, extra], 1)
     key = torch.cat([feat, torch.zeros_like(extra)], 1)
-    out = attend(query, key, state, indices, patch_size=patch_size, temperature=temp, aggregation=aggregation, backend=backend)
-    return torch.where(hole, out, state)
+    out = attend(query, key, state, indices, patch_size=patch_size, temperature=temp, aggregation=aggregation,
+                 backend=backend, positions=where)  # fmt: skip
+    flat = state.flatten(2)
+    if where is None:
+        inside = hole.flatten()
+        return torch.where(hole, out, state), (out.flatten(2) - flat)[:, :, inside]
+    fill = hole.flatten()[where]
+    target = where[fill]
+    after = out[:, :, fill]
+    new = flat.clone()
+    new[:, :, target] = after
+    return new.view(state.shape), after - flat[:, :, target]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,12 +346,20 @@ def inpaint(
 
     total = num_iters * len(levels) + 1
     done = 0
-    cur = indices = None
+    cur = indices = where = None
+    # Sparse queries when the hole's neighbourhood is a small part of the picture: only the
+    # pixels whose patch meets the hole are then searched and voted. (Their attention runs on
+    # the pure-PyTorch backend, slower per pixel than numba's dense kernels: for large holes the
+    # dense path is faster.)
+    sparse = float(_dilate(hole, patch_size // 2).float().mean()) <= _SPARSE_BELOW
     for level in range(len(levels) - 1, -1, -1):
         known, lhole = levels[level]
         key_mask = full_patch_mask(lhole, patch_size)
         near = _dilate(lhole, patch_size // 2)[:, 0]  # query positions whose patch meets the hole
+        coarse_where = where
+        where = near.flatten().nonzero().squeeze(1) if sparse else None
         depth = _hole_depth(lhole, dtype)
+        search = dict(patch_size=patch_size, num_neighbors=k, key_mask=key_mask, generator=generator, backend=backend, positions=where)
 
         if cur is None:
             cur = _smooth_fill(known, lhole)
@@ -329,24 +368,22 @@ def inpaint(
             up = F.interpolate(cur, size=known.shape[-2:], mode="bilinear", align_corners=False)
             cur = torch.where(lhole, up, known)
             # The coarse matches vote with this level's own pixels: a sharp start. A match that
-            # lands on a patch this level does not allow is replaced by a random allowed one.
+            # lands on a patch this level does not allow, or whose coarse cell was not searched,
+            # is replaced by a random allowed one.
             feat = _features(cur, C)
-            indices = _upsample_indices(indices, coarse, tuple(cur.shape[-2:]))
-            allowed = key_mask.flatten(1)[0][indices]
+            indices, found = _upsample_indices(indices, coarse, coarse_where, tuple(cur.shape[-2:]), where)
+            allowed = key_mask.flatten(1)[0][indices] & found
             if not bool(allowed.all()):
-                fresh = patchmatch(feat, feat, patch_size=patch_size, num_neighbors=k, num_iters=0,
-                                   key_mask=key_mask, generator=generator, backend=backend)  # fmt: skip
+                fresh = patchmatch(feat, feat, num_iters=0, **search)
                 indices = torch.where(allowed, indices, fresh.indices)
-            costs = patch_costs(feat, feat, indices, patch_size=patch_size)
-            cur = _vote(cur, feat, indices, costs, lhole, near, depth, patch_size, backend)
+            costs = patch_costs(feat, feat, indices, patch_size=patch_size, positions=where)
+            cur, _ = _vote(cur, feat, indices, costs, lhole, near, where, depth, patch_size, backend)
         field = indices  # a warm start from the coarser scale's matches (bare indices), or None
         for _ in range(num_iters):
             feat = _features(cur, C)
-            field = patchmatch(feat, feat, patch_size=patch_size, num_neighbors=k, num_iters=search_iters,
-                               key_mask=key_mask, init=field, generator=generator, backend=backend)  # fmt: skip
-            new = _vote(cur, feat, field.indices, field.costs, lhole, near, depth, patch_size, backend)
-            change = float((new - cur)[:, :C].abs().sum() / (lhole.sum() * C))
-            cur = new
+            field = patchmatch(feat, feat, num_iters=search_iters, init=field, **search)
+            cur, delta = _vote(cur, feat, field.indices, field.costs, lhole, near, where, depth, patch_size, backend)
+            change = float(delta[:, :C].abs().sum() / max(delta.shape[-1] * C, 1))
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -358,9 +395,8 @@ def inpaint(
     # The final reconstruction: each hole pixel takes the centre of its best match, not the mean
     # of all votes, which would blur what the matches agree on only up to a pixel.
     feat = _features(cur, C)
-    field = patchmatch(feat, feat, patch_size=patch_size, num_neighbors=k, num_iters=search_iters,
-                       key_mask=key_mask, init=field, generator=generator, backend=backend)  # fmt: skip
-    cur = _vote(cur, feat, field.indices, field.costs, hole, near, depth, patch_size, backend, "center", 0.1)
+    field = patchmatch(feat, feat, num_iters=search_iters, init=field, **search)
+    cur, _ = _vote(cur, feat, field.indices, field.costs, hole, near, where, depth, patch_size, backend, "center", 0.1)
     if progress is not None:
         progress(total, total)
     return torch.where(hole, cur[:, :C].to(image.dtype), image)
