@@ -35,6 +35,19 @@ def test_scenarios_build_the_inputs_and_truths():
         images.load_bundled("coffee", 64, longest=300)
 
 
+def test_bench_photos_small(tmp_path, capsys):
+    """The photo-size suite at a toy size: both paths in their own processes, the same fill."""
+    from psal.bench import photos
+
+    report = tmp_path / "photos.json"
+    assert photos.main(["--pictures", "astronaut", "--longest", "96", "--json", str(report)]) == 0
+    assert "| astronaut" in capsys.readouterr().out
+    dense, sparse = json.loads(report.read_text())["results"]
+    assert (dense["mode"], sparse["mode"]) == ("dense", "sparse") and dense["width"] == 96
+    assert 0.02 < dense["hole"] < 0.08 and dense["seconds"] > 0 and dense["peak_mib"] > 0
+    assert abs(dense["hole_psnr_db"] - sparse["hole_psnr_db"]) < 1.5 and sparse["hole_psnr_db"] > 12
+
+
 def test_bench_apps_small(tmp_path, capsys):
     from psal.apps import scenarios
     from psal.bench import apps
