@@ -106,7 +106,10 @@ def _warm_numba_cache():
         return
     procs = [subprocess.Popen([sys.executable, "-c", "import torch, psal\n" + code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for code in _WARM]
     for proc in procs:
-        proc.wait()
+        try:
+            proc.wait(timeout=600)
+        except subprocess.TimeoutExpired:  # the workers will compile what they need themselves
+            proc.kill()
 
 
 @pytest.fixture

@@ -195,8 +195,10 @@ def _vote(state, feat, indices, costs, hole, near, where, depth, patch_size, bac
     extra = (temp * _CONFIDENCE * depth / (patch_size * patch_size)).sqrt()
     query = torch.cat([feat, extra], 1)
     key = torch.cat([feat, torch.zeros_like(extra)], 1)
+    # Attention over sparse queries runs on the pure-PyTorch backend ("auto" picks it); the
+    # search above runs on the backend asked for, which every backend can do sparsely.
     out = attend(query, key, state, indices, patch_size=patch_size, temperature=temp, aggregation=aggregation,
-                 backend=backend, positions=where)  # fmt: skip
+                 backend=backend if where is None else "auto", positions=where)  # fmt: skip
     flat = state.flatten(2)
     if where is None:
         inside = hole.flatten()
@@ -294,7 +296,8 @@ def inpaint(
         progress: called as ``progress(done, total)`` after each round; a scale that converges
             early skips its remaining rounds.
         backend: PSAL backend of the search and the aggregation (``"auto"``, ``"numba"``,
-            ``"triton"`` or ``"torch"``).
+            ``"triton"`` or ``"torch"``); with sparse queries (a small hole) the aggregation
+            runs on the pure-PyTorch backend whatever is named, the only one that has it.
 
     Returns:
         ``Tensor[1, C, H, W]`` on the image's device, in its dtype: the known pixels bitwise

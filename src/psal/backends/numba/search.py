@@ -89,13 +89,21 @@ def _sketch(x: torch.Tensor, r: int, basis: _SketchBasis) -> np.ndarray:
     return z.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Tensor) -> np.ndarray:
+def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Tensor, chunk_values: int = 1 << 22) -> np.ndarray:
     """Sketch ``(N, M, D)`` of the patches of ``x (N, C, H, W)`` at the flat ``positions (M,)``
-    only: their pixels gathered (replicate padding as clamped coordinates), then projected."""
+    only: their pixels gathered (replicate padding as clamped coordinates) a chunk of positions
+    at a time (at most ``chunk_values`` gathered values), projected, then filtered. The same
+    values as :func:`_sketch`'s up to rounding (another summation order)."""
     N, C, H, W = x.shape
-    patches = x.detach().float().flatten(2)[:, :, patch_offsets(positions, H, W, p)]  # (N, C, M, p * p)
-    y = torch.einsum("mc,ncla->nmla", basis.chans, patches)[:, basis.which]  # (N, D, M, p * p)
-    return torch.einsum("ndla,da->nld", y, basis.spatial.flatten(1)).contiguous().numpy()
+    flat = x.detach().float().flatten(2)
+    chans = basis.chans[basis.which]  # (D, C): each filter's channel direction
+    spatial = basis.spatial.flatten(1)  # (D, p * p)
+    step = max(1, chunk_values // max(N * C * p * p, 1))
+    out = torch.empty(N, positions.numel(), chans.shape[0])
+    for start in range(0, positions.numel(), step):
+        patches = flat[:, :, patch_offsets(positions[start : start + step], H, W, p)]  # (N, C, m, p * p)
+        out[:, start : start + step] = torch.einsum("dc,ncla,da->nld", chans, patches, spatial)
+    return out.numpy()
 
 
 def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
