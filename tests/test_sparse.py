@@ -116,11 +116,12 @@ def test_compiled_random_start_is_per_pixel(backend, device):
 
 @pytest.mark.parametrize("backend, device", SPARSE_CASES)
 def test_a_connected_region_searches_as_well_as_the_dense_call(backend, device):
-    """A disc of about 12% of a smooth-noise map (64x64; 24x24 through the interpreter):
-    propagation runs inside the region, so the mean cost ratio to exact is close to the dense
-    call's on the same pixels."""
+    """A disc of about 12% of a 64x64 smooth-noise map: propagation runs inside the region, so the
+    mean cost ratio to exact is close to the dense call's on the same pixels."""
+    if interpreted(backend, device):
+        pytest.skip("25 s through the interpreter; Triton's sparse propagation is checked by the contract and dense-equality tests")
     g = gen(3)
-    S = 24 if interpreted(backend, device) else 64
+    S = 64
     x = torch.nn.functional.avg_pool2d(torch.rand(2, 3, S + 4, S + 4, generator=g), 5, stride=1)
     q, k = x[:1], x[1:]
     yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
