@@ -88,19 +88,24 @@ def attend(
     ``(N, H, W)`` in the compute dtype that the backward needs (see ``psal.backends.torch.attend``).
     With ``query_positions (M,)`` (sparse queries): indices ``(N, K, M)``, out ``(N, Cv, M)``,
     statistic ``(N, M)``."""
-    N, K = indices.shape[:2]
-    L = indices[0, 0].numel() if N * K else 0
-    if N * L == 0:
+    if indices.numel() == 0:
         return _attend_empty(query, value, indices, query_positions)
-    H, W = query.shape[-2:]
-    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L)
-    impl = choose("psal.attend", "attend", backend, query.device, size, sparse=query_positions is not None)
-    opts = {} if query_positions is None else {"positions": query_positions.contiguous()}
+    impl, opts = _attend_impl(query, key, indices, patch_size, backend, query_positions)
     out, stat = impl.attend_forward(
         *_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity, **opts
     )
     # Outputs must be contiguous: the fake kernels promise it, and compiled code checks strides.
     return out.to(value.dtype).contiguous(), stat.to(compute_dtype(query.dtype)).contiguous()
+
+
+def _attend_impl(query, key, indices, patch_size, backend, query_positions):
+    """The attention backend module for a non-empty problem, and the keyword arguments its
+    forward and backward take (the sparse query positions, if any)."""
+    K, L = indices.shape[1], indices[0, 0].numel()
+    H, W = query.shape[-2:]
+    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L)
+    impl = choose("psal.attend", "attend", backend, query.device, size, sparse=query_positions is not None)
+    return impl, ({} if query_positions is None else {"positions": query_positions.contiguous()})
 
 
 def _attend_empty(query, value, indices, query_positions=None):
@@ -132,14 +137,9 @@ def attend_backward(
     query_positions: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``psal::attend`` for query, key, value and temperature, in their dtypes."""
-    N, K = indices.shape[:2]
-    L = indices[0, 0].numel() if N * K else 0
-    if N * L == 0:
+    if indices.numel() == 0:
         return _backward_empty(query, key, value, temperature)
-    H, W = query.shape[-2:]
-    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L)
-    impl = choose("psal.attend", "attend", backend, query.device, size, sparse=query_positions is not None)
-    opts = {} if query_positions is None else {"positions": query_positions.contiguous()}
+    impl, opts = _attend_impl(query, key, indices, patch_size, backend, query_positions)
     gq, gk, gv, gt = impl.attend_backward(
         *_contiguous(grad, query, key, value, indices, temperature, out, stat),
         patch_size,

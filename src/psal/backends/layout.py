@@ -90,12 +90,7 @@ def allowed_table(mask, N: int, Nk: int):
 def neighbour_table(positions: torch.Tensor, H: int, W: int, dy: int, dx: int) -> torch.Tensor:
     """For ascending flat positions ``(M,)`` of an ``H x W`` map (sparse queries): the list index
     of each one's neighbour at ``(+dy, +dx)``, or -1 where that pixel is off the map or not listed."""
-    i, j = positions // W, positions % W
-    inside = (i + dy >= 0) & (i + dy < H) & (j + dx >= 0) & (j + dx < W)
-    want = positions + (dy * W + dx)
-    at = torch.searchsorted(positions, want).clamp_(max=max(positions.numel() - 1, 0))
-    found = inside & (positions[at] == want)
-    return torch.where(found, at, torch.full_like(at, -1))
+    return offset_tables(positions, H, W, [(dy, dx)])[0]
 
 
 def offset_tables(positions: torch.Tensor, H: int, W: int, offsets) -> torch.Tensor:
