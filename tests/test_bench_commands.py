@@ -36,16 +36,18 @@ def test_scenarios_build_the_inputs_and_truths():
 
 
 def test_bench_photos_small(tmp_path, capsys):
-    """The photo-size suite at a toy size: both paths in their own processes, the same fill."""
+    """The photo-size suite at a toy size: an enlarged picture, both hole kinds, a process each."""
     from psal.bench import photos
 
     report = tmp_path / "photos.json"
-    assert photos.main(["--pictures", "astronaut", "--longest", "96", "--json", str(report)]) == 0
-    assert "| astronaut" in capsys.readouterr().out
-    dense, sparse = json.loads(report.read_text())["results"]
-    assert (dense["mode"], sparse["mode"]) == ("dense", "sparse") and dense["width"] == 96
-    assert 0.02 < dense["hole"] < 0.08 and dense["seconds"] > 0 and dense["peak_mib"] > 0
-    assert abs(dense["hole_psnr_db"] - sparse["hole_psnr_db"]) < 1.5 and sparse["hole_psnr_db"] > 12
+    argv = ["--pictures", "astronaut@1.5", "--longest", "64", "--holes", "object", "large", "--methods", "psal", "--json", str(report)]
+    assert photos.main(argv) == 0
+    assert "| astronaut@1.5" in capsys.readouterr().out
+    small, large = json.loads(report.read_text())["results"]
+    assert (small["hole_kind"], large["hole_kind"], small["width"], small["height"]) == ("object", "large", 96, 96)
+    assert 0.02 < small["hole"] < 0.08 and 0.15 < large["hole"] < 0.25
+    for r in (small, large):
+        assert r["method"] == "psal" and r["seconds"] > 0 and r["peak_mib"] > 0 and r["hole_psnr_db"] > 10
 
 
 def test_bench_apps_small(tmp_path, capsys):

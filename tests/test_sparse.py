@@ -152,7 +152,10 @@ def test_sparse_warm_start_and_empty_lists(backend, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention over sparse queries (the pure-PyTorch backend; "auto" takes it on every device).
+# Attention over sparse queries: the pure-PyTorch backend on every device and numba's kernels on the
+# CPU (its backward is the pure-PyTorch one); Triton has none yet.
+
+SPARSE_ATTEND_CASES = [("torch", d) for d in sorted({c.values[1] for c in SPARSE_CASES})] + [("numba", "cpu")]
 
 AGGREGATIONS = ["center", "patch", "patch_mean"]
 
@@ -166,9 +169,9 @@ def _attend_inputs(seed=0, H=6, W=7, Hk=5, Wk=5, C=4, Cv=4, heads=2):
     return q, k, v, idx.view(2, heads, H * W, 3).permute(0, 1, 3, 2).reshape(2, heads, 3, H, W).contiguous()
 
 
-@pytest.mark.parametrize("device", sorted({c.values[1] for c in SPARSE_CASES}))
+@pytest.mark.parametrize("backend, device", SPARSE_ATTEND_CASES)
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
-def test_sparse_attention_is_the_dense_one_where_every_vote_is_listed(device, aggregation):
+def test_sparse_attention_is_the_dense_one_where_every_vote_is_listed(backend, device, aggregation):
     """Against the independent float64 oracle of the dense call: at a listed pixel whose covering
     patches are all listed (every pixel for "center"), the sparse output is the dense output."""
     from conftest import naive_attention
@@ -179,7 +182,7 @@ def test_sparse_attention_is_the_dense_one_where_every_vote_is_listed(device, ag
     listed[0, 0] = True
     where = listed.flatten().nonzero().squeeze(1)
     out = psal.attend(*to_device(device, q, k, v, idx.flatten(3)[..., where]), temperature=0.7, aggregation=aggregation,
-                      num_heads=2, positions=where.to(device)).cpu()  # fmt: skip
+                      num_heads=2, positions=where.to(device), backend=backend).cpu()  # fmt: skip
     assert out.shape == (2, 4, where.numel())
     want = torch.cat([naive_attention(q[:, 2 * h : 2 * h + 2], k[:, 2 * h : 2 * h + 2], v[:, 2 * h : 2 * h + 2], idx[:, h], 0.7, 3, aggregation) for h in range(2)], 1)
     covered = torch.nn.functional.max_pool2d((~listed).float()[None, None], 3, 1, 1)[0, 0] == 0  # all of its 3x3 listed
@@ -192,8 +195,8 @@ def test_sparse_attention_is_the_dense_one_where_every_vote_is_listed(device, ag
     a = [t.clone().requires_grad_() for t in to_device(device, q, k, v)]
     b = [t.clone().requires_grad_() for t in to_device(device, q, k, v)]
     grad = torch.randn(2, 4, 6, 7, generator=gen(1), dtype=torch.float64).to(device)
-    dense = psal.attend(*a, idx.to(device), aggregation=aggregation, num_heads=2)
-    sparse = psal.attend(*b, idx.flatten(3).to(device), aggregation=aggregation, num_heads=2, positions=every)
+    dense = psal.attend(*a, idx.to(device), aggregation=aggregation, num_heads=2, backend=backend)
+    sparse = psal.attend(*b, idx.flatten(3).to(device), aggregation=aggregation, num_heads=2, positions=every, backend=backend)
     torch.testing.assert_close(sparse, dense.flatten(2), rtol=1e-12, atol=1e-12)
     (dense * grad).sum().backward()
     (sparse * grad.flatten(2)).sum().backward()
@@ -216,21 +219,55 @@ def test_sparse_attention_gradcheck(aggregation, patch_size):
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_attention_numba_matches_torch_on_partial_lists(aggregation, dtype):
+    """numba's kernels against the pure-PyTorch sparse attention, on random lists where many
+    covering patches are not listed (rows with gaps, borders, lone pixels), with p = 3 and 5."""
+    for seed, p in [(4, 3), (5, 5), (6, 1)]:
+        q, k, v, idx = _attend_inputs(seed=seed, H=9, W=11, Hk=6, Wk=7)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        where = (torch.rand(9 * 11, generator=gen(seed)) < 0.45).nonzero().squeeze(1)
+        sub = idx.flatten(3)[..., where]
+        T = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+        outs, grads = [], []
+        for backend in ("torch", "numba"):
+            args = [t.clone().requires_grad_() for t in (q, k, v)]
+            out = psal.attend(*args, sub, patch_size=p, temperature=T, aggregation=aggregation, num_heads=2,
+                              positions=where, backend=backend)  # fmt: skip
+            out.square().sum().backward()
+            outs.append(out.detach())
+            grads.append([a.grad for a in args])
+        # float32: scores reach 75 here, so their logsumexp carries 1e-5 of rounding into the weights
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
+        assert outs[0].shape == (2, 4, where.numel())
+        torch.testing.assert_close(outs[1], outs[0], **tol)
+        for x, y in zip(*grads):  # float32: the gradients of a sum of squares, up to their scale
+            scale = float(x.abs().max())
+            torch.testing.assert_close(y, x, rtol=tol["rtol"], atol=tol["atol"] * scale)
+
+
 def test_sparse_attention_backends_and_a_search_feeding_it():
     import warnings
+
+    from psal import _dispatch
 
     q, k, v, _ = _attend_inputs(seed=3)
     q, k, v = q.float(), k.float(), v.float()
     where = torch.tensor([4, 5, 6, 11, 12, 13])
     field = psal.patchmatch(q, k, num_neighbors=3, num_heads=2, positions=where, generator=gen(0))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "auto" takes torch here by design: no "numba missing" warning
+        warnings.simplefilter("error")  # no "numba missing" warning from either choice below
         out = psal.attend(q, k, v, field.indices, num_heads=2, aggregation="patch", positions=where)
+        # on CUDA, "auto" takes torch for sparse attention by design (Triton has none)
+        cuda = _dispatch.choose("f", "attend", "auto", torch.device("cuda"), sparse=True)
     assert out.shape == (2, 4, 6)
-    with pytest.raises(ValueError, match="psal.attend: backend 'numba' has no sparse-query attention"):
-        psal.attend(q, k, v, field.indices, num_heads=2, positions=where, backend="numba")
-    from psal import _dispatch
-
+    assert cuda.__name__ == "psal.backends.torch.attend"
+    assert _dispatch.choose("f", "attend", "auto", torch.device("cpu"), sparse=True).__name__ == "psal.backends.numba.attend"
     with pytest.raises(ValueError, match="f: backend 'triton' has no sparse-query attention"):
         _dispatch.choose("f", "attend", "triton", torch.device("cuda"), sparse=True)
-    assert _dispatch.choose("f", "attend", "auto", torch.device("cuda"), sparse=True).__name__ == "psal.backends.torch.attend"
+    # numba's sparse forward pairs with the pure-PyTorch sparse backward; dense backwards stay numba's
+    cpu = torch.device("cpu")
+    assert _dispatch.choose("f", "attend_backward", "numba", cpu, sparse=True).__name__ == "psal.backends.torch.attend"
+    assert _dispatch.choose("f", "attend_backward", "auto", cpu, sparse=True).__name__ == "psal.backends.torch.attend"
+    assert _dispatch.choose("f", "attend_backward", "numba", cpu).__name__ == "psal.backends.numba.attend"

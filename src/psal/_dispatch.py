@@ -81,7 +81,7 @@ def can_run_torch(device: torch.device, positions: int = 0, raise_error: bool = 
 
 _PREDICATES = {"numba": can_run_numba, "triton": can_run_triton, "torch": can_run_torch}
 # The ops each backend runs over sparse query positions (``positions=``).
-SPARSE_OPS = {"numba": ("search",), "triton": ("search",), "torch": ("search", "attend")}
+SPARSE_OPS = {"numba": ("search", "attend"), "triton": ("search",), "torch": ("search", "attend")}
 
 
 def _sparse_ok(name: str, op: str, sparse: bool, raise_error: bool = False) -> bool:
@@ -126,30 +126,40 @@ def explain_search_backend(device="cpu") -> dict:
     return available_backends(device)
 
 
-def _module(name: str, op: str):
+# Sparse attention backwards that run on another backend: numba's sparse forward kernels pair with
+# the pure-PyTorch sparse backward (the statistic that the forward returns means the same in both).
+SPARSE_BACKWARD = {"numba": "torch"}
+
+
+def _module(name: str, op: str, sparse: bool = False):
+    if op == "attend_backward":
+        name, op = (SPARSE_BACKWARD.get(name, name) if sparse else name), "attend"
     return importlib.import_module(f"psal.backends.{name}.{op}")
 
 
 def choose(fn: str, op: str, backend: str, device: torch.device, positions: int = 0, sparse: bool = False):
     """The module that implements ``op`` (``"search"``: ``patchmatch``; ``"attend"``:
-    ``attend_forward``/``attend_backward``) with ``backend`` for a problem on ``device`` of
+    ``attend_forward``; ``"attend_backward"``: ``attend_backward``, of the backend chosen for the
+    forward, or of :data:`SPARSE_BACKWARD`'s) with ``backend`` for a problem on ``device`` of
     ``positions`` (see :func:`positions`), over ``sparse`` query positions or not. ``"auto"``: the
     first backend of ``ORDER`` that can run it (never the Triton interpreter, which is for tests)."""
+    module = op
+    op = "attend" if op == "attend_backward" else op
     if backend == "auto":
         for name in ORDER:
             if name == "triton" and device.type == "cpu":
                 continue
             if _PREDICATES[name](device, positions) and _sparse_ok(name, op, sparse):
-                fallback = positions >= TRITON_MAX_POSITIONS or (sparse and op not in SPARSE_OPS["numba"])
+                missing = "numba" if device.type == "cpu" else "triton"
+                fallback = positions >= TRITON_MAX_POSITIONS or (sparse and op not in SPARSE_OPS[missing])
                 if name == "torch" and device.type in ("cpu", "cuda") and not fallback:
-                    missing = "numba" if device.type == "cpu" else "triton"
                     warnings.warn(
                         f"psal: {missing} is not installed, so {device.type.upper()} tensors run on the "
                         f"much slower pure-PyTorch backend; pip install {missing}",
                         RuntimeWarning,
                         stacklevel=3,
                     )
-                return _module(name, op)
+                return _module(name, module, sparse)
         raise ValueError(f"{fn}: no backend can run on {device}: {available_backends(device)}")
     if backend not in _PREDICATES:
         raise ValueError(f"{fn}: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -158,7 +168,7 @@ def choose(fn: str, op: str, backend: str, device: torch.device, positions: int 
         _sparse_ok(backend, op, sparse, raise_error=True)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
-    return _module(backend, op)
+    return _module(backend, module, sparse)
 
 
 def require(fn: str, backend: str, device: torch.device, positions: int = 0) -> None:

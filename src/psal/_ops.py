@@ -98,13 +98,13 @@ def attend(
     return out.to(value.dtype).contiguous(), stat.to(compute_dtype(query.dtype)).contiguous()
 
 
-def _attend_impl(query, key, indices, patch_size, backend, query_positions):
-    """The attention backend module for a non-empty problem, and the keyword arguments its
-    forward and backward take (the sparse query positions, if any)."""
+def _attend_impl(query, key, indices, patch_size, backend, query_positions, op="attend"):
+    """The attention backend module of ``op`` (``"attend"``, ``"attend_backward"``) for a
+    non-empty problem, and the keyword arguments it takes (the sparse query positions, if any)."""
     K, L = indices.shape[1], indices[0, 0].numel()
     H, W = query.shape[-2:]
     size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L)
-    impl = choose("psal.attend", "attend", backend, query.device, size, sparse=query_positions is not None)
+    impl = choose("psal.attend", op, backend, query.device, size, sparse=query_positions is not None)
     return impl, ({} if query_positions is None else {"positions": query_positions.contiguous()})
 
 
@@ -139,7 +139,7 @@ def attend_backward(
     """Gradients of ``psal::attend`` for query, key, value and temperature, in their dtypes."""
     if indices.numel() == 0:
         return _backward_empty(query, key, value, temperature)
-    impl, opts = _attend_impl(query, key, indices, patch_size, backend, query_positions)
+    impl, opts = _attend_impl(query, key, indices, patch_size, backend, query_positions, "attend_backward")
     gq, gk, gv, gt = impl.attend_backward(
         *_contiguous(grad, query, key, value, indices, temperature, out, stat),
         patch_size,

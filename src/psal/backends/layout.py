@@ -66,6 +66,12 @@ def replicate_pad_adjoint(g: torch.Tensor, r: int) -> torch.Tensor:
     return out
 
 
+def same_map(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are one map: the same memory, shape, strides and dtype (a
+    self-search's query and key), so that one padded copy or sketch can serve both."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
 def vote_counts(H: int, W: int, patch_size: int, device, dtype) -> torch.Tensor:
     """``(H, W)``: how many query patches cover each pixel (``p * p`` away from the borders)."""
     r = patch_size // 2
@@ -83,8 +89,12 @@ def allowed_table(mask, N: int, Nk: int):
     positions and map them through this table, in every backend alike."""
     if mask is None:
         return None, None
-    order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # (N, Nk), allowed first
-    return order, mask.sum(1)
+    # A stable partition, allowed first, in linear time: each position's rank within its class.
+    count = mask.sum(1, keepdim=True)
+    rank = torch.where(mask, mask.cumsum(1) - 1, count + (~mask).cumsum(1) - 1)
+    pos = torch.arange(Nk, device=mask.device).expand(N, Nk)
+    order = torch.empty((N, Nk), dtype=torch.int64, device=mask.device).scatter_(1, rank, pos)
+    return order, count[:, 0]
 
 
 def neighbour_table(positions: torch.Tensor, H: int, W: int, dy: int, dx: int) -> torch.Tensor:

@@ -1,13 +1,22 @@
-"""Inpainting at the size of photographs: time, peak memory and hole PSNR, in one run.
+"""Inpainting at the size of photographs, against PyPatchMatch: time, peak memory and hole PSNR.
 
-    python -m psal.bench photos [--pictures astronaut hubble_deep_field retina] [--modes dense sparse]
+    python -m psal.bench photos [--pictures astronaut hubble_deep_field retina retina@2]
+                                [--holes object large] [--methods psal pypatchmatch]
 
-Each picture keeps its own size (``--longest`` shrinks it) and gets one seeded object-removal hole:
-an ellipse of about 3% of the area plus a thin stroke. ``psal.apps.inpaint`` runs once per
-(picture, mode) in a fresh process after a tiny warm-up call (numba loads its kernels); peak
-memory is that process's maximum resident set, imports included. ``sparse`` is the default path
-(only the pixels whose patch meets the hole are searched and voted, when they are at most a fifth
-of the picture); ``dense`` forces the search and the votes over every pixel, as before.
+A picture is a bundled one at its own size (``--longest`` shrinks it), or ``name@f``: enlarged by
+``f`` (bilinear), for the sizes of phone pictures (``retina@2`` is 8 MP, ``retina@2.45`` 12 MP;
+an enlarged picture has less detail per pixel than a photograph of that size). Holes, seeded:
+
+- ``object``: an ellipse of about 3% of the area plus a thin stroke, the way people remove objects;
+- ``large``: two ellipses and a rectangle, about 20% of the area.
+
+Each (picture, hole, method) runs in a fresh process after a tiny warm-up call (numba loads its
+kernels); peak memory is that process's maximum resident set (torch is imported in every one).
+Methods: ``psal`` (``psal.apps.inpaint``, 7 x 7 patches, its defaults: sparse queries around the
+hole), ``psal-dense`` (the same, every pixel searched and voted, as before sparse queries), and
+``pypatchmatch`` (pip ``pypatchmatch``, ``patch_match.inpaint`` with ``patch_size=3``: its patches
+are 2 * 3 + 1 = 7 wide, like ours), when installed. The ``vs PyPatchMatch`` column is the time
+ratio in the same run.
 """
 
 from __future__ import annotations
@@ -20,26 +29,46 @@ import sys
 from psal.bench import common
 
 PICTURES = ("astronaut", "hubble_deep_field", "retina")
+METHODS = ("psal", "psal-dense", "pypatchmatch")
 
 _CHILD = r"""
-import json, resource, sys, time, torch
-from psal import images
-from psal.apps import inpaint as module
-from psal.bench.photos import object_hole
-name, longest, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-img = images.load_bundled(name, longest=longest or None)
-hole = object_hole(*img.shape[-2:])
-if mode == "dense":
-    module._SPARSE_BELOW = 0.0
-module.inpaint(images.load_bundled("brick", 64), object_hole(64, 64), generator=torch.Generator().manual_seed(0))
+import json, resource, sys, time, numpy as np, torch
+from psal.bench.photos import picture, make_hole
+spec, longest, kind, method = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+img = picture(spec, longest)
+hole = make_hole(kind, *img.shape[-2:])
+if method.startswith("psal"):
+    from psal.apps import inpaint as module
+    if method == "psal-dense":
+        module._SPARSE_BELOW = 0.0
+    module.inpaint(picture("astronaut", 64), make_hole(kind, 64, 64), generator=torch.Generator().manual_seed(0))
+    run = lambda: module.inpaint(img, hole, generator=torch.Generator().manual_seed(0))
+else:
+    from patchmatch import patch_match
+    arr = np.ascontiguousarray((img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    mask = np.ascontiguousarray(hole[0, 0].numpy().astype(np.uint8) * 255)
+    patch_match.set_random_seed(0)
+    run = lambda: torch.from_numpy(patch_match.inpaint(arr, mask=mask, patch_size=3)).permute(2, 0, 1)[None].float() / 255
 t = time.perf_counter()
-out = module.inpaint(img, hole, generator=torch.Generator().manual_seed(0))
+out = run()
 seconds = time.perf_counter() - t
 psnr = float(10 * torch.log10(1 / (out - img)[hole.expand_as(img)].square().mean().clamp_min(1e-12)))
 H, W = img.shape[-2:]
-print(json.dumps(dict(picture=name, width=W, height=H, hole=float(hole.float().mean()), mode=mode, seconds=seconds,
-                      peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hole_psnr_db=psnr)))
+print(json.dumps(dict(picture=spec, width=W, height=H, hole_kind=kind, hole=float(hole.float().mean()), method=method,
+                      seconds=seconds, peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hole_psnr_db=psnr)))
 """
+
+
+def picture(spec: str, longest: int = 0):
+    """``name`` or ``name@factor`` (enlarged, bilinear) -> ``Tensor[1, 3, H, W]`` in ``[0, 1]``."""
+    from psal import images
+
+    name, _, factor = spec.partition("@")
+    img = images.load_bundled(name, longest=longest or None)
+    if factor:
+        f = float(factor)
+        img = images.resize(img, (round(img.shape[-2] * f), round(img.shape[-1] * f)))
+    return img
 
 
 def object_hole(H: int, W: int):
@@ -53,30 +82,62 @@ def object_hole(H: int, W: int):
     return (hole | stroke)[None, None]
 
 
+def large_hole(H: int, W: int):
+    """``(1, 1, H, W)`` bool: two ellipses and a rectangle, about 20% of the area."""
+    import torch
+
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    y, x = yy / H, xx / W
+    a = ((y - 0.35) / 0.2) ** 2 + ((x - 0.3) / 0.16) ** 2 <= 1
+    b = ((y - 0.7) / 0.14) ** 2 + ((x - 0.72) / 0.18) ** 2 <= 1
+    c = (y > 0.15) & (y < 0.3) & (x > 0.55) & (x < 0.9)
+    return (a | b | c)[None, None]
+
+
+def make_hole(kind: str, H: int, W: int):
+    return {"object": object_hole, "large": large_hole}[kind](H, W)
+
+
+def _has_pypatchmatch() -> bool:
+    proc = subprocess.run([sys.executable, "-c", "from patchmatch import patch_match"], capture_output=True, text=True)
+    return proc.returncode == 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench photos", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pictures", nargs="+", default=list(PICTURES), help=f"bundled pictures (default: {', '.join(PICTURES)})")
-    ap.add_argument("--modes", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
-    ap.add_argument("--longest", type=int, default=0, help="shrink each picture to this longer side (0: its own size)")
+    ap.add_argument("--pictures", nargs="+", default=list(PICTURES), help=f"bundled pictures, name or name@factor (default: {', '.join(PICTURES)})")
+    ap.add_argument("--holes", nargs="+", default=["object"], choices=["object", "large"])
+    ap.add_argument("--methods", nargs="+", default=["psal", "pypatchmatch"], choices=METHODS)
+    ap.add_argument("--longest", type=int, default=0, help="shrink each picture to this longer side first (0: its own size)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
+    methods = list(args.methods)
+    if "pypatchmatch" in methods and not _has_pypatchmatch():
+        print("  (pypatchmatch does not import: pip install pypatchmatch, with libopencv-dev; its rows are left out)", file=sys.stderr)
+        methods.remove("pypatchmatch")
     print(common.environment())
-    print("\ninpaint, one object-removal hole (ellipse + stroke), seed 0; one process per row\n", flush=True)
+    print("\ninpaint at photograph sizes, seed 0; one process per row\n", flush=True)
     rows, records = [], []
-    for name in args.pictures:
-        for mode in args.modes:
-            proc = subprocess.run([sys.executable, "-c", _CHILD, name, str(args.longest), mode], capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"  {name} {mode}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
-                continue
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            records.append(r)
-            rows.append([
-                name, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}", f"{100 * r['hole']:.1f}",
-                mode, f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}", f"{r['hole_psnr_db']:.2f}",
-            ])  # fmt: skip
-    print(common.markdown_table(["picture", "size", "MP", "hole %", "mode", "s", "peak MiB", "hole PSNR dB"], rows))
+    for spec in args.pictures:
+        for kind in args.holes:
+            ours = {}
+            for method in methods:
+                proc = subprocess.run([sys.executable, "-c", _CHILD, spec, str(args.longest), kind, method], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"  {spec} {kind} {method}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                records.append(r)
+                ours[method] = r
+            peer = ours.get("pypatchmatch")
+            for method, r in ours.items():
+                ratio = f"{r['seconds'] / peer['seconds']:.2f}" if peer and method != "pypatchmatch" else ""
+                rows.append([
+                    spec, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}", f"{100 * r['hole']:.1f}",
+                    method, f"{r['seconds']:.1f}", ratio, f"{r['peak_mib']:.0f}", f"{r['hole_psnr_db']:.2f}",
+                ])  # fmt: skip
+    print(common.markdown_table(["picture", "size", "MP", "hole %", "method", "s", "vs PyPatchMatch", "peak MiB", "hole PSNR dB"], rows))
     common.write_json(args.json, args, records)
     return 0 if records else 1
 

@@ -39,6 +39,12 @@ and the counting sort, never by the schedule; the result is bitwise the same for
 count. (Scattering with ``+=`` from parallel query loops would race, since many query pixels
 match one key position.)
 
+Sparse queries (``positions``, the pure-PyTorch backend's contract): the forward only, pass 1 over
+the listed pixels and pass 2 gathering each listed pixel's votes from the listed patches that cover
+it (the patches of one row that cover a pixel are one run of the ascending list, found by a binary
+search), so nothing is sized by the unlisted pixels but the padded copies of the maps. Their
+backward is the pure-PyTorch one (the dispatcher's ``SPARSE_BACKWARD``).
+
 NaN inputs propagate through the arithmetic to NaN outputs; indices never depend on values.
 Compiled once per dtype (float32, float64), cached on disk (numba ``cache=True``).
 """
@@ -48,7 +54,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..layout import channel_last, channel_last_rows, compute_dtype, vote_counts
+from ..layout import channel_last, channel_last_rows, compute_dtype, same_map, vote_counts
 from .kernels import (
     CENTER,
     PATCH,
@@ -59,14 +65,17 @@ from .kernels import (
     forward_scores,
     forward_votes,
     invert_field,
+    sparse_forward_scores,
+    sparse_forward_votes,
 )
 
 _AGGREGATIONS = {"center": CENTER, "patch": PATCH, "patch_mean": PATCH_MEAN}
 
 
 def _field(indices: torch.Tensor, Wk: int):
-    """Rows and columns ``(N, H, W, K)`` of the matches, so that no kernel divides by ``Wk``."""
-    idx = indices.permute(0, 2, 3, 1).contiguous()
+    """Rows and columns ``(N, H, W, K)`` of the matches (``(N, M, K)`` for sparse fields
+    ``(N, K, M)``), so that no kernel divides by ``Wk``."""
+    idx = indices.movedim(1, -1).contiguous()
     rows = torch.div(idx, Wk, rounding_mode="floor")
     return idx.numpy(), rows.numpy(), (idx - rows * Wk).numpy()
 
@@ -82,8 +91,11 @@ def _scalar(temperature: torch.Tensor, dt: torch.dtype):
     return np.float64(t) if dt == torch.float64 else np.float32(t)
 
 
-def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str):
-    """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype."""
+def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str, positions=None):
+    """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype
+    (``(N, Cv, M)`` and ``(N, M)`` for sparse ``positions (M,)``)."""
+    if positions is not None:
+        return _sparse_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity, positions)
     dt = compute_dtype(query.dtype)
     np_dt = np.float64 if dt == torch.float64 else np.float32
     N, K, H, W = indices.shape
@@ -106,8 +118,40 @@ def attend_forward(query, key, value, indices, temperature, patch_size: int, agg
     return _to_torch(out), torch.from_numpy(stat)
 
 
+def _sparse_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity, positions):
+    """The forward over the listed query pixels ``positions (M,)``: pass 1 over the list, pass 2
+    gathers each listed pixel's votes from the listed patches that cover it (the pure-PyTorch
+    backend's sparse contract). Padded copies of the maps, as in the dense forward; everything
+    else is sized by ``M``."""
+    dt = compute_dtype(query.dtype)
+    np_dt = np.float64 if dt == torch.float64 else np.float32
+    N, K, M = indices.shape
+    H, W = query.shape[-2:]
+    Wk = key.shape[-1]
+    Cv = value.shape[1]
+    p, r = patch_size, patch_size // 2
+    agg = _AGGREGATIONS[aggregation]
+    kp = channel_last_rows(key, dt, r).numpy()
+    qp = kp if same_map(query, key) else channel_last_rows(query, dt, r).numpy()
+    vp = channel_last_rows(value, dt, 0 if agg == CENTER else r).numpy()
+    _, yr, yc = _field(indices, Wk)
+    qpos = positions.contiguous().numpy()
+    T = _scalar(temperature, dt)
+    score = np.empty((N, M, K), dtype=np_dt)
+    stat = np.empty((N, M), dtype=np_dt)
+    out = np.empty((N, M, Cv), dtype=np_dt)
+    dot = similarity == "dot"
+    sparse_forward_scores(qp, kp, vp, qpos, yr, yc, T, query.shape[1], W, p, dot, agg, score, stat, out)
+    if agg != CENTER:
+        row_start = torch.searchsorted(positions, torch.arange(H + 1) * W).numpy()
+        sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat, out)
+    return torch.from_numpy(out).transpose(1, 2).contiguous(), torch.from_numpy(stat)
+
+
 def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str):
-    """Gradients ``(query, key, value, temperature)``, in the compute dtype; deterministic."""
+    """Gradients ``(query, key, value, temperature)``, in the compute dtype; deterministic.
+    (Sparse queries have no numba backward yet: the dispatcher sends them to the pure-PyTorch
+    one, ``psal._dispatch.SPARSE_BACKWARD``.)"""
     dt = compute_dtype(query.dtype)
     np_dt = np.float64 if dt == torch.float64 else np.float32
     N, K, H, W = indices.shape

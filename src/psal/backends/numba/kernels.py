@@ -598,3 +598,113 @@ def backward_query(qp, kp, yr, yc, gcost, p, dot, gq):
             dq = gq[n, u, v]
             for c in range(C):
                 dq[c] = scale * acc[c]
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention over sparse queries: the listed ascending flat positions ``qpos (M,)`` of the query
+# map; ``row_start[i]`` is the first list index of row ``i``. Fields and scores are ``(N, M, K)``.
+
+
+@njit(parallel=True, fastmath=_FASTMATH, **_HOT)
+def sparse_forward_scores(qp, kp, vp, qpos, yr, yc, T, C, W, p, dot, agg, score, stat, out):
+    """:func:`forward_scores` over the listed pixels, in chunks of the list."""
+    N, M, K = yr.shape
+    Cv = out.shape[2]
+    zero = score.dtype.type(0)
+    chunk = 64
+    nc = (M + chunk - 1) // chunk
+    for t in prange(N * nc):
+        n = t // nc
+        m0 = (t % nc) * chunk
+        for m in range(m0, min(m0 + chunk, M)):
+            i = qpos[m] // W
+            j = qpos[m] - i * W
+            sv = score[n, m]
+            for a in range(K):
+                c = _patch_cost(qp, kp, n, i, j, yr[n, m, a], yc[n, m, a], p, C, dot, zero, False, zero)
+                sv[a] = -c / T
+            if agg == PATCH:
+                continue
+            lse = _logsumexp(sv, zero)
+            stat[n, m] = lse
+            for a in range(K):
+                sv[a] = np.exp(sv[a] - lse)
+            if agg == CENTER:
+                o = out[n, m]
+                o[:] = zero
+                for a in range(K):
+                    _axpy(o, sv[a], vp[n, yr[n, m, a]], yc[n, m, a] * Cv, Cv)
+
+
+@njit(inline="always", **_HOT)
+def _first_listed(qpos, lo, hi, want):
+    """The first list index in ``[lo, hi)`` whose position is at least ``want`` (``hi`` if none)."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if qpos[mid] < want:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(parallel=True, fastmath=_FASTMATH, **_HOT)
+def sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat, out):
+    """:func:`forward_votes` over the listed pixels: listed pixel ``z`` gathers the votes of the
+    listed patches that cover it. The patches of row ``x_i = z_i + r - a`` that cover ``z`` are the
+    listed positions of that row with columns in ``[z_j - r, z_j + r]``: one contiguous run of the
+    list, found by a binary search."""
+    N, M, K = yr.shape
+    Cv = out.shape[2]
+    r = p // 2
+    zero = out.dtype.type(0)
+    chunk = 64
+    nc = (M + chunk - 1) // chunk
+    for t in prange(N * nc):
+        n = t // nc
+        m0 = (t % nc) * chunk
+        for m in range(m0, min(m0 + chunk, M)):
+            zi = qpos[m] // W
+            zj = qpos[m] - zi * W
+            c_lo = max(zj - r, 0)
+            c_hi = min(zj + r, W - 1)
+            mx = np.float32(-np.inf) + zero
+            if agg == PATCH:
+                for a in range(p):
+                    xi = zi + r - a
+                    if xi < 0 or xi >= H:
+                        continue
+                    end = row_start[xi + 1]
+                    q = _first_listed(qpos, row_start[xi], end, xi * W + c_lo)
+                    while q < end and qpos[q] <= xi * W + c_hi:
+                        sv = score[n, q]
+                        for s in range(K):
+                            if sv[s] > mx:
+                                mx = sv[s]
+                        q += 1
+            o = out[n, m]
+            o[:] = zero
+            den = zero
+            count = 0
+            for a in range(p):
+                xi = zi + r - a
+                if xi < 0 or xi >= H:
+                    continue
+                end = row_start[xi + 1]
+                q = _first_listed(qpos, row_start[xi], end, xi * W + c_lo)
+                while q < end and qpos[q] <= xi * W + c_hi:
+                    b = zj + r - (qpos[q] - xi * W)
+                    for s in range(K):
+                        e = score[n, q, s]
+                        if agg == PATCH:
+                            e = np.exp(e - mx)
+                        den += e
+                        _axpy(o, e, vp[n, yr[n, q, s] + a], (yc[n, q, s] + b) * Cv, Cv)
+                    count += 1
+                    q += 1
+            if agg == PATCH:
+                stat[n, m] = mx + np.log(den)
+            else:
+                den = zero + np.float32(count)
+            for c in range(Cv):
+                o[c] = o[c] / den
