@@ -51,3 +51,45 @@ def test_same_generator_same_colours_and_bad_input():
         colorize(target[0, 0], reference)
     with pytest.raises(TypeError, match="colorize: target must be a floating-point tensor"):
         colorize((target * 255).to(torch.uint8), reference)
+
+
+def test_luminance_is_labs_and_banded_guided_upsampling_is_the_whole_maps():
+    import torch.nn.functional as F
+
+    from psal.apps.colorize import _guided, _luminance, guided_upsample
+
+    g = gen(3)
+    rgb, gray = torch.rand(1, 3, 20, 30, generator=g, dtype=torch.float64), torch.rand(1, 1, 20, 30, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_luminance(rgb), lab_from_rgb(rgb)[:, :1], rtol=0, atol=1e-10)
+    torch.testing.assert_close(_luminance(gray), lab_from_rgb(gray.expand(1, 3, 20, 30))[:, :1], rtol=0, atol=1e-10)
+    low = torch.rand(1, 2, 7, 9, generator=g, dtype=torch.float64)
+    guide = 100 * torch.rand(1, 1, 61, 83, generator=g, dtype=torch.float64)
+    whole = _guided(F.interpolate(low, size=(61, 83), mode="bilinear", align_corners=False), guide, 3, 25.0)
+    torch.testing.assert_close(guided_upsample(low, guide, 3, 25.0, band=8), whole, rtol=0, atol=1e-12)
+    # a guide with an edge: the values brought up jump where the guide does, where bilinear ramps
+    step = torch.zeros(1, 1, 40, 40, dtype=torch.float64)
+    step[..., 20:] = 100.0
+    coarse = F.interpolate(step / 2, size=(5, 5), mode="area")
+    sharp = guided_upsample(coarse, step, 4, 1.0)
+    blurry = F.interpolate(coarse, size=(40, 40), mode="bilinear", align_corners=False)
+    jump = (sharp[..., 20] - sharp[..., 19]).mean()
+    assert jump > 4 * (blurry[..., 20] - blurry[..., 19]).mean() and jump > 12
+
+
+def test_a_target_above_work_pixels_gets_its_chroma_at_the_working_size():
+    pytest.importorskip("skimage")
+    from psal.apps.scenarios import colorize_case
+
+    gray, reference, truth = colorize_case("coffee", 160)
+    full = colorize(gray, reference, generator=gen(0), work_pixels=None)
+    small = colorize(gray, reference, generator=gen(0), work_pixels=80 * 80)
+    assert small.shape == (1, 3, 160, 160)
+    assert not torch.equal(small, full)  # the working size was taken
+    assert _chroma_psnr(small, truth) > _chroma_psnr(full, truth) - 1.0
+    assert _chroma_psnr(small, truth) > _chroma_psnr(global_transfer(gray, reference), truth) + 2.0
+    L_in = lab_from_rgb(gray.expand(1, 3, 160, 160))[:, 0]
+    assert (lab_from_rgb(small)[:, 0] - L_in).abs().median() < 0.5  # the full-size luminance is kept
+    assert torch.equal(colorize(gray, reference, generator=gen(0), work_pixels=160 * 160), full)  # at or under: full size
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="colorize: work_pixels must be a positive int or None"):
+            colorize(gray, reference, work_pixels=bad)

@@ -8,6 +8,14 @@ target patch, its k nearest reference patches on those features, and attends ove
 chroma (a, b) with ``"patch"`` aggregation, so neighbouring pixels agree. The target keeps its own
 luminance exactly; only a and b come from the reference.
 
+Large targets. Above ``work_pixels`` the chroma is computed at a working size of about that
+many pixels (the target's luminance and the reference both shrunk by the same factor, so that their
+patches keep their relative scale), then brought to the full size by a guided filter (He et al.
+2010) with the full-size luminance as the guide, so that colour edges follow the luminance edges;
+the luminance stays the full-size one. Chroma carries less detail than luminance (JPEG keeps a
+quarter of it), and the time and memory are then those of the working size plus a few full-size
+maps.
+
 ``lab_from_rgb``/``rgb_from_lab`` (sRGB, D65) and ``global_transfer`` (Reinhard et al.'s mean and
 spread transfer in Lab, the baseline) live here too.
 """
@@ -20,6 +28,8 @@ import torch.nn.functional as F
 import psal
 
 _WHITE = (0.95047, 1.0, 1.08883)  # D65
+# The guided filter's ridge when chroma computed at a working size is brought up (L units squared).
+_GUIDE_EPS = 25.0
 _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
 
 
@@ -53,9 +63,14 @@ def rgb_from_lab(lab: torch.Tensor) -> torch.Tensor:
 
 
 def _luminance(image: torch.Tensor) -> torch.Tensor:
-    """L ``(B, 1, H, W)`` of a grayscale ``(B, 1, H, W)`` (read as sRGB gray) or colour image."""
-    rgb = image.expand(image.shape[0], 3, *image.shape[-2:]) if image.shape[1] == 1 else image
-    return lab_from_rgb(rgb)[:, :1]
+    """L ``(B, 1, H, W)`` of a grayscale ``(B, 1, H, W)`` (read as sRGB gray) or colour image:
+    ``lab_from_rgb``'s L, computed through the luminance Y alone (no three-channel buffers)."""
+    lin = torch.where(image <= 0.04045, image / 12.92, ((image.clamp_min(0) + 0.055) / 1.055) ** 2.4)
+    weights = _matrix(_RGB_TO_XYZ[1], image)  # Y's row; white's Y is 1
+    y = lin * weights.sum() if image.shape[1] == 1 else torch.einsum("j,bjhw->bhw", weights, lin)[:, None]
+    eps = 216 / 24389
+    f = torch.where(y > eps, y.clamp_min(eps) ** (1 / 3), (24389 / 27 * y + 16) / 116)
+    return 116 * f - 16
 
 
 def _features(L: torch.Tensor) -> torch.Tensor:
@@ -67,6 +82,37 @@ def _features(L: torch.Tensor) -> torch.Tensor:
         var = F.avg_pool2d(pad.square(), size, stride=1) - mean.square()
         out += [mean, var.clamp_min(0).sqrt()]
     return torch.cat(out, 1)
+
+
+def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over the ``(2r + 1)^2`` window of each pixel, the window clipped to the map."""
+    return F.avg_pool2d(x, 2 * r + 1, stride=1, padding=r, count_include_pad=False)
+
+
+def _guided(up: torch.Tensor, guide: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """He et al.'s guided filter of ``up`` by ``guide`` (same size): in each window, ``up`` as a
+    linear function of the guide (``eps`` the ridge), the coefficients averaged over the windows."""
+    mean_g = _box_mean(guide, radius)
+    var_g = _box_mean(guide * guide, radius) - mean_g * mean_g
+    mean_u = _box_mean(up, radius)
+    a = (_box_mean(guide * up, radius) - mean_g * mean_u) / (var_g + eps)
+    b = mean_u - a * mean_g
+    return _box_mean(a, radius) * guide + _box_mean(b, radius)
+
+
+def guided_upsample(low: torch.Tensor, guide: torch.Tensor, radius: int, eps: float, band: int = 256) -> torch.Tensor:
+    """``low (1, C, h, w)`` brought to the size of ``guide (1, 1, H, W)``: bilinear, then the
+    guided filter, so that its edges follow the guide's. Filtered in bands of ``band`` rows with
+    ``2 * radius`` rows of context on each side (all that a pixel's result reads), so the result
+    is the whole map's while the filter's buffers stay the size of a band."""
+    up = F.interpolate(low, size=guide.shape[-2:], mode="bilinear", align_corners=False)
+    out = torch.empty_like(up)
+    H, halo = guide.shape[-2], 2 * radius
+    for r0 in range(0, H, band):
+        r1 = min(r0 + band, H)
+        a0, a1 = max(r0 - halo, 0), min(r1 + halo, H)
+        out[..., r0:r1, :] = _guided(up[..., a0:a1, :], guide[..., a0:a1, :], radius, eps)[..., r0 - a0 : r1 - a0, :]
+    return out
 
 
 def _check(target, reference, patch_size, num_neighbors):
@@ -92,17 +138,45 @@ def colorize(
     num_iters: int = 6,
     temperature_scale: float = 0.5,
     generator: torch.Generator | None = None,
+    work_pixels: int | None = 1 << 20,
 ) -> torch.Tensor:
     """Colour ``target`` ``(1, 1 or 3, H, W)`` (a colour target is read for its luminance only)
     like ``reference`` ``(1, 3, Hr, Wr)``, both in ``[0, 1]`` -> ``(1, 3, H, W)`` in ``[0, 1]``.
 
     ``temperature_scale`` times the median best patch cost is the attention temperature: small
-    values copy the best match's chroma, large ones average the k matches.
+    values copy the best match's chroma, large ones average the k matches. A target of more than
+    ``work_pixels`` pixels gets its chroma at a working size of about that many, guided back up to
+    its own size (see the module docstring; ``None``: always at full size).
     """
     _check(target, reference, patch_size, num_neighbors)
+    if work_pixels is not None and (isinstance(work_pixels, bool) or not isinstance(work_pixels, int) or work_pixels < 1):
+        raise ValueError(f"colorize: work_pixels must be a positive int or None, got {work_pixels!r}")
     dt = torch.float64 if target.dtype == torch.float64 else torch.float32
     target, reference = target.to(dt), reference.to(dt)
     L = _luminance(target)
+    H, W = L.shape[-2:]
+    if work_pixels is None or H * W <= work_pixels:
+        return rgb_from_lab(_colorize_lab(L, reference, patch_size, num_neighbors, num_iters, temperature_scale, generator))
+    f = (work_pixels / (H * W)) ** 0.5
+    ref_small = _shrink(reference, f)
+    if ref_small.shape[-2] * ref_small.shape[-1] < num_neighbors:
+        ref_small = reference
+    lab = _colorize_lab(_shrink(L, f), ref_small, patch_size, num_neighbors, num_iters, temperature_scale, generator)
+    # A window of about two working pixels; eps in L units squared (L spans 0..100).
+    ab = guided_upsample(lab[:, 1:], L, max(1, round(1 / f)), eps=_GUIDE_EPS)
+    out = torch.empty(1, 3, H, W, dtype=dt, device=L.device)
+    for r0 in range(0, H, 256):  # in bands: the conversion's buffers stay small
+        out[..., r0 : r0 + 256, :] = rgb_from_lab(torch.cat([L[..., r0 : r0 + 256, :], ab[..., r0 : r0 + 256, :]], 1))
+    return out
+
+
+def _shrink(x: torch.Tensor, f: float) -> torch.Tensor:
+    size = (max(1, round(x.shape[-2] * f)), max(1, round(x.shape[-1] * f)))
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _colorize_lab(L, reference, patch_size, num_neighbors, num_iters, temperature_scale, generator):
+    """Lab ``(1, 3, h, w)``: the luminance ``L (1, 1, h, w)`` and the chroma matched in ``reference``."""
     ref = lab_from_rgb(reference)
     Lr = ref[:, :1]
     # Luminance remapping: the reference's L moved to the target's mean and spread.
@@ -113,7 +187,7 @@ def colorize(
     )  # fmt: skip
     T = float(field.costs[:, :, 0].median().clamp_min(1e-6)) * temperature_scale
     ab = psal.attend(q, k, ref[:, 1:], field.indices, patch_size=patch_size, temperature=T, aggregation="patch")
-    return rgb_from_lab(torch.cat([L, ab], 1))
+    return torch.cat([L, ab], 1)
 
 
 def global_transfer(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     python -m psal.bench photos [--pictures astronaut hubble_deep_field retina retina@2]
                                 [--holes object large] [--methods psal pypatchmatch]
+                                [--colorize retina retina@2.45]
 
 A picture is a bundled one at its own size (``--longest`` shrinks it), or ``name@f``: enlarged by
 ``f`` (bilinear), for the sizes of phone pictures (``retina@2`` is 8 MP, ``retina@2.45`` 12 MP;
@@ -17,6 +18,10 @@ hole), ``psal-dense`` (the same, every pixel searched and voted, as before spars
 ``pypatchmatch`` (pip ``pypatchmatch``, ``patch_match.inpaint`` with ``patch_size=3``: its patches
 are 2 * 3 + 1 = 7 wide, like ours), when installed. The ``vs PyPatchMatch`` column is the time
 ratio in the same run.
+
+``--colorize TARGET ...``: ``psal.apps.colorize`` of each target picture, in grayscale, from the
+colour ``--reference`` (``retina``, 2 MP, by default), with its defaults (chroma at a working size
+of about 1 MP above that); time and peak memory, one process each.
 """
 
 from __future__ import annotations
@@ -56,6 +61,22 @@ psnr = float(10 * torch.log10(1 / (out - img)[hole.expand_as(img)].square().mean
 H, W = img.shape[-2:]
 print(json.dumps(dict(picture=spec, width=W, height=H, hole_kind=kind, hole=float(hole.float().mean()), method=method,
                       seconds=seconds, peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, hole_psnr_db=psnr)))
+"""
+
+
+_COLORIZE_CHILD = r"""
+import json, resource, sys, time, torch
+from psal import images
+from psal.apps.colorize import colorize
+from psal.bench.photos import picture
+target, reference = images.grayscale(picture(sys.argv[1])), picture(sys.argv[2])
+colorize(target[..., :48, :48], reference[..., :48, :48])
+t = time.perf_counter()
+colorize(target, reference, generator=torch.Generator().manual_seed(0))
+seconds = time.perf_counter() - t
+H, W = target.shape[-2:]
+print(json.dumps(dict(task="colorize", picture=sys.argv[1], reference=sys.argv[2], width=W, height=H, seconds=seconds,
+                      peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 """
 
 
@@ -106,9 +127,11 @@ def _has_pypatchmatch() -> bool:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench photos", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pictures", nargs="+", default=list(PICTURES), help=f"bundled pictures, name or name@factor (default: {', '.join(PICTURES)})")
-    ap.add_argument("--holes", nargs="+", default=["object"], choices=["object", "large"])
+    ap.add_argument("--holes", nargs="*", default=["object"], choices=["object", "large"], help="hole kinds (none: no inpainting)")
     ap.add_argument("--methods", nargs="+", default=["psal", "pypatchmatch"], choices=METHODS)
     ap.add_argument("--longest", type=int, default=0, help="shrink each picture to this longer side first (0: its own size)")
+    ap.add_argument("--colorize", nargs="*", default=[], metavar="TARGET", help="also colorize these pictures (name or name@factor)")
+    ap.add_argument("--reference", default="retina", help="the colour reference of --colorize (default: retina)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -119,7 +142,7 @@ def main(argv=None) -> int:
     print(common.environment())
     print("\ninpaint at photograph sizes, seed 0; one process per row\n", flush=True)
     rows, records = [], []
-    for spec in args.pictures:
+    for spec in args.pictures if args.holes else []:
         for kind in args.holes:
             ours = {}
             for method in methods:
@@ -137,7 +160,20 @@ def main(argv=None) -> int:
                     spec, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}", f"{100 * r['hole']:.1f}",
                     method, f"{r['seconds']:.1f}", ratio, f"{r['peak_mib']:.0f}", f"{r['hole_psnr_db']:.2f}",
                 ])  # fmt: skip
-    print(common.markdown_table(["picture", "size", "MP", "hole %", "method", "s", "vs PyPatchMatch", "peak MiB", "hole PSNR dB"], rows))
+    if rows:
+        print(common.markdown_table(["picture", "size", "MP", "hole %", "method", "s", "vs PyPatchMatch", "peak MiB", "hole PSNR dB"], rows))
+    colour_rows = []
+    for spec in args.colorize:
+        proc = subprocess.run([sys.executable, "-c", _COLORIZE_CHILD, spec, args.reference], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"  colorize {spec}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        records.append(r)
+        colour_rows.append([spec, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}", r["reference"], f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}"])
+    if colour_rows:
+        print("\ncolorize (grayscale target from a colour reference), seed 0; one process per row\n")
+        print(common.markdown_table(["target", "size", "MP", "reference", "s", "peak MiB"], colour_rows))
     common.write_json(args.json, args, records)
     return 0 if records else 1
 
