@@ -648,12 +648,20 @@ def _first_listed(qpos, lo, hi, want):
     return lo
 
 
+@njit(inline="always", **_HOT)
+def _covering_run(qpos, row_start, xi, W, c_lo, c_hi):
+    """List indices ``[q0, q1)`` of the listed pixels of row ``xi`` with columns in ``[c_lo, c_hi]``."""
+    end = row_start[xi + 1]
+    q0 = _first_listed(qpos, row_start[xi], end, xi * W + c_lo)
+    return q0, _first_listed(qpos, q0, end, xi * W + c_hi + 1)
+
+
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
 def sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat, out):
     """:func:`forward_votes` over the listed pixels: listed pixel ``z`` gathers the votes of the
     listed patches that cover it. The patches of row ``x_i = z_i + r - a`` that cover ``z`` are the
     listed positions of that row with columns in ``[z_j - r, z_j + r]``: one contiguous run of the
-    list, found by a binary search."""
+    list, found by two binary searches."""
     N, M, K = yr.shape
     Cv = out.shape[2]
     r = p // 2
@@ -669,30 +677,23 @@ def sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat,
             c_lo = max(zj - r, 0)
             c_hi = min(zj + r, W - 1)
             mx = np.float32(-np.inf) + zero
+            a_lo = max(zi + r - H + 1, 0)
+            a_hi = min(zi + r, p - 1)
             if agg == PATCH:
-                for a in range(p):
-                    xi = zi + r - a
-                    if xi < 0 or xi >= H:
-                        continue
-                    end = row_start[xi + 1]
-                    q = _first_listed(qpos, row_start[xi], end, xi * W + c_lo)
-                    while q < end and qpos[q] <= xi * W + c_hi:
-                        sv = score[n, q]
+                for a in range(a_lo, a_hi + 1):
+                    q0, q1 = _covering_run(qpos, row_start, zi + r - a, W, c_lo, c_hi)
+                    for q in range(q0, q1):
                         for s in range(K):
-                            if sv[s] > mx:
-                                mx = sv[s]
-                        q += 1
+                            if score[n, q, s] > mx:
+                                mx = score[n, q, s]
             o = out[n, m]
             o[:] = zero
             den = zero
             count = 0
-            for a in range(p):
+            for a in range(a_lo, a_hi + 1):
                 xi = zi + r - a
-                if xi < 0 or xi >= H:
-                    continue
-                end = row_start[xi + 1]
-                q = _first_listed(qpos, row_start[xi], end, xi * W + c_lo)
-                while q < end and qpos[q] <= xi * W + c_hi:
+                q0, q1 = _covering_run(qpos, row_start, xi, W, c_lo, c_hi)
+                for q in range(q0, q1):
                     b = zj + r - (qpos[q] - xi * W)
                     for s in range(K):
                         e = score[n, q, s]
@@ -701,7 +702,6 @@ def sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat,
                         den += e
                         _axpy(o, e, vp[n, yr[n, q, s] + a], (yc[n, q, s] + b) * Cv, Cv)
                     count += 1
-                    q += 1
             if agg == PATCH:
                 stat[n, m] = mx + np.log(den)
             else:
