@@ -41,10 +41,11 @@ def test_bench_photos_small(tmp_path, capsys):
 
     report = tmp_path / "photos.json"
     argv = ["--pictures", "astronaut@1.5", "--longest", "64", "--holes", "object", "large", "--methods", "psal",
-            "--colorize", "coffee@0.25", "--reference", "chelsea", "--json", str(report)]  # fmt: skip
+            "--colorize", "coffee@0.25", "--reference", "chelsea", "--upscale", "camera@0.125", "--json", str(report)]  # fmt: skip
     assert photos.main(argv) == 0
     assert "| astronaut@1.5" in capsys.readouterr().out
-    small, large, colour = json.loads(report.read_text())["results"]
+    small, large, colour, up = json.loads(report.read_text())["results"]
+    assert up["task"] == "upscale" and (up["width"], up["height"], up["scale"]) == (64, 64, 2) and up["seconds"] > 0
     assert colour["task"] == "colorize" and (colour["width"], colour["height"]) == (150, 100) and colour["seconds"] > 0
     assert (small["hole_kind"], large["hole_kind"], small["width"], small["height"]) == ("object", "large", 96, 96)
     assert 0.02 < small["hole"] < 0.08 and 0.15 < large["hole"] < 0.25

@@ -2,7 +2,7 @@
 
     python -m psal.bench photos [--pictures astronaut hubble_deep_field retina retina@2]
                                 [--holes object large] [--methods psal pypatchmatch]
-                                [--colorize retina retina@2.45]
+                                [--colorize retina retina@2.45] [--upscale hubble_deep_field@0.8 retina]
 
 A picture is a bundled one at its own size (``--longest`` shrinks it), or ``name@f``: enlarged by
 ``f`` (bilinear), for the sizes of phone pictures (``retina@2`` is 8 MP, ``retina@2.45`` 12 MP;
@@ -21,7 +21,9 @@ ratio in the same run.
 
 ``--colorize TARGET ...``: ``psal.apps.colorize`` of each target picture, in grayscale, from the
 colour ``--reference`` (``retina``, 2 MP, by default), with its defaults (chroma at a working size
-of about 1 MP above that); time and peak memory, one process each.
+of about 1 MP above that); time and peak memory, one process each. ``--upscale PICTURE ...``:
+``psal.apps.upscale`` x2 of each picture with its defaults (matching in bands of about 1 MP of
+output); time and peak memory, one process each.
 """
 
 from __future__ import annotations
@@ -80,6 +82,21 @@ print(json.dumps(dict(task="colorize", picture=sys.argv[1], reference=sys.argv[2
 """
 
 
+_UPSCALE_CHILD = r"""
+import json, resource, sys, time, torch
+from psal.apps.upscale import upscale
+from psal.bench.photos import picture
+image = picture(sys.argv[1])
+upscale(image[..., :32, :32], 2)
+t = time.perf_counter()
+upscale(image, 2, generator=torch.Generator().manual_seed(0))
+seconds = time.perf_counter() - t
+H, W = image.shape[-2:]
+print(json.dumps(dict(task="upscale", picture=sys.argv[1], width=W, height=H, scale=2, seconds=seconds,
+                      peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+
+
 def picture(spec: str, longest: int = 0):
     """``name`` or ``name@factor`` (enlarged, bilinear) -> ``Tensor[1, 3, H, W]`` in ``[0, 1]``."""
     from psal import images
@@ -132,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--longest", type=int, default=0, help="shrink each picture to this longer side first (0: its own size)")
     ap.add_argument("--colorize", nargs="*", default=[], metavar="TARGET", help="also colorize these pictures (name or name@factor)")
     ap.add_argument("--reference", default="retina", help="the colour reference of --colorize (default: retina)")
+    ap.add_argument("--upscale", nargs="*", default=[], metavar="PICTURE", help="also upscale these pictures x2 (name or name@factor)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -174,6 +192,19 @@ def main(argv=None) -> int:
     if colour_rows:
         print("\ncolorize (grayscale target from a colour reference), seed 0; one process per row\n")
         print(common.markdown_table(["target", "size", "MP", "reference", "s", "peak MiB"], colour_rows))
+    up_rows = []
+    for spec in args.upscale:
+        proc = subprocess.run([sys.executable, "-c", _UPSCALE_CHILD, spec], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"  upscale {spec}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+            continue
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        records.append(r)
+        up_rows.append([spec, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}",
+                        f"{4 * r['width'] * r['height'] / 1e6:.2f}", f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}"])  # fmt: skip
+    if up_rows:
+        print("\nupscale x2, seed 0; one process per row\n")
+        print(common.markdown_table(["picture", "size", "MP", "output MP", "s", "peak MiB"], up_rows))
     common.write_json(args.json, args, records)
     return 0 if records else 1
 

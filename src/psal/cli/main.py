@@ -56,6 +56,20 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="it", file=sys.stderr, leave=False)
 
 
+def _steps(desc: str, quiet: bool):
+    """``(bar, progress)``: a bar as :func:`_progress` gives (or None) and a ``progress(done,
+    total)`` callback for the apps that moves it."""
+    bar = _progress(0, desc, quiet)
+
+    def progress(done, total):
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    return bar, progress
+
+
 def _same_channels(a: torch.Tensor, b: torch.Tensor):
     """Grayscale beside colour: the grayscale one is repeated over three channels."""
     if a.shape[1] == b.shape[1]:
@@ -152,14 +166,7 @@ def cmd_inpaint(args) -> dict:
         out = _fill_with_model(model_path, image, hole, device, args.seed)
     else:
         model_path = None
-        bar = _progress(0, "inpaint", args.quiet)
-
-        def progress(done, total):
-            if bar is not None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-
+        bar, progress = _steps("inpaint", args.quiet)
         out = inpaint(
             image.to(device), hole.to(device), patch_size=args.patch_size, num_iters=args.iters,
             generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
@@ -207,10 +214,13 @@ def cmd_upscale(args) -> dict:
         raise CLIError(f"image {args.image!r}: {W}x{H} enlarged {args.scale}x does not fit in the memory available; resize it first")
     device = _device(args.device)
     t0 = time.perf_counter()
+    bar, progress = _steps("upscale", args.quiet)
     out = upscale(
         image.to(device), args.scale, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters,
-        strength=args.strength, generator=torch.Generator(device=device).manual_seed(args.seed),
+        strength=args.strength, generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
     )  # fmt: skip
+    if bar is not None:
+        bar.close()
     seconds = time.perf_counter() - t0
     write_image(out, args.out, bits)
     consistency = float((downsample(out, args.scale) - image.to(out)).abs().mean())
@@ -354,8 +364,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, choices=[2, 3, 4], default=2)
     common(p)
     p.add_argument("--patch-size", type=int, default=7)
-    p.add_argument("--k", type=int, default=4, help="matches per pixel")
-    p.add_argument("--iters", type=int, default=5, help="PatchMatch iterations")
+    p.add_argument("--k", type=int, default=2, help="matches per pixel")
+    p.add_argument("--iters", type=int, default=3, help="PatchMatch iterations")
     p.add_argument("--strength", type=float, default=0.5, help="how much of the borrowed detail is added")
     p.set_defaults(run=cmd_upscale)
     return ap
