@@ -265,3 +265,37 @@ def test_inpaint_with_the_trained_model(files, capsys, tmp_path):
         code, err = _run(capsys, "inpaint", q, str(tmp_path / "m.png"), "-o", out, "--checkpoint", model)
         assert code == 2 and len(err.splitlines()) == 1 and message in err, err
     assert np.array_equal(np.asarray(Image.open(out)).astype(int), got)
+
+
+@pytest.mark.parametrize("command", ["inpaint", "upscale"])
+def test_ctrl_c_during_a_long_run_leaves_no_output_and_one_line(tmp_path, command):
+    """SIGINT once the work has started (its progress bar is on stderr): exit 130, one line, no
+    output file (not even a partial or temporary one), the inputs untouched."""
+    import signal
+    import time
+
+    image = tmp_path / "image.png"
+    Image.fromarray(_rgb(2, (320, 320))).save(image)
+    argv = [str(image)]
+    if command == "inpaint":
+        hole = np.zeros((320, 320), dtype=np.uint8)
+        hole[60:260, 80:240] = 255
+        Image.fromarray(hole).save(tmp_path / "hole.png")
+        argv.append(str(tmp_path / "hole.png"))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    out = tmp_path / "out.png"
+    proc = subprocess.Popen([sys.executable, "-m", "psal.cli", command, *argv, "-o", str(out)], stderr=subprocess.PIPE)
+    seen, start = b"", time.monotonic()
+    while command.encode() + b":" not in seen and time.monotonic() - start < 120:  # the bar: the work has begun
+        chunk = proc.stderr.read1(256)
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.poll() is None, f"psal {command} ended before it could be interrupted: {seen[-300:]!r}"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, (seen + rest)[-500:]
+    last = (seen + rest).decode(errors="replace").replace("\r", "\n").strip().splitlines()[-1]
+    assert last == f"psal {command}: interrupted"
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed

@@ -167,12 +167,14 @@ def cmd_inpaint(args) -> dict:
     else:
         model_path = None
         bar, progress = _steps("inpaint", args.quiet)
-        out = inpaint(
-            image.to(device), hole.to(device), patch_size=args.patch_size, num_iters=args.iters,
-            generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
-        )  # fmt: skip
-        if bar is not None:
-            bar.close()
+        try:
+            out = inpaint(
+                image.to(device), hole.to(device), patch_size=args.patch_size, num_iters=args.iters,
+                generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
+            )  # fmt: skip
+        finally:  # also on Ctrl-C or an error: the bar's line is cleared before the message
+            if bar is not None:
+                bar.close()
     seconds = time.perf_counter() - t0
     write_image(out, args.out, bits)
     report = {
@@ -215,12 +217,14 @@ def cmd_upscale(args) -> dict:
     device = _device(args.device)
     t0 = time.perf_counter()
     bar, progress = _steps("upscale", args.quiet)
-    out = upscale(
-        image.to(device), args.scale, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters,
-        strength=args.strength, generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
-    )  # fmt: skip
-    if bar is not None:
-        bar.close()
+    try:
+        out = upscale(
+            image.to(device), args.scale, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters,
+            strength=args.strength, generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
+        )  # fmt: skip
+    finally:  # also on Ctrl-C or an error: the bar's line is cleared before the message
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     write_image(out, args.out, bits)
     consistency = float((downsample(out, args.scale) - image.to(out)).abs().mean())
