@@ -181,8 +181,8 @@ def test_bad_options_are_refused(kwargs, error, word):
 
 
 def test_small_holes_are_searched_and_voted_sparsely_and_fill_as_well(monkeypatch):
-    """A 3% hole in a 128x128 texture: the pixels whose patch meets it are well under a fifth of
-    the picture, so every search lists them only (sparse queries); the fill keeps the known pixels
+    """A 3% hole in a 128x128 texture: the pixels whose patch meets it are well under half of the
+    picture, so every search lists them only (sparse queries); the fill keeps the known pixels
     and is as good as the dense path's (hole PSNR within 0.5 dB)."""
     pytest.importorskip("skimage")
     from psal import images
@@ -217,5 +217,31 @@ def test_small_holes_are_searched_and_voted_sparsely_and_fill_as_well(monkeypatc
     # a named backend searches and aggregates sparsely too ("auto" is numba here)
     monkeypatch.setattr(module, "_SPARSE_BELOW", 0.5)
     listed.clear()
+    attended, attend = [], module.attend
+
+    def spy_attend(*args, **kwargs):
+        attended.append((kwargs["backend"], kwargs.get("positions") is not None))
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(module, "attend", spy_attend)
     named = inpaint(img, hole, generator=torch.Generator().manual_seed(0), backend="numba")
     assert listed and all(listed) and torch.equal(named, sparse)
+    assert attended and set(attended) == {("numba", True)}
+
+
+def test_features_refreshed_around_the_hole_are_the_whole_maps():
+    """The in-place refresh of a level's features over the hole's box (grown by the features'
+    reach) gives the features recomputed over the whole map, bitwise, after any change of the
+    hole's pixels; holes touching the border included."""
+    from psal.apps import inpaint as module
+
+    g = torch.Generator().manual_seed(7)
+    for top, left, h, w in [(5, 6, 4, 3), (0, 0, 3, 5), (10, 12, 4, 4), (0, 14, 16, 2)]:
+        state = torch.rand(1, 5, 16, 16, generator=g)
+        hole = torch.zeros(1, 1, 16, 16, dtype=torch.bool)
+        hole[..., top : top + h, left : left + w] = True
+        feat = module._feature_map(state, 3)
+        state = torch.where(hole, torch.rand(1, 5, 16, 16, generator=g), state)  # a new fill
+        module._refresh(feat, state, 3, module._box(hole, module._FEATURE_REACH))
+        assert torch.equal(feat[:, :-1], module._features(state, 3))
+        assert not feat[:, -1].any()  # the confidence channel stays zero outside the vote

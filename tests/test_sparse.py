@@ -219,9 +219,10 @@ def test_sparse_attention_gradcheck(aggregation, patch_size):
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
+@pytest.mark.parametrize("similarity", ["l2", "dot"])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sparse_attention_numba_matches_torch_on_partial_lists(aggregation, dtype):
+def test_sparse_attention_numba_matches_torch_on_partial_lists(aggregation, dtype, similarity):
     """numba's kernels against the pure-PyTorch sparse attention, on random lists where many
     covering patches are not listed (rows with gaps, borders, lone pixels), with p = 3 and 5."""
     for seed, p in [(4, 3), (5, 5), (6, 1)]:
@@ -234,7 +235,7 @@ def test_sparse_attention_numba_matches_torch_on_partial_lists(aggregation, dtyp
         for backend in ("torch", "numba"):
             args = [t.clone().requires_grad_() for t in (q, k, v)]
             out = psal.attend(*args, sub, patch_size=p, temperature=T, aggregation=aggregation, num_heads=2,
-                              positions=where, backend=backend)  # fmt: skip
+                              positions=where, backend=backend, similarity=similarity)  # fmt: skip
             out.square().sum().backward()
             outs.append(out.detach())
             grads.append([a.grad for a in args])

@@ -106,6 +106,11 @@ def test_bands_give_the_whole_maps_result_up_to_the_search_and_no_seams():
     diff = (banded - whole).abs()[0].mean((0, 2))  # per row
     edges = torch.tensor([r + d for r in range(16, 128, 16) for d in (-1, 0)])
     assert diff[edges].mean() < 2 * diff[16:].mean() + 1e-4
+    # x3 goes in two steps of different sizes: one bar over both, steady, ending at its total
+    calls.clear()
+    upscale(torch.rand(1, 1, 21, 17, generator=gen(5)), 3, band_pixels=16 * 40, progress=lambda done, total: calls.append((done, total)))
+    total = calls[0][1]
+    assert [d for d, _ in calls] == list(range(1, total + 1)) and all(t == total for _, t in calls) and total > 4
     with pytest.raises(ValueError, match="upscale: band_pixels must be a positive int, got 0"):
         upscale(low, 2, band_pixels=0)
     with pytest.raises(TypeError, match="upscale: progress must be callable"):

@@ -350,7 +350,7 @@ def inpaint(
             early skips its remaining rounds.
         backend: PSAL backend of the search and the aggregation (``"auto"``, ``"numba"``,
             ``"triton"`` or ``"torch"``); with sparse queries (a small hole) a named Triton
-            backend aggregates on the pure-PyTorch one (Triton has no sparse attention yet).
+            backend aggregates on the one ``"auto"`` picks (Triton has no sparse attention yet).
 
     Returns:
         ``Tensor[1, C, H, W]`` on the image's device, in its dtype: the known pixels bitwise

@@ -108,15 +108,24 @@ def upscale(
     low = image.to(dt)
     H, W = low.shape[-2:]
     steps = 1 if scale == 2 else 2
+    sizes = [(round(H * scale ** (i / steps)), round(W * scale ** (i / steps))) for i in range(1, steps)] + [(H * scale, W * scale)]
+    units, before = sum(2 * len(_bands(size, band_pixels, patch_size)) for size in sizes), 0  # progress: bands of both passes
     x = low
-    for i in range(1, steps + 1):
-        factor = scale ** (i / steps)
-        size = (H * scale, W * scale) if i == steps else (round(H * factor), round(W * factor))
-        report = None if progress is None else (lambda done, total, i=i: progress((i - 1) * total + done, steps * total))
+    for size in sizes:
+        report = None if progress is None else (lambda done, total, before=before: progress(before + done, units))
+        before += 2 * len(_bands(size, band_pixels, patch_size))
         x = _step(x, size, patch_size, num_neighbors, num_iters, temperature_scale, strength, generator, band_pixels, report)
     if steps > 1:
         x = back_project(x, low)
     return x.clamp(0, 1)
+
+
+def _bands(size, band_pixels: int, patch_size: int) -> list:
+    """``(r0, r1, a0, a1)`` per band of rows of a map of ``size``: rows ``[r0, r1)`` kept, rows
+    ``[a0, a1)`` processed (``2 * patch_size`` rows of context on each side, within the map)."""
+    H, W = size
+    rows, halo = max(16, band_pixels // max(W, 1)), 2 * patch_size
+    return [(r0, min(r0 + rows, H), max(r0 - halo, 0), min(r0 + rows + halo, H)) for r0 in range(0, H, rows)]
 
 
 def _step(low, size, patch_size, num_neighbors, num_iters, temperature_scale, strength, generator, band_pixels, progress):
@@ -135,13 +144,10 @@ def _step(low, size, patch_size, num_neighbors, num_iters, temperature_scale, st
     blurred = back_project(enlarge(lower, (h, w)), lower)
     detail = low - blurred
     init = _corresponding(size, (h, w), low.device)
-    rows = max(16, band_pixels // max(W, 1))
-    halo = 2 * patch_size
-    bands = [(r0, min(r0 + rows, H)) for r0 in range(0, H, rows)]
+    bands = _bands(size, band_pixels, patch_size)
     indices = torch.empty(1, 1, num_neighbors, H, W, dtype=torch.int64, device=low.device)
     best = torch.empty(H, W, dtype=torch.float32, device=low.device)
-    for n, (r0, r1) in enumerate(bands):
-        a0, a1 = max(r0 - halo, 0), min(r1 + halo, H)
+    for n, (r0, r1, a0, a1) in enumerate(bands):
         field = psal.patchmatch(
             first[..., a0:a1, :], blurred, patch_size=patch_size, num_neighbors=num_neighbors, num_iters=num_iters,
             generator=generator, init=init[..., a0:a1, :],
@@ -153,8 +159,7 @@ def _step(low, size, patch_size, num_neighbors, num_iters, temperature_scale, st
     T = float(best.median().clamp_min(1e-12)) * temperature_scale
     del best
     borrowed = torch.empty_like(first)
-    for n, (r0, r1) in enumerate(bands):
-        a0, a1 = max(r0 - halo, 0), min(r1 + halo, H)
+    for n, (r0, r1, a0, a1) in enumerate(bands):
         part = psal.attend(
             first[..., a0:a1, :], blurred, detail, indices[..., a0:a1, :], patch_size=patch_size, temperature=T, aggregation="patch"
         )  # fmt: skip
