@@ -152,10 +152,10 @@ def test_sparse_warm_start_and_empty_lists(backend, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Attention over sparse queries: the pure-PyTorch backend on every device and numba's kernels on the
-# CPU (its backward is the pure-PyTorch one); Triton has none yet.
+# Attention over sparse queries: every backend's forward (numba's and Triton's backwards are the
+# pure-PyTorch one).
 
-SPARSE_ATTEND_CASES = [("torch", d) for d in sorted({c.values[1] for c in SPARSE_CASES})] + [("numba", "cpu")]
+SPARSE_ATTEND_CASES = SPARSE_CASES
 
 AGGREGATIONS = ["center", "patch", "patch_mean"]
 
@@ -219,12 +219,18 @@ def test_sparse_attention_gradcheck(aggregation, patch_size):
     assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
+_PARTIAL_CASES = [c for c in SPARSE_CASES if c.values[0] != "torch"]
+
+
+@pytest.mark.parametrize("backend, device", _PARTIAL_CASES)
 @pytest.mark.parametrize("similarity", ["l2", "dot"])
 @pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sparse_attention_numba_matches_torch_on_partial_lists(aggregation, dtype, similarity):
-    """numba's kernels against the pure-PyTorch sparse attention, on random lists where many
-    covering patches are not listed (rows with gaps, borders, lone pixels), with p = 3 and 5."""
+def test_sparse_attention_matches_torch_on_partial_lists(backend, device, aggregation, dtype, similarity):
+    """numba's and Triton's kernels against the pure-PyTorch sparse attention, on random lists
+    where many covering patches are not listed (rows with gaps, borders, lone pixels), p = 1, 3, 5."""
+    if interpreted(backend, device) and dtype == torch.float32:
+        pytest.skip("the interpreter's float64 cases cover the same code")
     for seed, p in [(4, 3), (5, 5), (6, 1)]:
         q, k, v, idx = _attend_inputs(seed=seed, H=9, W=11, Hk=6, Wk=7)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -232,13 +238,13 @@ def test_sparse_attention_numba_matches_torch_on_partial_lists(aggregation, dtyp
         sub = idx.flatten(3)[..., where]
         T = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
         outs, grads = [], []
-        for backend in ("torch", "numba"):
-            args = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = psal.attend(*args, sub, patch_size=p, temperature=T, aggregation=aggregation, num_heads=2,
-                              positions=where, backend=backend, similarity=similarity)  # fmt: skip
+        for name in ("torch", backend):
+            args = [t.clone().to(device).requires_grad_() for t in (q, k, v)]
+            out = psal.attend(*args, sub.to(device), patch_size=p, temperature=T, aggregation=aggregation, num_heads=2,
+                              positions=where.to(device), backend=name, similarity=similarity)  # fmt: skip
             out.square().sum().backward()
-            outs.append(out.detach())
-            grads.append([a.grad for a in args])
+            outs.append(out.detach().cpu())
+            grads.append([a.grad.cpu() for a in args])
         # float32: scores reach 75 here, so their logsumexp carries 1e-5 of rounding into the weights
         tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-3)
         assert outs[0].shape == (2, 4, where.numel())
@@ -258,16 +264,15 @@ def test_sparse_attention_backends_and_a_search_feeding_it():
     where = torch.tensor([4, 5, 6, 11, 12, 13])
     field = psal.patchmatch(q, k, num_neighbors=3, num_heads=2, positions=where, generator=gen(0))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no "numba missing" warning from either choice below
+        warnings.simplefilter("error")  # no "numba missing" warning
         out = psal.attend(q, k, v, field.indices, num_heads=2, aggregation="patch", positions=where)
-        # on CUDA, "auto" takes torch for sparse attention by design (Triton has none)
-        cuda = _dispatch.choose("f", "attend", "auto", torch.device("cuda"), sparse=True)
     assert out.shape == (2, 4, 6)
-    assert cuda.__name__ == "psal.backends.torch.attend"
     assert _dispatch.choose("f", "attend", "auto", torch.device("cpu"), sparse=True).__name__ == "psal.backends.numba.attend"
-    with pytest.raises(ValueError, match="f: backend 'triton' has no sparse-query attention"):
-        _dispatch.choose("f", "attend", "triton", torch.device("cuda"), sparse=True)
-    # numba's sparse forward pairs with the pure-PyTorch sparse backward; dense backwards stay numba's
+    assert _dispatch.choose("f", "attend", "triton", torch.device("cuda"), sparse=True).__name__ == "psal.backends.triton.attend"
+    # numba's and Triton's sparse forwards pair with the pure-PyTorch sparse backward; dense backwards stay theirs
+    cuda = torch.device("cuda")
+    assert _dispatch.choose("f", "attend_backward", "triton", cuda, sparse=True).__name__ == "psal.backends.torch.attend"
+    assert _dispatch.choose("f", "attend_backward", "triton", cuda).__name__ == "psal.backends.triton.attend"
     cpu = torch.device("cpu")
     assert _dispatch.choose("f", "attend_backward", "numba", cpu, sparse=True).__name__ == "psal.backends.torch.attend"
     assert _dispatch.choose("f", "attend_backward", "auto", cpu, sparse=True).__name__ == "psal.backends.torch.attend"

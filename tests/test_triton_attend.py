@@ -208,14 +208,15 @@ from triton.compiler import ASTSource
 from psal.backends.triton import attend as ta
 
 def signature(kernel, dtype, consts):
-    ints = {"C", "H", "W", "Hk", "Wk", "K", "P", "N", "longest"}
+    ints = {"C", "H", "W", "Hk", "Wk", "K", "P", "N", "M", "longest"}
     feats = {"q", "k", "v", "g", "src", "kf"}
     acc = "fp64" if dtype == "fp64" else "fp32"
-    return {n: "constexpr" if n in consts else "i32" if n in ints else "*i64" if n in ("idx", "order", "rowptr")
+    return {n: "constexpr" if n in consts else "i32" if n in ints else "*i64" if n in ("idx", "order", "rowptr", "listed", "tab")
             else "*" + dtype if n in feats else "*" + acc for n in kernel.arg_names}
 
-variants = [(ta._costs, dict(DOT=True)), (ta._costs, dict(DOT=False)), (ta._votes, dict(PATCH=True)),
-            (ta._votes, dict(PATCH=False)), (ta._score_grad, dict(WEIGHTED=True)), (ta._score_grad, dict(WEIGHTED=False)),
+variants = [(ta._costs, dict(DOT=dot, SPARSE=sparse)) for dot in (True, False) for sparse in (True, False)]
+variants += [(ta._votes, dict(PATCH=patch, SPARSE=sparse)) for patch in (True, False) for sparse in (True, False)]
+variants += [(ta._score_grad, dict(WEIGHTED=True)), (ta._score_grad, dict(WEIGHTED=False)),
             (ta._query_grad, dict(DOT=True)), (ta._query_grad, dict(DOT=False))]
 variants += [(kern, dict(MODE=mode, SHIFT=mode == 0)) for kern in (ta._scatter, ta._gather) for mode in (0, 1, 2)]
 for dtype in @DTYPES@:

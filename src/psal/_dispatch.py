@@ -81,7 +81,7 @@ def can_run_torch(device: torch.device, positions: int = 0, raise_error: bool = 
 
 _PREDICATES = {"numba": can_run_numba, "triton": can_run_triton, "torch": can_run_torch}
 # The ops each backend runs over sparse query positions (``positions=``).
-SPARSE_OPS = {"numba": ("search", "attend"), "triton": ("search",), "torch": ("search", "attend")}
+SPARSE_OPS = {"numba": ("search", "attend"), "triton": ("search", "attend"), "torch": ("search", "attend")}
 
 
 def _sparse_ok(name: str, op: str, sparse: bool, raise_error: bool = False) -> bool:
@@ -126,9 +126,10 @@ def explain_search_backend(device="cpu") -> dict:
     return available_backends(device)
 
 
-# Sparse attention backwards that run on another backend: numba's sparse forward kernels pair with
-# the pure-PyTorch sparse backward (the statistic that the forward returns means the same in both).
-SPARSE_BACKWARD = {"numba": "torch"}
+# Sparse attention backwards that run on another backend: numba's and Triton's sparse forward
+# kernels pair with the pure-PyTorch sparse backward (the statistic that the forward returns means
+# the same in all three).
+SPARSE_BACKWARD = {"numba": "torch", "triton": "torch"}
 
 
 def _module(name: str, op: str, sparse: bool = False):

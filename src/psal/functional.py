@@ -256,8 +256,8 @@ def attend(
             only, with ``indices`` ``Tensor[B, heads, k, M]`` (a sparse search's field). Only
             listed patches vote: with ``"patch"``/``"patch_mean"`` a listed pixel takes the votes
             of the listed patches that cover it, so where all of them are listed the result is
-            the dense call's. numba (CPU; its backward is the pure-PyTorch one) and the
-            pure-PyTorch backend (any device; ``"auto"`` takes it on CUDA): no Triton kernels yet.
+            the dense call's. Every backend; the backward of numba's and Triton's is the
+            pure-PyTorch one.
 
     Returns:
         ``Tensor[B, Cv, H, W]`` in the input dtype (float16/bfloat16 are computed in float32);

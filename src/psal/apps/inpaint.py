@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks as checks
-from .._dispatch import BACKENDS, SPARSE_OPS
+from .._dispatch import BACKENDS
 from ..functional import attend, patch_costs, patchmatch
 
 __all__ = ["inpaint"]
@@ -241,11 +241,6 @@ def _vote(state, feat, indices, costs, hole, near, where, depth, patch_size, bac
     # does not change.
     depth, (rows, cols) = depth
     feat[:, -1:, rows, cols] = (temp * _CONFIDENCE * depth / (patch_size * patch_size)).sqrt()
-    # Attention over sparse queries runs where the named backend has it (numba, torch), else on
-    # the one "auto" picks; the search runs on the backend asked for, which every backend can do
-    # sparsely.
-    if where is not None and "attend" not in SPARSE_OPS.get(backend, ()):
-        backend = "auto"
     out = attend(feat, feat, state, indices, patch_size=patch_size, temperature=temp, aggregation=aggregation,
                  backend=backend, positions=where)  # fmt: skip
     feat[:, -1:, rows, cols] = 0
@@ -349,8 +344,7 @@ def inpaint(
         progress: called as ``progress(done, total)`` after each round; a scale that converges
             early skips its remaining rounds.
         backend: PSAL backend of the search and the aggregation (``"auto"``, ``"numba"``,
-            ``"triton"`` or ``"torch"``); with sparse queries (a small hole) a named Triton
-            backend aggregates on the one ``"auto"`` picks (Triton has no sparse attention yet).
+            ``"triton"`` or ``"torch"``).
 
     Returns:
         ``Tensor[1, C, H, W]`` on the image's device, in its dtype: the known pixels bitwise

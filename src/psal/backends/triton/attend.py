@@ -26,6 +26,12 @@ map are int32 (cheaper division on GPUs; dispatch sends only problems with ``K *
 here); memory offsets are int64. Positions outside a map are clamped (replicate padding). Everything accumulates in float32 (float64 for float64
 inputs); float16/bfloat16 inputs are read as they are.
 
+Sparse queries (``positions``, the pure-PyTorch backend's contract): the forward only. ``_costs``
+takes its lanes from the list, and ``_votes`` gives one lane to each listed pixel, reading the list
+slot of each covering patch from a ``(p * p, M)`` table (``layout.offset_tables``; -1: not
+listed, no vote); the per-pixel max of "patch" is taken over the same table in PyTorch. Their
+backward is the pure-PyTorch one (the dispatcher's ``SPARSE_BACKWARD``).
+
 Only the block sizes, the channel chunk (a power of two, with masks), the dtype and the mode are
 compile-time constants; sizes, ``K`` and the patch size are run-time arguments excluded from
 specialisation, so a new image size or patch size never triggers a recompile.
@@ -41,9 +47,9 @@ import triton
 import triton.language as tl
 
 from ..device import cuda_device_of, triton_interpreted
-from ..layout import channel_last, compute_dtype, replicate_pad_adjoint, vote_counts
+from ..layout import channel_last, compute_dtype, offset_tables, replicate_pad_adjoint, vote_counts
 
-_SIZES = ["C", "H", "W", "Hk", "Wk", "K", "P", "N"]
+_SIZES = ["C", "H", "W", "Hk", "Wk", "K", "P", "N", "M"]
 
 
 @triton.jit
@@ -52,13 +58,19 @@ def _clamp(x, n):
 
 
 @triton.jit(do_not_specialize=_SIZES)
-def _costs(q, k, idx, cost, C, H, W, Hk, Wk, K, P, N, DOT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr):
-    """cost[n, j, x] for a block of the flat (n, j, x) lanes."""
-    L = H * W
+def _costs(
+    q, k, idx, cost, listed, C, H, W, Hk, Wk, K, P, N, M,
+    DOT: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    """cost[n, j, x] for a block of the flat (n, j, x) lanes (``x``: the ``M`` listed pixels
+    ``listed`` when ``SPARSE``, else every pixel)."""
+    L = M if SPARSE else H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N.to(tl.int64) * K * L  # int64: sizes arrive as int32, their product may not fit
     n = f // (K * L)
     x = (f % L).to(tl.int32)
+    if SPARSE:
+        x = tl.load(listed + x, mask=on, other=0).to(tl.int32)
     xi, xj = x // W, x % W
     y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
     yi, yj = y // Wk, y % Wk
@@ -86,32 +98,45 @@ def _costs(q, k, idx, cost, C, H, W, Hk, Wk, K, P, N, DOT: tl.constexpr, BLOCK: 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _votes(
-    v, idx, logw, shift, out, den_out, C, H, W, Hk, Wk, K, P, N,
-    PATCH: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    v, idx, logw, shift, out, den_out, listed, tab, C, H, W, Hk, Wk, K, P, N, M,
+    PATCH: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """out[n, z, c] = sum over offsets d and matches j of the patch x = z - d (on the map) of
     exp(logw[n, j, x] - shift[n, z]) * v[n, y_j(x) + d, c], divided by the sum of those weights
-    ("patch": shift is the per-pixel max) or by the number of patches covering z (otherwise)."""
-    L = H * W
+    ("patch": shift is the per-pixel max) or by the number of patches covering z (otherwise).
+    ``SPARSE``: lanes are the ``M`` listed pixels ``listed``, and only listed patches vote: the list
+    slot of ``x = z - d`` is ``tab[d, lane]`` (-1: not listed), per-match tensors are ``(N, K, M)``."""
+    L = M if SPARSE else H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N.to(tl.int64) * L
-    n, z = f // L, (f % L).to(tl.int32)
+    n, lane = f // L, (f % L).to(tl.int32)
+    if SPARSE:
+        z = tl.load(listed + lane, mask=on, other=0).to(tl.int32)
+    else:
+        z = lane
     zi, zj = z // W, z % W
     ch = tl.program_id(1) * CB + tl.arange(0, CB)
     cm = ch < C
     if PATCH:
-        zs = tl.load(shift + n * L + z, mask=on, other=0.0)
+        zs = tl.load(shift + n * L + lane, mask=on, other=0.0)
     else:
         zs = tl.zeros([BLOCK], ACC)
     acc = tl.zeros([BLOCK, CB], ACC)
     den = tl.zeros([BLOCK], ACC)
+    count = tl.zeros([BLOCK], ACC)
     r = P // 2
     for a in range(P):
         xi = zi - (a - r)
         for b in range(P):
             xj = zj - (b - r)
-            real = on & (xi >= 0) & (xi < H) & (xj >= 0) & (xj < W)
-            x = tl.where(real, xi * W + xj, 0)
+            if SPARSE:
+                slot = tl.load(tab + (a * P + b) * M + lane, mask=on, other=-1)
+                real = on & (slot >= 0)
+                x = tl.where(real, slot, 0).to(tl.int32)
+            else:
+                real = on & (xi >= 0) & (xi < H) & (xj >= 0) & (xj < W)
+                x = tl.where(real, xi * W + xj, 0)
+            count += tl.where(real, 1.0, 0.0)
             for j in range(K):
                 row = (n * K + j) * L + x
                 y = tl.load(idx + row, mask=real, other=0).to(tl.int32)
@@ -122,14 +147,12 @@ def _votes(
                 acc += w[:, None] * val.to(ACC)
                 den += w
     if not PATCH:
-        # the number of query patches covering z, each contributing weights that sum to one
-        ri = tl.minimum(zi + r, H - 1) - tl.maximum(zi - r, 0) + 1
-        rj = tl.minimum(zj + r, W - 1) - tl.maximum(zj - r, 0) + 1
-        den = (ri * rj).to(ACC)
+        # the number of (listed) query patches covering z, each contributing weights that sum to one
+        den = count
     den = tl.where(on, den, 1.0)
-    tl.store(out + (n * L + z)[:, None] * C + ch[None, :], acc / den[:, None], mask=on[:, None] & cm[None, :])
+    tl.store(out + (n * L + lane)[:, None] * C + ch[None, :], acc / den[:, None], mask=on[:, None] & cm[None, :])
     if PATCH:
-        tl.store(den_out + n * L + z, den, mask=on & (tl.program_id(1) == 0))
+        tl.store(den_out + n * L + lane, den, mask=on & (tl.program_id(1) == 0))
 
 
 @triton.jit(do_not_specialize=_SIZES)
@@ -354,11 +377,14 @@ def _first(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
 class _Call:
     """Shapes, layouts and the costs of one forward or backward call."""
 
-    def __init__(self, query, key, value, indices, temperature, patch_size, similarity):
+    def __init__(self, query, key, value, indices, temperature, patch_size, similarity, positions=None):
         self.dt = compute_dtype(query.dtype)
         self.acc = _acc(self.dt)
-        self.N, self.K, self.H, self.W = indices.shape
-        self.L = self.H * self.W
+        self.N, self.K = indices.shape[:2]
+        self.H, self.W = query.shape[-2:]
+        self.positions = positions
+        self.L = self.H * self.W if positions is None else positions.numel()
+        self.qpos = indices if positions is None else positions.contiguous()  # (a dummy pointer when dense)
         self.C, self.Cv = query.shape[1], value.shape[1]
         self.Hk, self.Wk = key.shape[-2:]
         self.p, self.r = patch_size, patch_size // 2
@@ -370,24 +396,39 @@ class _Call:
         self.cost = torch.empty(self.N, self.K, self.L, device=query.device, dtype=self.dt)
         t = _tiles(self.lanes, self.C)
         _costs[(triton.cdiv(self.lanes, t["BLOCK"]),)](
-            self.q, self.k, self.idx, self.cost, *self.sizes(self.C), DOT=self.dot, ACC=self.acc, **t
-        )
+            self.q, self.k, self.idx, self.cost, self.qpos, *self.sizes_m(self.C), DOT=self.dot, SPARSE=positions is not None,
+            ACC=self.acc, **t,
+        )  # fmt: skip
         self.s = -self.cost / self.T
 
     def sizes(self, C, p=None):
         return (C, self.H, self.W, self.Hk, self.Wk, self.K, self.p if p is None else p, self.N)
 
-    def votes(self, logw, shift, p: int, patch: bool):
-        """``_votes`` -> out ``(N, Cv, H, W)`` and, for "patch", the weight sums ``(N, L)``."""
+    def sizes_m(self, C, p=None):
+        """:meth:`sizes` and the number of listed pixels ``M`` (the sparse-aware kernels')."""
+        return (*self.sizes(C, p), self.L)
+
+    def listed_tables(self, p: int) -> torch.Tensor:
+        """``(p * p, M)``: for offset ``(a, b)`` (row ``a * p + b``), the list slot of the patch
+        ``x = z - (a - r, b - r)`` of each listed pixel ``z``, -1 where it is not listed."""
+        r = p // 2
+        moves = [(r - a, r - b) for a in range(p) for b in range(p)]
+        return offset_tables(self.positions, self.H, self.W, moves).contiguous()
+
+    def votes(self, logw, shift, p: int, patch: bool, tab=None):
+        """``_votes`` -> out ``(N, Cv, H, W)`` (``(N, Cv, M)`` with the sparse ``tab`` of
+        :meth:`listed_tables`) and, for "patch", the weight sums ``(N, L)``."""
         N, L, Cv = self.N, self.L, self.Cv
         out = torch.empty(N, L, Cv, device=logw.device, dtype=self.dt)
         den = torch.empty(N, L, device=logw.device, dtype=self.dt) if patch else out
         t = _tiles(N * L, Cv)
         _votes[(triton.cdiv(N * L, t["BLOCK"]), triton.cdiv(Cv, t["CB"]))](
             # one lane per output pixel
-            self.v, self.idx, logw, logw if shift is None else shift, out, den, *self.sizes(Cv, p),
-            PATCH=patch, ACC=self.acc, **t,
+            self.v, self.idx, logw, logw if shift is None else shift, out, den, self.qpos, self.qpos if tab is None else tab,
+            *self.sizes_m(Cv, p), PATCH=patch, SPARSE=tab is not None, ACC=self.acc, **t,
         )  # fmt: skip
+        if tab is not None:
+            return out.transpose(1, 2), den
         return _first(out, self.H, self.W), den
 
     def score_grad(self, g, p: int, logw=None, shift=None, g0=None):
@@ -444,10 +485,30 @@ class _Call:
 # The backend contract.
 
 
-def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str):
-    """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype."""
+def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str, positions=None):
+    """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype (``(N,
+    Cv, M)`` and ``(N, M)`` for sparse ``positions (M,)``: the pure-PyTorch backend's sparse
+    contract; their backward is the pure-PyTorch one, ``psal._dispatch.SPARSE_BACKWARD``)."""
     with cuda_device_of(query):
+        if positions is not None:
+            return _sparse_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity, positions)
         return _attend_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity)
+
+
+def _sparse_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity, positions):
+    f = _Call(query, key, value, indices, temperature, patch_size, similarity, positions)
+    p = 1 if aggregation == "center" else f.p
+    tab = f.listed_tables(p)  # (p * p, M)
+    if aggregation == "patch":
+        best = f.s.amax(1)  # (N, M)
+        m = torch.full_like(best, float("-inf"))
+        for row in tab:  # the max over the listed patches covering each listed pixel
+            m = torch.maximum(m, torch.where(row >= 0, best[:, row.clamp(min=0)], float("-inf")))
+        out, den = f.votes(f.s, m.contiguous(), p, patch=True, tab=tab)
+        return out, m + torch.log(den)
+    lse = torch.logsumexp(f.s, 1)  # (N, M)
+    out, _ = f.votes((f.s - lse[:, None]).contiguous(), None, p, patch=False, tab=tab)
+    return out, lse
 
 
 def _attend_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity):
