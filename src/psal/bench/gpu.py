@@ -67,6 +67,7 @@ TEST_FILES = (
     "tests/test_full_attention.py",
     "tests/test_modules.py",
     "tests/test_compile.py",
+    "tests/test_sparse.py",
 )
 TEST_SELECTION = "cuda or test_triton_search or test_triton_attend"
 PEER_BUILD = os.environ.get("NCHEREL_BUILD", "/tmp/ncherel_build")
