@@ -245,3 +245,20 @@ def test_features_refreshed_around_the_hole_are_the_whole_maps():
         module._refresh(feat, state, 3, module._box(hole, module._FEATURE_REACH))
         assert torch.equal(feat[:, :-1], module._features(state, 3))
         assert not feat[:, -1].any()  # the confidence channel stays zero outside the vote
+
+
+def test_hole_depth_is_the_chebyshev_distance_to_the_known_pixels():
+    """Against brute force: the smallest max(|di|, |dj|) to a known pixel of the map, on random
+    holes of random maps (thin, wide, touching the borders, nearly full)."""
+    from psal.apps import inpaint as module
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(60):
+        H, W = (int(v) for v in torch.randint(1, 24, (2,), generator=g))
+        hole = torch.rand(H, W, generator=g) < float(torch.rand(1, generator=g)) * 1.2
+        hole.view(-1)[int(torch.randint(H * W, (1,), generator=g))] = False  # at least one known pixel
+        ii, jj = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        known = (~hole).nonzero()
+        cheb = torch.maximum((ii[..., None] - known[:, 0]).abs(), (jj[..., None] - known[:, 1]).abs())
+        want = cheb.amin(-1).float()
+        assert torch.equal(module._hole_depth(hole[None, None], torch.float32)[0, 0], want)
