@@ -146,6 +146,18 @@ def run_worker(module: str, method: str, size: int, options: list[str]):
         return torch.load(out)
 
 
+def run_script(code: str, argv: list[str], label: str):
+    """Runs ``python -c code *argv`` in a fresh process and returns the JSON object on the last
+    line of its output, or ``None`` after printing why it failed (as ``label``)."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  {label}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def add_worker_arguments(ap) -> None:
     """``--json`` and the hidden options by which :func:`run_worker` calls a suite back."""
     import argparse

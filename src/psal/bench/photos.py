@@ -29,7 +29,6 @@ output); time and peak memory, one process each.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 
@@ -164,11 +163,9 @@ def main(argv=None) -> int:
         for kind in args.holes:
             ours = {}
             for method in methods:
-                proc = subprocess.run([sys.executable, "-c", _CHILD, spec, str(args.longest), kind, method], capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"  {spec} {kind} {method}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+                r = common.run_script(_CHILD, [spec, str(args.longest), kind, method], f"{spec} {kind} {method}")
+                if r is None:
                     continue
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
                 records.append(r)
                 ours[method] = r
             peer = ours.get("pypatchmatch")
@@ -182,11 +179,9 @@ def main(argv=None) -> int:
         print(common.markdown_table(["picture", "size", "MP", "hole %", "method", "s", "vs PyPatchMatch", "peak MiB", "hole PSNR dB"], rows))
     colour_rows = []
     for spec in args.colorize:
-        proc = subprocess.run([sys.executable, "-c", _COLORIZE_CHILD, spec, args.reference], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"  colorize {spec}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+        r = common.run_script(_COLORIZE_CHILD, [spec, args.reference], f"colorize {spec}")
+        if r is None:
             continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
         records.append(r)
         colour_rows.append([spec, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}", r["reference"], f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}"])
     if colour_rows:
@@ -194,11 +189,9 @@ def main(argv=None) -> int:
         print(common.markdown_table(["target", "size", "MP", "reference", "s", "peak MiB"], colour_rows))
     up_rows = []
     for spec in args.upscale:
-        proc = subprocess.run([sys.executable, "-c", _UPSCALE_CHILD, spec], capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(f"  upscale {spec}: failed ({(proc.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+        r = common.run_script(_UPSCALE_CHILD, [spec], f"upscale {spec}")
+        if r is None:
             continue
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
         records.append(r)
         up_rows.append([spec, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}",
                         f"{4 * r['width'] * r['height'] / 1e6:.2f}", f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}"])  # fmt: skip

@@ -147,17 +147,26 @@ def _position(qpos, dense, m):
     return m if dense else qpos[m]
 
 
+# Kernels over a list of M searched pixels run N * ceil(M / _CHUNK) tasks of _CHUNK list entries.
+_CHUNK = 64
+
+
+@njit(inline="always", **_HOT)
+def _chunk(t, nc, M):
+    """Task ``t`` of ``N * nc``: its map and its list range ``[m0, m1)``."""
+    m0 = (t % nc) * _CHUNK
+    return t // nc, m0, min(m0 + _CHUNK, M)
+
+
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
 def search_init(qp, kp, sq, sk, mask, has_mask, allowed, n_allowed, init_idx, has_init, out_idx, out_cost, qpos, dense, HW, W, Wk, p, C, dot, seed, screen):
     N, M, K = out_idx.shape
     inf = np.float32(np.inf)
-    chunk = 64
-    nc = (M + chunk - 1) // chunk
+    nc = (M + _CHUNK - 1) // _CHUNK
     for t in prange(N * nc):
-        n = t // nc
-        m0 = (t % nc) * chunk
+        n, m0, m1 = _chunk(t, nc, M)
         nal = n_allowed[n]
-        for m in range(m0, min(m0 + chunk, M)):
+        for m in range(m0, m1):
             pos = _position(qpos, dense, m)
             i = pos // W
             j = pos - i * W
@@ -611,12 +620,10 @@ def sparse_forward_scores(qp, kp, vp, qpos, yr, yc, T, C, W, p, dot, agg, score,
     N, M, K = yr.shape
     Cv = out.shape[2]
     zero = score.dtype.type(0)
-    chunk = 64
-    nc = (M + chunk - 1) // chunk
+    nc = (M + _CHUNK - 1) // _CHUNK
     for t in prange(N * nc):
-        n = t // nc
-        m0 = (t % nc) * chunk
-        for m in range(m0, min(m0 + chunk, M)):
+        n, m0, m1 = _chunk(t, nc, M)
+        for m in range(m0, m1):
             i = qpos[m] // W
             j = qpos[m] - i * W
             sv = score[n, m]
@@ -666,12 +673,10 @@ def sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat,
     Cv = out.shape[2]
     r = p // 2
     zero = out.dtype.type(0)
-    chunk = 64
-    nc = (M + chunk - 1) // chunk
+    nc = (M + _CHUNK - 1) // _CHUNK
     for t in prange(N * nc):
-        n = t // nc
-        m0 = (t % nc) * chunk
-        for m in range(m0, min(m0 + chunk, M)):
+        n, m0, m1 = _chunk(t, nc, M)
+        for m in range(m0, m1):
             zi = qpos[m] // W
             zj = qpos[m] - zi * W
             c_lo = max(zj - r, 0)
