@@ -207,11 +207,6 @@ def _refresh(feat: torch.Tensor, state: torch.Tensor, channels: int, box: tuple[
     feat[:, :-1, box[0], box[1]] = part[..., inner[0], inner[1]]
 
 
-def _schedule(level: int, num_iters: int, search_iters: int) -> tuple[int, int]:
-    """Rounds and search iterations at pyramid ``level`` (0: the finest)."""
-    return num_iters, search_iters
-
-
 def _upsample_indices(indices: torch.Tensor, coarse: tuple, coarse_where, fine: tuple, fine_where):
     """Coarse matches carried to the fine grid: fine pixel ``x`` in coarse cell ``c`` whose match
     is ``m`` takes ``x + (m - c) * scale``, clamped to the map (Newson's field upsampling).
@@ -417,8 +412,7 @@ def inpaint(
             break
         levels.append((down, down_hole))
 
-    plan = [_schedule(level, num_iters, search_iters) for level in range(len(levels))]
-    total = sum(rounds for rounds, _ in plan) + 1
+    total = num_iters * len(levels) + 1
     done = 0
     cur = indices = where = None
     # Sparse queries unless the hole's neighbourhood is most of the picture: only the pixels whose
@@ -454,10 +448,9 @@ def inpaint(
             costs = patch_costs(feat, feat, indices, patch_size=patch_size, positions=where)
             _vote(cur, feat, indices, costs, lhole, near, where, depth, patch_size, backend)
         field = indices  # a warm start from the coarser scale's matches (bare indices), or None
-        rounds, iters = plan[level]
-        for _ in range(rounds):
+        for _ in range(num_iters):
             _refresh(feat, cur, C, box)
-            field = patchmatch(feat, feat, num_iters=iters, init=field, **search)
+            field = patchmatch(feat, feat, num_iters=search_iters, init=field, **search)
             delta = _vote(cur, feat, field.indices, field.costs, lhole, near, where, depth, patch_size, backend)
             change = float(delta[:, :C].abs().sum() / max(delta.shape[-1] * C, 1))
             done += 1
@@ -466,7 +459,7 @@ def inpaint(
             if change < tolerance:
                 break
         indices = field.indices
-        done = sum(rounds for rounds, _ in plan[level:])
+        done = num_iters * (len(levels) - level)
 
     # The final reconstruction: each hole pixel takes the centre of its best match, not the mean
     # of all votes, which would blur what the matches agree on only up to a pixel.
