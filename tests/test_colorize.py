@@ -25,7 +25,7 @@ def _chroma_psnr(a, b) -> float:
     return float(10 * torch.log10(256.0**2 / d))
 
 
-def test_colours_another_crop_of_the_same_scene_better_than_a_global_transfer():
+def test_colours_another_crop_of_the_same_scene_better_than_its_mean_colour():
     pytest.importorskip("skimage")
     from psal.apps.scenarios import colorize_case
 
@@ -33,10 +33,27 @@ def test_colours_another_crop_of_the_same_scene_better_than_a_global_transfer():
     ours = colorize(gray, reference, generator=gen(0))
     assert ours.shape == (1, 3, 112, 112)
     base = global_transfer(gray, reference)
-    assert _chroma_psnr(ours, truth) > _chroma_psnr(base, truth) + 2.0
+    # measured 28.1 against 26.7 dB (the reference's mean colour; on astronaut psal loses, issue 16)
+    assert _chroma_psnr(ours, truth) > _chroma_psnr(base, truth) + 1.0
     # the target keeps its luminance (up to colours clipped to the sRGB gamut)
     L_in = lab_from_rgb(gray.expand(1, 3, 112, 112))[:, 0]
     assert (lab_from_rgb(ours)[:, 0] - L_in).abs().median() < 0.5
+
+
+def test_global_transfer_lays_the_reference_mean_colour_on_a_gray_target():
+    """A gray target's a and b have no spread but float rounding: they must take the reference's
+    mean, not its spread times the rounding noise (the bug issue 16 found: random colour)."""
+    g = gen(3)
+    gray = 0.35 + 0.3 * torch.rand(1, 1, 24, 20, generator=g, dtype=torch.float64)
+    reference = torch.stack([0.3 + 0.4 * torch.rand(24, 20, generator=g, dtype=torch.float64) * s for s in (1.0, 0.6, 0.3)])[None]
+    out = global_transfer(gray, reference)
+    want = lab_from_rgb(reference)[:, 1:].mean((2, 3))
+    got = lab_from_rgb(out)[:, 1:]
+    torch.testing.assert_close(got, want[..., None, None].expand_as(got), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lab_from_rgb(out)[:, 0], lab_from_rgb(gray.expand(1, 3, 24, 20))[:, 0], atol=1e-6, rtol=0)
+    # a colour target is still moved to the reference's mean and spread
+    colour = global_transfer(reference.flip(-1) * 0.8, reference)
+    torch.testing.assert_close(lab_from_rgb(colour)[:, 1:].std((2, 3)), lab_from_rgb(reference)[:, 1:].std((2, 3)), atol=1e-3, rtol=0)
 
 
 def test_same_generator_same_colours_and_bad_input():
@@ -86,7 +103,7 @@ def test_a_target_above_work_pixels_gets_its_chroma_at_the_working_size():
     assert small.shape == (1, 3, 160, 160)
     assert not torch.equal(small, full)  # the working size was taken
     assert _chroma_psnr(small, truth) > _chroma_psnr(full, truth) - 1.0
-    assert _chroma_psnr(small, truth) > _chroma_psnr(global_transfer(gray, reference), truth) + 2.0
+    assert _chroma_psnr(small, truth) > _chroma_psnr(global_transfer(gray, reference), truth) + 1.0
     L_in = lab_from_rgb(gray.expand(1, 3, 160, 160))[:, 0]
     assert (lab_from_rgb(small)[:, 0] - L_in).abs().median() < 0.5  # the full-size luminance is kept
     assert torch.equal(colorize(gray, reference, generator=gen(0), work_pixels=160 * 160), full)  # at or under: full size

@@ -190,13 +190,21 @@ def _colorize_lab(L, reference, patch_size, num_neighbors, num_iters, temperatur
     return torch.cat([L, ab], 1)
 
 
+# A Lab channel whose standard deviation is under this has no spread for global_transfer to scale.
+_FLAT_SPREAD = 0.5
+
+
 def global_transfer(target: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Reinhard et al. 2001: the target's Lab channels moved to the reference's mean and spread
-    (for a grayscale target, whose a and b are flat, that is the reference's mean chroma)."""
+    """Reinhard et al. 2001: the target's Lab channels moved to the reference's mean and spread.
+
+    A channel with no spread to scale (under half a Lab unit: a grayscale target's a and b, whose
+    only spread is float rounding) takes the reference's mean, so a grayscale target gets the
+    reference's mean colour (scaling the rounding noise instead would paint random colour)."""
     rgb = target.expand(1, 3, *target.shape[-2:]) if target.shape[1] == 1 else target
     lab, ref = lab_from_rgb(rgb), lab_from_rgb(reference)
     mean, std = lab.mean((2, 3), keepdim=True), lab.std((2, 3), keepdim=True)
     rmean, rstd = ref.mean((2, 3), keepdim=True), ref.std((2, 3), keepdim=True)
-    moved = (lab - mean) / std.clamp_min(1e-6) * rstd + rmean
+    spread = std >= _FLAT_SPREAD
+    moved = torch.where(spread, (lab - mean) / std.clamp_min(_FLAT_SPREAD) * rstd + rmean, rmean.expand_as(lab))
     moved[:, :1] = lab[:, :1]  # the target keeps its luminance
     return rgb_from_lab(moved)
