@@ -54,27 +54,70 @@ def test_bench_photos_small(tmp_path, capsys):
 
 
 def test_bench_apps_small(tmp_path, capsys):
+    """The apps suite at a toy size, without the optional peers (they are benchmark extras)."""
     from psal.apps import scenarios
     from psal.bench import apps
 
     report, gallery = tmp_path / "apps.json", tmp_path / "gallery.png"
-    argv = ["--size", "64", "--images", "brick", "camera", "--scales", "2", "4", "--gallery", str(gallery), "--json", str(report)]
+    argv = ["--side", "48", "--photos", "astronaut", "--textures", "brick", "--families", "square", "strokes", "--peers",
+            "opencv-telea", "--colour", "coffee", "--size", "64", "--scales", "2", "4", "--gallery", str(gallery), "--json", str(report)]  # fmt: skip
     assert apps.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| mean" in printed and "x4:" in printed
+    assert "| photos (1)" in printed and "| textures (1)" in printed and "x4:" in printed and "psal wins" in printed
     results = json.loads(report.read_text())["results"]
-    inpaint = results["inpaint"]
-    assert len(inpaint["psal"]) == 2 and len(inpaint["biharmonic"]) == 2
-    for psnr, ratio, known_change, seconds in inpaint["psal"]:
-        assert psnr > 10 and 0.3 < ratio < 2 and known_change == 0 and seconds > 0
+    inpaint = [r for r in results["inpaint"] if r["method"] == "psal"]
+    assert [(r["group"], r["picture"], r["family"]) for r in inpaint] == [
+        ("photos", "astronaut", "square"), ("photos", "astronaut", "strokes"), ("textures", "brick", "square"), ("textures", "brick", "strokes")
+    ]  # fmt: skip
+    for r in inpaint:
+        assert r["psnr"] > 10 and 0 < r["ssim"] <= 1 and r["swd"] > 0 and 0.3 < r["gradient"] < 2 and r["known"] == 0 and r["seconds"] > 0
+    colour = {r["method"]: r for r in results["colorize"]}
+    assert set(colour) == {"psal", "mean colour", "welsh", "welsh+levin"}
+    for r in colour.values():
+        assert r["picture"] == "coffee" and r["chroma_psnr"] > 15 and r["delta_e"] > 0 and 0 < r["colourfulness"] < 3
     assert set(results["upscale"]) == {"x2", "x4"}
     for scale in ("x2", "x4"):
         per = results["upscale"][scale]
         assert len(per["psal"]) == len(scenarios.UPSCALE_PICTURES)
         # the upscaled picture is consistent with its input, so never far below bicubic
         assert sum(p for p, _ in per["psal"]) >= sum(p for p, _ in per["bicubic"])
-    assert len(results["colorize"]["psal"]) == len(scenarios.COLOUR_PICTURES)
     assert gallery.stat().st_size > 1000
+
+
+def test_evaluation_cases_are_crops_and_seeded_hole_families():
+    from psal import images
+    from psal.apps import scenarios
+
+    crop = scenarios.crop("retina", 100)
+    full = images.load_bundled("retina")
+    assert crop.shape == (1, 3, 100, 100)
+    assert torch.equal(crop, full[..., 655:755, 655:755])  # its own pixels, centred, not resized
+    reference, truth = scenarios.colour_halves("chelsea")  # 300 x 451: squares of min(256, 300, 225)
+    chelsea = images.load_bundled("chelsea")
+    assert reference.shape == truth.shape == (1, 3, 225, 225)
+    assert torch.equal(reference, chelsea[..., 37:262, 0:225]) and torch.equal(truth, chelsea[..., 37:262, 225:450])
+    cover = {f: float(scenarios.eval_hole(f, "coffee", 256).float().mean()) for f in scenarios.MASK_FAMILIES}
+    assert cover["square"] == 0.25 and 0.12 <= cover["blobs"] <= 0.22 and 0.05 <= cover["strokes"] < 0.07
+    assert torch.equal(scenarios.eval_hole("blobs", "coffee", 256), scenarios.eval_hole("blobs", "coffee", 256))
+    assert not torch.equal(scenarios.eval_hole("blobs", "coffee", 256), scenarios.eval_hole("blobs", "rocket", 256))
+    strokes = scenarios.eval_hole("strokes", "coffee", 256)[0, 0]
+    # thin: no stroke pixel is more than 4 pixels from the known region
+    assert not torch.nn.functional.max_pool2d((~strokes).float()[None], 9, stride=1, padding=4).eq(0).any()
+    with pytest.raises(ValueError, match="family must be one of"):
+        scenarios.eval_hole("disc", "coffee", 64)
+
+
+def test_paired_comparison_by_hand():
+    from psal.bench.common import paired
+
+    res = paired([1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 1.0, 5.0], lower_is_better=True)
+    # differences -1, 0, +2, -1: two wins, one tie (half), one loss
+    assert res["wins"] == 0.625 and res["mean_difference"] == 0.0 and res["cases"] == 4
+    lo, hi = res["ci95"]
+    assert -1.0 <= lo < 0.0 < hi <= 2.0  # the bootstrap means lie between the smallest and largest difference
+    assert paired([5.0] * 3, [4.0] * 3, lower_is_better=False) == {"wins": 1.0, "mean_difference": 1.0, "ci95": [1.0, 1.0], "cases": 3}
+    with pytest.raises(ValueError, match="paired"):
+        paired([], [], lower_is_better=True)
 
 
 def test_bench_training_memory_small(tmp_path, capsys):

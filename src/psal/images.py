@@ -16,13 +16,15 @@ import torch.nn.functional as F
 BUNDLED = ("astronaut", "camera", "coffee", "chelsea", "rocket", "brick", "grass", "gravel")
 # More of scikit-image's pictures that load without a network (no pooch download).
 MORE_PICTURES = ("hubble_deep_field", "immunohistochemistry", "retina", "coins", "moon", "cell", "cat", "colorwheel")
+# Photographs that other packages ship (offline too): scikit-learn's two and matplotlib's portrait.
+OTHER_PICTURES = {"china": "sklearn", "flower": "sklearn", "grace_hopper": "matplotlib"}
 
 
-def _need(module: str):
+def _need(module: str, extra: str = "demo"):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"psal.images needs {module}: pip install 'psal[demo]' ({exc})") from None
+        raise ImportError(f"psal.images needs {module}: pip install 'psal[{extra}]' ({exc})") from None
 
 
 def to_tensor(array) -> torch.Tensor:
@@ -47,20 +49,31 @@ def grayscale(image: torch.Tensor) -> torch.Tensor:
     return (image * w).sum(1, keepdim=True)
 
 
+def _other_picture(name: str):
+    """The ``uint8 (H, W, 3)`` array of one of :data:`OTHER_PICTURES`."""
+    if OTHER_PICTURES[name] == "sklearn":
+        return _need("sklearn.datasets", "bench").load_sample_image(f"{name}.jpg")
+    cbook, Image, np = _need("matplotlib.cbook", "bench"), _need("PIL.Image"), _need("numpy")
+    with cbook.get_sample_data(f"{name}.jpg") as f:
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
 def load_bundled(name: str, size=None, gray: bool = False, longest: int | None = None) -> torch.Tensor:
-    """A scikit-image sample as ``Tensor[1, 3, H, W]`` (``[1, 1, H, W]`` if ``gray``) in ``[0, 1]``.
+    """A sample picture as ``Tensor[1, 3, H, W]`` (``[1, 1, H, W]`` if ``gray``) in ``[0, 1]``.
 
     Args:
-        name: one of :data:`BUNDLED` or :data:`MORE_PICTURES`.
+        name: one of :data:`BUNDLED` or :data:`MORE_PICTURES` (scikit-image's), or of
+            :data:`OTHER_PICTURES` (scikit-learn's or matplotlib's, when that package is installed).
         size: ``int`` for a square or ``(H, W)``; ``None`` keeps the original size.
         longest: with ``size=None``, shrink (never enlarge) so that the longer side is at most this.
     """
-    if name not in BUNDLED + MORE_PICTURES:
-        raise ValueError(f"load_bundled: name must be one of {', '.join(BUNDLED + MORE_PICTURES)}, got {name!r}")
+    names = BUNDLED + MORE_PICTURES + tuple(OTHER_PICTURES)
+    if name not in names:
+        raise ValueError(f"load_bundled: name must be one of {', '.join(names)}, got {name!r}")
     if size is not None and longest is not None:
         raise ValueError(f"load_bundled: give size or longest, not both (got size={size!r}, longest={longest!r})")
-    data = _need("skimage.data")
-    image = to_tensor(getattr(data, name)())[:, :3]  # an alpha channel is dropped
+    array = _other_picture(name) if name in OTHER_PICTURES else getattr(_need("skimage.data"), name)()
+    image = to_tensor(array)[:, :3]  # an alpha channel is dropped
     if gray and image.shape[1] == 3:
         image = grayscale(image)
     elif not gray and image.shape[1] == 1:

@@ -5,6 +5,7 @@ loops over many, beside the baselines. Everything is built on the CPU, determini
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from psal import images
@@ -26,15 +27,115 @@ def inpaint_case(name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.load_bundled(name, size), make_hole(size, 1000 + sum(map(ord, name)))
 
 
-def colorize_case(name: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(gray (1, 1, S, S), reference (1, 3, S, S), truth (1, 3, S, S))``: the reference is the
-    picture's top-left 5/8 crop, the truth its bottom-right 5/8 crop, the target that truth in gray."""
+def colorize_case(name: str, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gray (1, 1, S, S), reference (1, 3, S, S), truth (1, 3, S, S))`` from the two halves of
+    :func:`colour_halves` (no pixel in common), resized to ``size`` (``None``: as cut)."""
+    reference, truth = colour_halves(name)
+    if size is not None:
+        reference, truth = images.resize(reference, (size, size)), images.resize(truth, (size, size))
+    return images.grayscale(truth), reference, truth
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation of ``python -m psal.bench apps``: pictures at their own resolution, cut as crops
+# (never whole pictures shrunk), textures apart from photographs.
+
+EVAL_TEXTURES = ("brick", "grass", "gravel")
+EVAL_PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "retina", "hubble_deep_field",
+               "immunohistochemistry", "china", "flower", "grace_hopper")  # fmt: skip
+EVAL_COLOUR = tuple(name for name in EVAL_PHOTOS if name != "camera")  # the colour photographs
+# Hole families, each seeded per picture: a centred square of 25%, random blobs of 12-22%, thin
+# strokes of 5%.
+MASK_FAMILIES = ("square", "blobs", "strokes")
+EVAL_SIDE = 256
+
+
+def crop(name: str, side: int = EVAL_SIDE) -> torch.Tensor:
+    """``(1, 3, s, s)``: the centred ``side x side`` crop of the picture at its own resolution
+    (``s`` is smaller only for a picture smaller than ``side``)."""
     im = images.load_bundled(name)
     H, W = im.shape[-2:]
-    s = min(H, W) * 5 // 8
-    reference = images.resize(im[..., :s, :s], (size, size))
-    truth = images.resize(im[..., H - s :, W - s :], (size, size))
-    return images.grayscale(truth), reference, truth
+    s = min(side, H, W)
+    top, left = (H - s) // 2, (W - s) // 2
+    return im[..., top : top + s, left : left + s]
+
+
+def colour_halves(name: str, side: int = EVAL_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(reference, truth)``, each ``(1, 3, s, s)``: two side-by-side squares at the picture's
+    centre at its own resolution, the left one the reference and the right one the truth, so that
+    they share no pixel (``s = min(side, H, W // 2)``)."""
+    im = images.load_bundled(name)
+    H, W = im.shape[-2:]
+    s = min(side, H, W // 2)
+    top, mid = (H - s) // 2, W // 2
+    return im[..., top : top + s, mid - s : mid], im[..., top : top + s, mid : mid + s]
+
+
+def _seed(*parts: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate("/".join(parts)))
+
+
+def square_hole(size: int) -> torch.Tensor:
+    """``(1, 1, S, S)`` bool: a centred square of a quarter of the area."""
+    side = round(size / 2)
+    top = (size - side) // 2
+    hole = torch.zeros(1, 1, size, size, dtype=torch.bool)
+    hole[..., top : top + side, top : top + side] = True
+    return hole
+
+
+def blob_hole(size: int, seed: int) -> torch.Tensor:
+    """``(1, 1, S, S)`` bool: seeded random rotated ellipses covering 12-22% of the area."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    target = g.uniform(0.12, 0.22)
+    m = np.zeros((size, size), bool)
+    while m.mean() < target:
+        cy, cx = g.uniform(size * 0.1, size * 0.9, 2)
+        ry, rx = g.uniform(size / 18, size / 7, 2)
+        t = g.uniform(0, np.pi)
+        u = (yy - cy) * np.cos(t) + (xx - cx) * np.sin(t)
+        v = -(yy - cy) * np.sin(t) + (xx - cx) * np.cos(t)
+        m |= (u / ry) ** 2 + (v / rx) ** 2 <= 1
+        if m.mean() > 0.22:
+            m[:] = False
+    return torch.from_numpy(m)[None, None]
+
+
+def stroke_hole(size: int, seed: int, cover: float = 0.05) -> torch.Tensor:
+    """``(1, 1, S, S)`` bool: seeded thin brush strokes (polylines 3-7 pixels wide that turn a
+    little at each step) until they cover ``cover`` of the area."""
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    m = np.zeros((size, size), bool)
+    while m.mean() < cover:
+        y, x = g.uniform(size * 0.1, size * 0.9, 2)
+        angle = g.uniform(0, 2 * np.pi)
+        half = g.uniform(1.5, 3.5)
+        for _ in range(g.integers(4, 9)):
+            angle += g.uniform(-0.8, 0.8)
+            length = g.uniform(size / 16, size / 6)
+            y1 = float(np.clip(y + length * np.sin(angle), 0, size - 1))
+            x1 = float(np.clip(x + length * np.cos(angle), 0, size - 1))
+            # pixels within `half` of the segment (y, x) - (y1, x1)
+            dy, dx = y1 - y, x1 - x
+            t = np.clip(((yy - y) * dy + (xx - x) * dx) / max(dy * dy + dx * dx, 1e-9), 0, 1)
+            m |= (yy - y - t * dy) ** 2 + (xx - x - t * dx) ** 2 <= half * half
+            y, x = y1, x1
+            if m.mean() >= cover:
+                break
+    return torch.from_numpy(m)[None, None]
+
+
+def eval_hole(family: str, name: str, size: int) -> torch.Tensor:
+    """The hole of ``family`` (one of :data:`MASK_FAMILIES`) for picture ``name``, seeded by both."""
+    if family == "square":
+        return square_hole(size)
+    if family == "blobs":
+        return blob_hole(size, _seed(family, name))
+    if family == "strokes":
+        return stroke_hole(size, _seed(family, name))
+    raise ValueError(f"eval_hole: family must be one of {', '.join(MASK_FAMILIES)}, got {family!r}")
 
 
 def upscale_case(name: str, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,69 +1,58 @@
-"""Image-editing benchmark: inpaint, colorize and upscale against ground truth and simple
-baselines, in one run.
+"""Image-editing benchmark: inpaint and colorize against the strongest peers that run here, and
+upscale against simple baselines, in one run.
 
-    python -m psal.bench apps [--size 256] [--images ...] [--gallery out/apps_gallery.png]
+    python -m psal.bench apps [--tasks inpaint colorize upscale] [--gallery out/apps_gallery.png]
 
-- inpaint: bundled images resized to S x S, a seeded hole of rectangles and ellipses (12-22% of
-  the area). Methods: ``psal.apps.inpaint`` (zero-shot); the trained network shipped with psal
-  (``psal.apps.inpaint_net``, "psal trained"); PyPatchMatch (pip ``pypatchmatch``, 7 x 7 patches
-  like ours), when installed; scikit-image's biharmonic inpainting. Metrics: PSNR inside the hole;
-  gradient ratio (mean luminance gradient magnitude in the hole over the known region's, divided by
-  the same ratio of the ground truth: 1 is right, smooth fills score about 0.2-0.4); the largest
-  change of a known pixel; seconds.
-- colorize: the top-left and the bottom-right 5/8 crops of a colour image, at S x S; the
-  reference is the first, the target the second in grayscale. Methods: ``psal.apps.colorize``
-  and a global transfer (Reinhard et al.'s mean and spread in Lab). Metric: PSNR of the a and b
-  channels (range 256) against the true colours.
+- inpaint: every picture of ``scenarios.EVAL_PHOTOS`` and ``EVAL_TEXTURES`` as its centred 256 x 256
+  crop at its own resolution (textures reported apart from photographs), under three seeded hole
+  families (``scenarios.MASK_FAMILIES``: a centred square of 25%, random blobs of 12-22%, thin
+  strokes of 5%). Methods: ``psal.apps.inpaint`` and the peers of :mod:`psal.bench.peers` that
+  import here (default: PyPatchMatch, Resynthesizer with GIMP's heal-selection settings, OpenCV's
+  FSR and Telea). Metrics: hole PSNR and SSIM; patch-SWD (the sliced Wasserstein distance between
+  the 7 x 7 patches around the hole pixels of the fill and of the truth, x 100, 256 fixed
+  directions: realism, which PSNR does not see, since it rewards blur); gradient ratio (mean
+  luminance gradient in the hole over the known region's, over the truth's same ratio: 1 is
+  right, smooth fills score 0.2-0.6); the largest change of a known pixel; seconds. Then psal
+  against each peer, paired over the cases: the share won and the mean difference with its
+  bootstrap 95% interval.
+- colorize: for every colour photograph, two side-by-side squares at its own resolution
+  (``scenarios.colour_halves``, no pixel in common): the left one is the reference, the right one
+  the truth, whose gray is the target. Methods: ``psal.apps.colorize``; the reference's mean
+  colour (``global_transfer``); Welsh et al. 2002; Welsh followed by Levin et al. 2004's
+  propagation (:mod:`psal.bench.colour_baselines`). Metrics: chroma PSNR (Lab a and b, range
+  256), mean CIEDE2000, colourfulness (Hasler and Suesstrunk) over the truth's.
 - upscale x2, x3, x4: the image at S x S (cropped to a multiple of the factor) is the truth, its
   bicubic downsampling the input. Methods: ``psal.apps.upscale``, bicubic, back-projection alone.
   Metric: PSNR of the luminance Y (BT.601), ``scale`` pixels cropped at the borders.
 
 Every method sees the same inputs; times are single calls after one warm-up call (numba loads its
-kernels). The gallery rows are input | psal | best baseline | truth.
+kernels). The gallery rows are input | psal | best peer (the lowest patch-SWD of the case for
+inpainting, the best chroma PSNR for colorization) | truth.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from psal import images
 from psal.apps import scenarios
-from psal.apps.inpaint_net import PRETRAINED_PATH
-from psal.apps.metrics import chroma_psnr, gradient_ratio, hole_psnr, y_psnr
-from psal.bench import common
-
-
-def _pypatchmatch(img, hole):
-    from patchmatch import patch_match
-
-    patch_match.set_random_seed(0)
-    arr = (img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    out = patch_match.inpaint(arr, mask=hole[0, 0].numpy().astype(np.uint8) * 255, patch_size=3)
-    return torch.from_numpy(out).permute(2, 0, 1)[None].float() / 255
-
-
-def _trained(model):
-    from psal.apps.inpaint_net import inpaint_with_model
-
-    def run(img, hole):
-        return inpaint_with_model(img, hole, model, seed=0)
-
-    return run
-
-
-def _biharmonic(img, hole):
-    from skimage.restoration import inpaint_biharmonic
-
-    arr = img[0].permute(1, 2, 0).numpy().astype(np.float64)
-    out = inpaint_biharmonic(arr, hole[0, 0].numpy(), channel_axis=-1)
-    return torch.from_numpy(out).permute(2, 0, 1)[None].float().clamp(0, 1)
+from psal.apps.metrics import (
+    chroma_psnr,
+    colourfulness,
+    gradient_ratio,
+    hole_psnr,
+    hole_ssim,
+    mean_delta_e,
+    patch_swd,
+    y_psnr,
+)
+from psal.bench import common, peers
 
 
 def _timed(fn):
@@ -72,63 +61,151 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
-def _has_pypatchmatch() -> bool:
-    try:
-        from patchmatch import patch_match  # noqa: F401
-    except Exception:  # its import may fail for reasons of its own (a missing shared library)
-        return False
-    return True
+def _mean(values) -> float:
+    return statistics.mean(values) if values else float("nan")
 
 
-def run_inpaint(args, gallery):
+# What each inpainting metric is, how it prints, and which way is better.
+_INPAINT_METRICS = {
+    "psnr": ("hole PSNR dB", "{:.2f}", False),
+    "ssim": ("hole SSIM", "{:.3f}", False),
+    "swd": ("patch-SWD x100", "{:.2f}", True),
+    "gradient": ("gradient ratio", "{:.2f}", None),
+    "known": ("known max change", "{:.3f}", None),
+    "seconds": ("s", "{:.2f}", None),
+}
+
+
+def _inpaint_methods(names, seed):
     from psal.apps.inpaint import inpaint
 
-    methods = {"psal": lambda gt, hole: inpaint(gt, hole, generator=torch.Generator().manual_seed(args.seed))}
-    if os.path.isfile(PRETRAINED_PATH):
-        from psal.apps.inpaint_net import load_pretrained
+    methods = {}
+    for name in names:
+        if name == "psal":
+            methods[name] = lambda gt, hole: inpaint(gt, hole, generator=torch.Generator().manual_seed(seed))
+        elif not peers.available(name):
+            print(f"  ({name} does not import here: pip install 'psal[bench]'; its column is left out)", file=sys.stderr)
+        else:
+            methods[name] = peers.INPAINT[name][0]
+    return methods
 
-        methods["psal trained"] = _trained(load_pretrained())
-    if _has_pypatchmatch():
-        methods["pypatchmatch"] = _pypatchmatch
-    else:
-        print("  (pypatchmatch is not installed: pip install pypatchmatch; its column is left out)", file=sys.stderr)
-    methods["biharmonic"] = _biharmonic
-    rows, per = [], {m: [] for m in methods}
-    for name in args.images or scenarios.INPAINT_PICTURES:
-        gt, hole = scenarios.inpaint_case(name, args.size)
-        truth_ratio = gradient_ratio(gt, hole)
+
+def _eval_cases(args):
+    """``(group, picture, family, truth, hole)`` of the evaluation: crops under the hole families."""
+    for group, names in (("photos", args.photos), ("textures", args.textures)):
+        for name in names:
+            truth = scenarios.crop(name, args.side)
+            for family in args.families:
+                yield group, name, family, truth, scenarios.eval_hole(family, name, truth.shape[-1])
+
+
+def _resized_cases(args):
+    """The earlier suite (issue 6, and issue 15's quality bar): whole pictures shrunk to 256 x 256,
+    one hole of rectangles and ellipses each (``scenarios.inpaint_case``)."""
+    for name in scenarios.INPAINT_PICTURES:
+        yield "resized", name, "rectangles+ellipses", *scenarios.inpaint_case(name, 256)
+
+
+def run_inpaint(args, gallery, cases=None):
+    methods = _inpaint_methods(["psal", *args.peers], args.seed)
+    records, shown, pictures = [], set(), set()
+    for group, name, family, truth, hole in cases if cases is not None else _eval_cases(args):
+        truth_ratio = gradient_ratio(truth, hole)
         outs = {}
-        for m, fn in methods.items():
-            out, sec = _timed(lambda fn=fn: fn(gt, hole))
-            outs[m] = out
-            known = float((out - gt).abs()[~hole.expand_as(gt)].max())
-            res = (hole_psnr(out, gt, hole), gradient_ratio(out, hole) / truth_ratio, known, sec)
-            per[m].append(res)
-            rows.append([name, f"{100 * float(hole.float().mean()):.1f}", m, f"{res[0]:.2f}", f"{res[1]:.2f}", f"{res[2]:.3f}", f"{res[3]:.2f}"])
-        other = outs.get("pypatchmatch", outs["biharmonic"])
-        gallery.append(("inpaint " + name, [scenarios.inpaint_shown(gt, hole), outs["psal"], other, gt]))
-    for m, res in per.items():
-        rows.append(["mean", "", m, *(f"{statistics.mean(r[i] for r in res):.2f}" for i in range(2)), f"{max(r[2] for r in res):.3f}", f"{statistics.mean(r[3] for r in res):.2f}"])
-    print(common.markdown_table(["image", "hole %", "method", "hole PSNR dB", "gradient ratio", "known max change", "s"], rows))
-    return {m: [list(r) for r in res] for m, res in per.items()}
+        for method, fn in methods.items():
+            out, sec = _timed(lambda fn=fn: fn(truth, hole))
+            outs[method] = out
+            known = float((out - truth).abs()[~hole.expand_as(truth)].max())
+            records.append({
+                "group": group, "picture": name, "family": family, "hole": float(hole.float().mean()), "method": method,
+                "psnr": hole_psnr(out, truth, hole), "ssim": hole_ssim(out, truth, hole), "swd": patch_swd(out, truth, hole),
+                "gradient": gradient_ratio(out, hole) / truth_ratio, "known": known, "seconds": sec,
+            })  # fmt: skip
+        case = records[-len(methods) :]
+        print(f"  {group} {name} {family}: patch-SWD " + ", ".join(f"{r['method']} {r['swd']:.2f}" for r in case), file=sys.stderr)
+        if (group, family) not in shown and name not in pictures and len(methods) > 1:
+            shown.add((group, family))  # one picture per group and family, each picture once
+            pictures.add(name)
+            best = min((r for r in case if r["method"] != "psal"), key=lambda r: r["swd"])["method"]
+            gallery.append((f"inpaint {name} {family} (psal | {best})", [scenarios.inpaint_shown(truth, hole), outs["psal"], outs[best], truth]))
+    _inpaint_tables(records, list(methods), list(dict.fromkeys(r["family"] for r in records)))
+    return records
+
+
+def _inpaint_tables(records, methods, families):
+    keys = list(_INPAINT_METRICS)
+    header = ["pictures", "holes", "method", *(_INPAINT_METRICS[k][0] for k in keys)]
+    rows = []
+    groups = list(dict.fromkeys(r["group"] for r in records))
+    for group in groups:
+        for family in [*families, "all"]:
+            for method in methods:
+                sel = [r for r in records if r["group"] == group and r["method"] == method and family in ("all", r["family"])]
+                if not sel:
+                    continue
+                agg = {k: (max if k == "known" else _mean)([r[k] for r in sel]) for k in keys}
+                rows.append([f"{group} ({len({r['picture'] for r in sel})})", family, method, *(_INPAINT_METRICS[k][1].format(agg[k]) for k in keys)])
+    print(common.markdown_table(header, rows))
+    print("\npsal against each peer, paired over the cases (wins: share of cases psal is better; difference: psal - peer, mean and bootstrap 95% interval)\n")
+    rows = []
+    for group in groups:
+        for peer in methods[1:]:
+            for metric in ("swd", "psnr"):
+                label, fmt, lower = _INPAINT_METRICS[metric]
+                ours = [r for r in records if r["group"] == group and r["method"] == "psal"]
+                theirs = [r for r in records if r["group"] == group and r["method"] == peer]
+                if not ours:
+                    continue
+                res = common.paired([r[metric] for r in ours], [r[metric] for r in theirs], lower)
+                lo, hi = res["ci95"]
+                rows.append([group, peer, label, f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])
+    print(common.markdown_table(["pictures", "peer", "metric", "cases", "psal wins", "difference"], rows))
+
+
+def _colour_methods(seed):
+    from psal.apps.colorize import colorize
+    from psal.bench import colour_baselines
+
+    return {
+        "psal": lambda gray, ref: colorize(gray, ref, generator=torch.Generator().manual_seed(seed)),
+        "mean colour": colour_baselines.mean_colour,
+        "welsh": colour_baselines.welsh,
+        "welsh+levin": colour_baselines.welsh_levin,
+    }
 
 
 def run_colorize(args, gallery):
-    from psal.apps.colorize import colorize, global_transfer
-
-    rows, per = [], {"psal": [], "global transfer": []}
-    for name in scenarios.COLOUR_PICTURES:
-        gray, reference, truth = scenarios.colorize_case(name, args.size)
-        ours, sec = _timed(lambda: colorize(gray, reference, generator=torch.Generator().manual_seed(args.seed)))
-        base, bsec = _timed(lambda: global_transfer(gray, reference))
-        for m, out, t in (("psal", ours, sec), ("global transfer", base, bsec)):
-            per[m].append((chroma_psnr(out, truth), t))
-            rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])
-        gallery.append(("colorize " + name, [gray, ours, base, truth]))
-    for m, res in per.items():
-        rows.append(["mean", m, f"{statistics.mean(r[0] for r in res):.2f}", f"{statistics.mean(r[1] for r in res):.2f}"])
-    print(common.markdown_table(["image", "method", "chroma PSNR dB", "s"], rows))
-    return per
+    methods = _colour_methods(args.seed)
+    records, rows = [], []
+    for i, name in enumerate(args.colour):
+        reference, truth = scenarios.colour_halves(name, args.side)
+        gray = images.grayscale(truth)
+        truth_colour = colourfulness(truth)
+        outs = {}
+        for method, fn in methods.items():
+            out, sec = _timed(lambda fn=fn: fn(gray, reference))
+            outs[method] = out
+            rec = {"picture": name, "method": method, "chroma_psnr": chroma_psnr(out, truth), "delta_e": mean_delta_e(out, truth),
+                   "colourfulness": colourfulness(out) / max(truth_colour, 1e-9), "seconds": sec}  # fmt: skip
+            records.append(rec)
+            rows.append([name, method, f"{rec['chroma_psnr']:.2f}", f"{rec['delta_e']:.2f}", f"{rec['colourfulness']:.2f}", f"{sec:.2f}"])
+        if i < 3:
+            case = records[-len(methods):]
+            best = max((r for r in case if r["method"] != "psal"), key=lambda r: r["chroma_psnr"])["method"]
+            gallery.append((f"colorize {name} (psal | {best})", [gray, outs["psal"], outs[best], truth]))
+    for method in methods:
+        sel = [r for r in records if r["method"] == method]
+        rows.append(["mean", method, *(f"{_mean([r[k] for r in sel]):.2f}" for k in ("chroma_psnr", "delta_e", "colourfulness", "seconds"))])
+    print(common.markdown_table(["picture", "method", "chroma PSNR dB", "mean CIEDE2000", "colourfulness / truth", "s"], rows))
+    rows = []
+    for peer in list(methods)[1:]:
+        for metric, label, lower in (("chroma_psnr", "chroma PSNR dB", False), ("delta_e", "mean CIEDE2000", True)):
+            res = common.paired([r[metric] for r in records if r["method"] == "psal"], [r[metric] for r in records if r["method"] == peer], lower)
+            lo, hi = res["ci95"]
+            rows.append([peer, label, f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])
+    print("\npsal against each baseline, paired over the pictures\n")
+    print(common.markdown_table(["baseline", "metric", "pictures", "psal wins", "difference"], rows))
+    return records
 
 
 def run_upscale(args, gallery):
@@ -145,7 +222,7 @@ def run_upscale(args, gallery):
             for m, out, t in (("psal", ours, sec), ("bicubic", bicubic, bsec), ("back-projection", bp, psec)):
                 per[m].append((y_psnr(out, truth, scale), t))
                 rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])
-            if scale == args.scales[0]:
+            if scale == args.scales[0] and sum(g[0].startswith("upscale") for g in gallery) < 2:
                 gallery.append((f"upscale x{scale} " + name, [bicubic, ours, bp, truth]))
         for m, res in per.items():
             rows.append(["mean", m, f"{statistics.mean(r[0] for r in res):.2f}", f"{statistics.mean(r[1] for r in res):.2f}"])
@@ -157,17 +234,22 @@ def run_upscale(args, gallery):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench apps", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--images", nargs="*", help=f"inpainting images (default: {', '.join(scenarios.INPAINT_PICTURES)})")
-    ap.add_argument("--tasks", nargs="+", default=["inpaint", "colorize", "upscale"], choices=["inpaint", "colorize", "upscale"])
+    ap.add_argument("--tasks", nargs="+", default=["inpaint", "colorize", "upscale"], choices=["inpaint", "inpaint-resized", "colorize", "upscale"],
+                    help="inpaint-resized: the earlier suite of whole pictures shrunk to 256 x 256 (issue 15's quality bar)")  # fmt: skip
+    ap.add_argument("--photos", nargs="*", default=list(scenarios.EVAL_PHOTOS), help="inpainting photographs (crops at their own resolution)")
+    ap.add_argument("--textures", nargs="*", default=list(scenarios.EVAL_TEXTURES), help="inpainting textures, reported apart")
+    ap.add_argument("--families", nargs="+", default=list(scenarios.MASK_FAMILIES), choices=scenarios.MASK_FAMILIES, help="hole families")
+    ap.add_argument("--peers", nargs="*", default=list(peers.DEFAULT_INPAINT), choices=list(peers.INPAINT), help="inpainting peers")
+    ap.add_argument("--colour", nargs="*", default=list(scenarios.EVAL_COLOUR), help="colorization photographs (reference | target halves)")
+    ap.add_argument("--side", type=int, default=scenarios.EVAL_SIDE, help="side of the inpainting crops and colour halves")
+    ap.add_argument("--size", type=int, default=256, help="side of the upscaling truths (whole pictures resized)")
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--gallery", help="write the gallery PNG here (input | psal | baseline | truth per row)")
+    ap.add_argument("--gallery", help="write the gallery PNG here (input | psal | best peer | truth per row)")
     ap.add_argument("--gallery-height", type=int, default=128, help="pixels per gallery row")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    from psal import images
     from psal.apps.inpaint import inpaint
 
     print(common.environment())
@@ -178,8 +260,12 @@ def main(argv=None) -> int:
 
     gallery, results = [], {}
     for task in args.tasks:
-        print(f"\n{task}, {args.size}x{args.size}\n", flush=True)
-        results[task] = {"inpaint": run_inpaint, "colorize": run_colorize, "upscale": run_upscale}[task](args, gallery)
+        size = {"upscale": args.size, "inpaint-resized": 256}.get(task, args.side)
+        print(f"\n{task}, {size}x{size}\n", flush=True)
+        if task == "inpaint-resized":
+            results[task] = run_inpaint(args, [], _resized_cases(args))
+        else:
+            results[task] = {"inpaint": run_inpaint, "colorize": run_colorize, "upscale": run_upscale}[task](args, gallery)
     if args.gallery:
         rows = [images.side_by_side(pics, height=args.gallery_height) for _, pics in gallery]
         width = max(r.shape[-1] for r in rows)

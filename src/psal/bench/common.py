@@ -180,3 +180,19 @@ def parse_suite(ap, argv, worker, default_methods: dict):
     if args.methods is None:
         args.methods = list(default_methods["cuda" if args.device.startswith("cuda") else "cpu"])
     return args
+
+
+def paired(ours, theirs, lower_is_better: bool, resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired comparison of two methods' scores on the same cases: the share of cases ours wins
+    (a tie counts half), the mean difference ``ours - theirs`` and its bootstrap 95% interval
+    (the percentile interval of the mean over ``resamples`` resamplings of the cases, seeded)."""
+    import numpy as np
+
+    d = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"paired: ours and theirs must be two equal, non-empty lists of scores, got {len(ours)} and {len(theirs)}")
+    better = d < 0 if lower_is_better else d > 0
+    wins = float((better.sum() + 0.5 * (d == 0).sum()) / d.size)
+    means = d[np.random.default_rng(seed).integers(0, d.size, (resamples, d.size))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"wins": wins, "mean_difference": float(d.mean()), "ci95": [float(lo), float(hi)], "cases": int(d.size)}
