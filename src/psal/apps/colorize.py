@@ -3,10 +3,12 @@ patch matching on luminance features (after Welsh et al. 2002, with PSAL as the 
 
 Scheme. Both images go to CIE Lab. The reference's luminance is remapped to the target's mean and
 spread (so that a darker reference still matches), then each image is described per pixel by its
-luminance, local mean and local standard deviation (3 x 3 and 7 x 7 windows). PSAL finds, for every
-target patch, its k nearest reference patches on those features, and attends over the reference's
-chroma (a, b) with ``"patch"`` aggregation, so neighbouring pixels agree. The target keeps its own
-luminance exactly; only a and b come from the reference.
+luminance, local mean and local standard deviation (3 x 3, 7 x 7 and 15 x 15 windows). PSAL finds,
+for every target patch, its k nearest reference patches on those features, and attends over the reference's
+chroma (a, b) with ``"patch"`` aggregation, so neighbouring pixels agree; a guided filter (He et
+al. 2010) with the target's luminance as the guide then smooths that chroma along the luminance,
+so that one surface gets one colour. The target keeps its own luminance exactly; only a and b
+come from the reference.
 
 Large targets. Above ``work_pixels`` the chroma is computed at a working size of about that
 many pixels (the target's luminance and the reference both shrunk by the same factor, so that their
@@ -28,8 +30,16 @@ import torch.nn.functional as F
 import psal
 
 _WHITE = (0.95047, 1.0, 1.08883)  # D65
-# The guided filter's ridge when chroma computed at a working size is brought up (L units squared).
+# The guided filter's ridge (L units squared), for the smoothing of the matched chroma and for
+# bringing chroma computed at a working size up.
 _GUIDE_EPS = 25.0
+# The matched chroma is smoothed along the luminance by a guided filter of this radius: measured
+# on the 10 colour photographs of `python -m psal.bench apps` (both halves as reference in turn),
+# +0.6 to +0.8 dB chroma PSNR, the colourfulness 0.98 and 0.81 of the truth's (radius 8: +0.7 to
+# +1.0 dB but 0.94 and 0.77).
+_SMOOTH_RADIUS = 4
+# Windows of the local statistics that patches are compared on (15 added: +0.1 dB, same measure).
+_WINDOWS = (3, 7, 15)
 _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375), (0.2126729, 0.7151522, 0.0721750), (0.0193339, 0.1191920, 0.9503041))
 
 
@@ -74,9 +84,10 @@ def _luminance(image: torch.Tensor) -> torch.Tensor:
 
 
 def _features(L: torch.Tensor) -> torch.Tensor:
-    """Per pixel: luminance, and local mean and standard deviation over 3 x 3 and 7 x 7 windows."""
+    """Per pixel: luminance, and local mean and standard deviation over 3 x 3, 7 x 7 and 15 x 15
+    windows (the widest sees the context a patch sits in: sky or flag, water or roof)."""
     out = [L]
-    for size in (3, 7):
+    for size in _WINDOWS:
         pad = F.pad(L, (size // 2,) * 4, mode="replicate")
         mean = F.avg_pool2d(pad, size, stride=1)
         var = F.avg_pool2d(pad.square(), size, stride=1) - mean.square()
@@ -187,6 +198,10 @@ def _colorize_lab(L, reference, patch_size, num_neighbors, num_iters, temperatur
     )  # fmt: skip
     T = float(field.costs[:, :, 0].median().clamp_min(1e-6)) * temperature_scale
     ab = psal.attend(q, k, ref[:, 1:], field.indices, patch_size=patch_size, temperature=T, aggregation="patch")
+    # Matches are chosen pixel by pixel, so neighbours of one surface can take different colours;
+    # the guided filter makes the chroma locally a linear function of the luminance (colour edges
+    # only where the luminance has one), as Levin et al.'s propagation does, in linear time.
+    ab = _guided(ab, L, _SMOOTH_RADIUS, _GUIDE_EPS)
     return torch.cat([L, ab], 1)
 
 

@@ -16,8 +16,8 @@ upscale against simple baselines, in one run.
   against each peer, paired over the cases: the share won and the mean difference with its
   bootstrap 95% interval.
 - colorize: for every colour photograph, two side-by-side squares at its own resolution
-  (``scenarios.colour_halves``, no pixel in common): the left one is the reference, the right one
-  the truth, whose gray is the target. Methods: ``psal.apps.colorize``; the reference's mean
+  (``scenarios.colour_halves``, no pixel in common), each in turn the reference for the other
+  (``L>R``: the left one colours the gray of the right one; ``R>L`` the other way). Methods: ``psal.apps.colorize``; the reference's mean
   colour (``global_transfer``); Welsh et al. 2002; Welsh followed by Levin et al. 2004's
   propagation (:mod:`psal.bench.colour_baselines`). Metrics: chroma PSNR (Lab a and b, range
   256), mean CIEDE2000, colourfulness (Hasler and Suesstrunk) over the truth's.
@@ -178,21 +178,22 @@ def run_colorize(args, gallery):
     methods = _colour_methods(args.seed)
     records, rows = [], []
     for i, name in enumerate(args.colour):
-        reference, truth = scenarios.colour_halves(name, args.side)
-        gray = images.grayscale(truth)
-        truth_colour = colourfulness(truth)
-        outs = {}
-        for method, fn in methods.items():
-            out, sec = _timed(lambda fn=fn: fn(gray, reference))
-            outs[method] = out
-            rec = {"picture": name, "method": method, "chroma_psnr": chroma_psnr(out, truth), "delta_e": mean_delta_e(out, truth),
-                   "colourfulness": colourfulness(out) / max(truth_colour, 1e-9), "seconds": sec}  # fmt: skip
-            records.append(rec)
-            rows.append([name, method, f"{rec['chroma_psnr']:.2f}", f"{rec['delta_e']:.2f}", f"{rec['colourfulness']:.2f}", f"{sec:.2f}"])
-        if i < 3:
-            case = records[-len(methods):]
-            best = max((r for r in case if r["method"] != "psal"), key=lambda r: r["chroma_psnr"])["method"]
-            gallery.append((f"colorize {name} (psal | {best})", [gray, outs["psal"], outs[best], truth]))
+        left, right = scenarios.colour_halves(name, args.side)
+        for direction, reference, truth in (("L>R", left, right), ("R>L", right, left)):
+            gray = images.grayscale(truth)
+            truth_colour = colourfulness(truth)
+            outs = {}
+            for method, fn in methods.items():
+                out, sec = _timed(lambda fn=fn: fn(gray, reference))
+                outs[method] = out
+                rec = {"picture": name, "direction": direction, "method": method, "chroma_psnr": chroma_psnr(out, truth),
+                       "delta_e": mean_delta_e(out, truth), "colourfulness": colourfulness(out) / max(truth_colour, 1e-9), "seconds": sec}  # fmt: skip
+                records.append(rec)
+                rows.append([f"{name} {direction}", method, f"{rec['chroma_psnr']:.2f}", f"{rec['delta_e']:.2f}", f"{rec['colourfulness']:.2f}", f"{sec:.2f}"])
+            if i < 3 and direction == "L>R":
+                case = records[-len(methods) :]
+                best = max((r for r in case if r["method"] != "psal"), key=lambda r: r["chroma_psnr"])["method"]
+                gallery.append((f"colorize {name} (psal | {best})", [gray, outs["psal"], outs[best], truth]))
     for method in methods:
         sel = [r for r in records if r["method"] == method]
         rows.append(["mean", method, *(f"{_mean([r[k] for r in sel]):.2f}" for k in ("chroma_psnr", "delta_e", "colourfulness", "seconds"))])
@@ -203,8 +204,8 @@ def run_colorize(args, gallery):
             res = common.paired([r[metric] for r in records if r["method"] == "psal"], [r[metric] for r in records if r["method"] == peer], lower)
             lo, hi = res["ci95"]
             rows.append([peer, label, f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])
-    print("\npsal against each baseline, paired over the pictures\n")
-    print(common.markdown_table(["baseline", "metric", "pictures", "psal wins", "difference"], rows))
+    print("\npsal against each baseline, paired over the pictures and directions\n")
+    print(common.markdown_table(["baseline", "metric", "cases", "psal wins", "difference"], rows))
     return records
 
 
