@@ -115,9 +115,18 @@ def test_paired_comparison_by_hand():
     assert res["wins"] == 0.625 and res["mean_difference"] == 0.0 and res["cases"] == 4
     lo, hi = res["ci95"]
     assert -1.0 <= lo < 0.0 < hi <= 2.0  # the bootstrap means lie between the smallest and largest difference
-    assert paired([5.0] * 3, [4.0] * 3, lower_is_better=False) == {"wins": 1.0, "mean_difference": 1.0, "ci95": [1.0, 1.0], "cases": 3}
+    assert paired([5.0] * 3, [4.0] * 3, lower_is_better=False) == {"wins": 1.0, "mean_difference": 1.0, "ci95": [1.0, 1.0], "cases": 3, "groups": 3}
+    # grouped: two pictures whose cases agree; a resample is all of one, all of the other, or both
+    grouped = paired([1.0, 1.0, 1.0, 4.0], [0.0] * 4, lower_is_better=True, groups=["a", "a", "a", "b"])
+    assert grouped["groups"] == 2 and grouped["ci95"] == [1.0, 4.0]  # whole groups: 1, 4 or (3 + 4) / 4 = 1.75
+    ungrouped = paired([1.0, 1.0, 1.0, 4.0], [0.0] * 4, lower_is_better=True)
+    assert ungrouped["ci95"][1] < 4.0  # resampling cases alone would rarely draw the 4 four times
     with pytest.raises(ValueError, match="paired"):
         paired([], [], lower_is_better=True)
+    with pytest.raises(ValueError, match="got 1 and 3"):
+        paired([1.0], [1.0, 2.0, 3.0], lower_is_better=True)
+    with pytest.raises(ValueError, match="groups"):
+        paired([1.0, 2.0], [1.0, 2.0], lower_is_better=True, groups=["a"])
 
 
 def test_bench_training_memory_small(tmp_path, capsys):
@@ -161,3 +170,27 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     race = sections["race"]["fields"]
     assert len(race) == 4 and all(r["deterministic_equal"] == 3 for r in race.values())
     assert "skipped" in sections["peer"]
+
+
+@pytest.mark.parametrize("peer", ["pypatchmatch", "resynthesizer", "opencv-fsr-fast", "opencv-telea", "biharmonic"])
+def test_inpainting_peers_fill_the_hole_with_the_pictures_colour(peer):
+    """Each peer wrapper on a picture of two colours, red left and blue right, with a hole inside
+    the red half: the fill must be red (no RGB/BGR swap, the hole is where our mask says), and the
+    known pixels kept (within the 8-bit rounding every peer works in). Skipped where the peer does
+    not import (they are `bench` extras)."""
+    from psal.bench import peers
+
+    if not peers.available(peer):
+        pytest.skip(f"{peer} does not import here")
+    image = torch.zeros(1, 3, 64, 64)
+    image[:, 0, :, :32] = 0.8  # red left
+    image[:, 2, :, 32:] = 0.8  # blue right
+    image[:, 1] = 0.1
+    hole = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    hole[..., 24:40, 8:20] = True
+    out = peers.INPAINT[peer][0](image, hole)
+    assert out.shape == image.shape
+    known = ~hole.expand_as(image)
+    assert float((out - image).abs()[known].max()) <= 1.5 / 255
+    fill = out[..., 24:40, 8:20].mean((2, 3))[0]
+    torch.testing.assert_close(fill, torch.tensor([0.8, 0.1, 0.0]), atol=0.05, rtol=0)

@@ -44,13 +44,14 @@ def test_global_transfer_lays_the_reference_mean_colour_on_a_gray_target():
     """A gray target's a and b have no spread but float rounding: they must take the reference's
     mean, not its spread times the rounding noise (the bug issue 16 found: random colour)."""
     g = gen(3)
-    gray = 0.35 + 0.3 * torch.rand(1, 1, 24, 20, generator=g, dtype=torch.float64)
-    reference = torch.stack([0.3 + 0.4 * torch.rand(24, 20, generator=g, dtype=torch.float64) * s for s in (1.0, 0.6, 0.3)])[None]
+    # float32, where a gray pixel's a and b are rounding noise of about 1e-5 (the bug's case)
+    gray = 0.35 + 0.3 * torch.rand(1, 1, 24, 20, generator=g)
+    reference = torch.stack([0.3 + 0.4 * torch.rand(24, 20, generator=g) * s for s in (1.0, 0.6, 0.3)])[None]
     out = global_transfer(gray, reference)
-    want = lab_from_rgb(reference)[:, 1:].mean((2, 3))
-    got = lab_from_rgb(out)[:, 1:]
-    torch.testing.assert_close(got, want[..., None, None].expand_as(got), atol=1e-6, rtol=0)
-    torch.testing.assert_close(lab_from_rgb(out)[:, 0], lab_from_rgb(gray.expand(1, 3, 24, 20))[:, 0], atol=1e-6, rtol=0)
+    want = lab_from_rgb(reference.double())[:, 1:].mean((2, 3))
+    got = lab_from_rgb(out.double())[:, 1:]
+    torch.testing.assert_close(got, want[..., None, None].expand_as(got), atol=0.02, rtol=0)
+    torch.testing.assert_close(lab_from_rgb(out)[:, 0], lab_from_rgb(gray.expand(1, 3, 24, 20))[:, 0], atol=0.02, rtol=0)
     # a colour target is still moved to the reference's mean and spread
     colour = global_transfer(reference.flip(-1) * 0.8, reference)
     torch.testing.assert_close(lab_from_rgb(colour)[:, 1:].std((2, 3)), lab_from_rgb(reference)[:, 1:].std((2, 3)), atol=1e-3, rtol=0)

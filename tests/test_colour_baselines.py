@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -256,10 +255,7 @@ def test_welsh_levin_at_256_keeps_welsh_colours_at_its_scribbles():
     gray = _smooth(1, 256, 256, 20, 0.2, 0.8)
     gray = gray + 0.03 * torch.rand(gray.shape, generator=gen(21))  # some texture
     reference = _smooth(3, 128, 192, 22, 0.2, 0.8)
-    start = time.perf_counter()
     out = cb.welsh_levin(gray, reference)
-    seconds = time.perf_counter() - start
-    assert seconds < 10, seconds
     assert out.shape == (1, 3, 256, 256) and out.dtype == torch.float32
     assert 0 <= float(out.min()) and float(out.max()) <= 1
     L, ab, err = cb._welsh_lab(gray, reference, 200, 5, 0)
@@ -307,7 +303,8 @@ def test_bad_arguments_raise():
         cb.levin_propagate(gray, torch.zeros(1, 3, 8, 8), torch.ones(8, 8, dtype=torch.bool))
 
 
-def test_import_psal_does_not_import_the_baselines():
-    code = "import sys, psal; print('psal.bench.colour_baselines' in sys.modules)"
+def test_import_psal_does_not_import_the_baselines_or_the_peers():
+    peers = ["psal.bench.colour_baselines", "psal.bench.peers", "scipy", "cv2", "sklearn", "matplotlib", "resynthesizer", "patchmatch"]
+    code = f"import sys, psal, psal.apps.inpaint, psal.apps.colorize; print([m for m in {peers!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "False"
+    assert result.stdout.strip() == "[]"

@@ -73,8 +73,8 @@ def _check_region(name: str, a: torch.Tensor, b: torch.Tensor, region: torch.Ten
         raise ValueError(f"{name}: a must be (1, C, H, W), got {tuple(a.shape)}")
     if a.shape != b.shape:
         raise ValueError(f"{name}: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if region.shape != (1, 1, *a.shape[2:]):
-        raise ValueError(f"{name}: region must be (1, 1, {a.shape[2]}, {a.shape[3]}), got {tuple(region.shape)}")
+    if region.dtype != torch.bool or region.shape != (1, 1, *a.shape[2:]):
+        raise ValueError(f"{name}: region must be a bool (1, 1, {a.shape[2]}, {a.shape[3]}), got {region.dtype} {tuple(region.shape)}")
     if not bool(region.any()):
         raise ValueError(f"{name}: region is empty")
 

@@ -25,8 +25,8 @@ upscale against simple baselines, in one run.
   bicubic downsampling the input. Methods: ``psal.apps.upscale``, bicubic, back-projection alone.
   Metric: PSNR of the luminance Y (BT.601), ``scale`` pixels cropped at the borders.
 
-Every method sees the same inputs; times are single calls after one warm-up call (numba loads its
-kernels). The gallery rows are input | psal | best peer (the lowest patch-SWD of the case for
+Every method sees the same inputs; times are single calls (psal's kernels are loaded by a
+warm-up call first; a peer's first call is timed as it comes). The gallery rows are input | psal | best peer (the lowest patch-SWD of the case for
 inpainting, the best chroma PSNR for colorization) | truth.
 """
 
@@ -146,7 +146,7 @@ def _inpaint_tables(records, methods, families):
                 agg = {k: (max if k == "known" else _mean)([r[k] for r in sel]) for k in keys}
                 rows.append([f"{group} ({len({r['picture'] for r in sel})})", family, method, *(_INPAINT_METRICS[k][1].format(agg[k]) for k in keys)])
     print(common.markdown_table(header, rows))
-    print("\npsal against each peer, paired over the cases (wins: share of cases psal is better; difference: psal - peer, mean and bootstrap 95% interval)\n")
+    print("\npsal against each peer, paired over the cases (wins: share of cases psal is better; difference: psal - peer, mean and 95% interval of a bootstrap over pictures)\n")
     rows = []
     for group in groups:
         for peer in methods[1:]:
@@ -156,7 +156,7 @@ def _inpaint_tables(records, methods, families):
                 theirs = [r for r in records if r["group"] == group and r["method"] == peer]
                 if not ours:
                     continue
-                res = common.paired([r[metric] for r in ours], [r[metric] for r in theirs], lower)
+                res = common.paired([r[metric] for r in ours], [r[metric] for r in theirs], lower, groups=[r["picture"] for r in ours])
                 lo, hi = res["ci95"]
                 rows.append([group, peer, label, f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])
     print(common.markdown_table(["pictures", "peer", "metric", "cases", "psal wins", "difference"], rows))
@@ -201,7 +201,9 @@ def run_colorize(args, gallery):
     rows = []
     for peer in list(methods)[1:]:
         for metric, label, lower in (("chroma_psnr", "chroma PSNR dB", False), ("delta_e", "mean CIEDE2000", True)):
-            res = common.paired([r[metric] for r in records if r["method"] == "psal"], [r[metric] for r in records if r["method"] == peer], lower)
+            ours = [r for r in records if r["method"] == "psal"]
+            theirs = [r[metric] for r in records if r["method"] == peer]
+            res = common.paired([r[metric] for r in ours], theirs, lower, groups=[r["picture"] for r in ours])
             lo, hi = res["ci95"]
             rows.append([peer, label, f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])
     print("\npsal against each baseline, paired over the pictures and directions\n")

@@ -182,17 +182,24 @@ def parse_suite(ap, argv, worker, default_methods: dict):
     return args
 
 
-def paired(ours, theirs, lower_is_better: bool, resamples: int = 2000, seed: int = 0) -> dict:
+def paired(ours, theirs, lower_is_better: bool, groups=None, resamples: int = 2000, seed: int = 0) -> dict:
     """Paired comparison of two methods' scores on the same cases: the share of cases ours wins
-    (a tie counts half), the mean difference ``ours - theirs`` and its bootstrap 95% interval
-    (the percentile interval of the mean over ``resamples`` resamplings of the cases, seeded)."""
+    (a tie counts half), the mean difference ``ours - theirs`` and its bootstrap 95% interval (the
+    percentile interval of the mean over ``resamples`` seeded resamplings). ``groups``: one label
+    per case (its picture); the bootstrap then resamples whole groups, since the cases of one
+    picture are not independent of each other, and the interval is wider and honest."""
     import numpy as np
 
-    d = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
-    if d.ndim != 1 or d.size == 0:
+    if len(ours) != len(theirs) or len(ours) == 0:
         raise ValueError(f"paired: ours and theirs must be two equal, non-empty lists of scores, got {len(ours)} and {len(theirs)}")
+    if groups is not None and len(groups) != len(ours):
+        raise ValueError(f"paired: groups must give one label per case, got {len(groups)} for {len(ours)} cases")
+    d = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
     better = d < 0 if lower_is_better else d > 0
     wins = float((better.sum() + 0.5 * (d == 0).sum()) / d.size)
-    means = d[np.random.default_rng(seed).integers(0, d.size, (resamples, d.size))].mean(1)
+    labels = np.arange(d.size) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    sums, counts = np.bincount(labels, weights=d), np.bincount(labels).astype(np.float64)
+    pick = np.random.default_rng(seed).integers(0, sums.size, (resamples, sums.size))
+    means = sums[pick].sum(1) / counts[pick].sum(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"wins": wins, "mean_difference": float(d.mean()), "ci95": [float(lo), float(hi)], "cases": int(d.size)}
+    return {"wins": wins, "mean_difference": float(d.mean()), "ci95": [float(lo), float(hi)], "cases": int(d.size), "groups": int(sums.size)}
