@@ -50,13 +50,15 @@ MASK_FAMILIES = ("square", "blobs", "strokes")
 EVAL_SIDE = 256
 
 
-def crop(name: str, side: int = EVAL_SIDE) -> torch.Tensor:
+def crop(name: str, side: int = EVAL_SIDE, held_out: bool = False) -> torch.Tensor:
     """``(1, 3, s, s)``: the centred ``side x side`` crop of the picture at its own resolution
-    (``s`` is smaller only for a picture smaller than ``side``)."""
+    (``s`` is smaller only for a picture smaller than ``side``); ``held_out``: the top-left one
+    instead, for tuning away from the evaluation's cases (it overlaps the centred crop on
+    pictures under twice ``side``)."""
     im = images.load_bundled(name)
     H, W = im.shape[-2:]
     s = min(side, H, W)
-    top, left = (H - s) // 2, (W - s) // 2
+    top, left = (0, 0) if held_out else ((H - s) // 2, (W - s) // 2)
     return im[..., top : top + s, left : left + s]
 
 
@@ -75,12 +77,15 @@ def _seed(*parts: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate("/".join(parts)))
 
 
-def square_hole(size: int) -> torch.Tensor:
-    """``(1, 1, S, S)`` bool: a centred square of a quarter of the area."""
+def square_hole(size: int, seed: int | None = None) -> torch.Tensor:
+    """``(1, 1, S, S)`` bool: a square of a quarter of the area, centred (``seed=None``) or at a
+    seeded place at least an eighth of the side from the borders."""
     side = round(size / 2)
-    top = (size - side) // 2
+    top = left = (size - side) // 2
+    if seed is not None:
+        top, left = (int(v) for v in np.random.default_rng(seed).integers(size // 8, size - side - size // 8 + 1, 2))
     hole = torch.zeros(1, 1, size, size, dtype=torch.bool)
-    hole[..., top : top + side, top : top + side] = True
+    hole[..., top : top + side, left : left + side] = True
     return hole
 
 
@@ -127,14 +132,16 @@ def stroke_hole(size: int, seed: int, cover: float = 0.05) -> torch.Tensor:
     return torch.from_numpy(m)[None, None]
 
 
-def eval_hole(family: str, name: str, size: int) -> torch.Tensor:
-    """The hole of ``family`` (one of :data:`MASK_FAMILIES`) for picture ``name``, seeded by both."""
+def eval_hole(family: str, name: str, size: int, held_out: bool = False) -> torch.Tensor:
+    """The hole of ``family`` (one of :data:`MASK_FAMILIES`) for picture ``name``, seeded by both
+    (``held_out``: other seeds, and the square at a seeded place)."""
+    seed = _seed(family, name, "held-out") if held_out else _seed(family, name)
     if family == "square":
-        return square_hole(size)
+        return square_hole(size, seed if held_out else None)
     if family == "blobs":
-        return blob_hole(size, _seed(family, name))
+        return blob_hole(size, seed)
     if family == "strokes":
-        return stroke_hole(size, _seed(family, name))
+        return stroke_hole(size, seed)
     raise ValueError(f"eval_hole: family must be one of {', '.join(MASK_FAMILIES)}, got {family!r}")
 
 

@@ -6,7 +6,9 @@ upscale against simple baselines, in one run.
 - inpaint: every picture of ``scenarios.EVAL_PHOTOS`` and ``EVAL_TEXTURES`` as its centred 256 x 256
   crop at its own resolution (textures reported apart from photographs), under three seeded hole
   families (``scenarios.MASK_FAMILIES``: a centred square of 25%, random blobs of 12-22%, thin
-  strokes of 5%). Methods: ``psal.apps.inpaint`` and the peers of :mod:`psal.bench.peers` that
+  strokes of 5%); ``--held-out`` gives other cases of the same kinds (top-left crops, other seeds,
+  the square elsewhere) to tune a method on, so that the reported cases stay unseen. Methods:
+  ``psal.apps.inpaint`` and the peers of :mod:`psal.bench.peers` that
   import here (default: PyPatchMatch, Resynthesizer with GIMP's heal-selection settings, OpenCV's
   FSR and Telea). Metrics: hole PSNR and SSIM; patch-SWD (the sliced Wasserstein distance between
   the 7 x 7 patches around the hole pixels of the fill and of the truth, x 100, 256 fixed
@@ -94,9 +96,9 @@ def _eval_cases(args):
     """``(group, picture, family, truth, hole)`` of the evaluation: crops under the hole families."""
     for group, names in (("photos", args.photos), ("textures", args.textures)):
         for name in names:
-            truth = scenarios.crop(name, args.side)
+            truth = scenarios.crop(name, args.side, args.held_out)
             for family in args.families:
-                yield group, name, family, truth, scenarios.eval_hole(family, name, truth.shape[-1])
+                yield group, name, family, truth, scenarios.eval_hole(family, name, truth.shape[-1], args.held_out)
 
 
 def _resized_cases(args):
@@ -245,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peers", nargs="*", default=list(peers.DEFAULT_INPAINT), choices=list(peers.INPAINT), help="inpainting peers")
     ap.add_argument("--colour", nargs="*", default=list(scenarios.EVAL_COLOUR), help="colorization photographs (reference | target halves)")
     ap.add_argument("--side", type=int, default=scenarios.EVAL_SIDE, help="side of the inpainting crops and colour halves")
+    ap.add_argument("--held-out", action="store_true",
+                    help="inpaint on the held-out cases (top-left crops, other hole seeds): tune there, report the default ones")  # fmt: skip
     ap.add_argument("--size", type=int, default=256, help="side of the upscaling truths (whole pictures resized)")
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
     ap.add_argument("--seed", type=int, default=0)
