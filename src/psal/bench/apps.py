@@ -134,6 +134,12 @@ def run_inpaint(args, gallery, cases=None):
     return records
 
 
+def _paired_cells(res) -> list[str]:
+    """The cases, wins and difference cells of one :func:`common.paired` result."""
+    lo, hi = res["ci95"]
+    return [f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"]
+
+
 def _inpaint_tables(records, methods, families):
     keys = list(_INPAINT_METRICS)
     header = ["pictures", "holes", "method", *(_INPAINT_METRICS[k][0] for k in keys)]
@@ -151,16 +157,15 @@ def _inpaint_tables(records, methods, families):
     print("\npsal against each peer, paired over the cases (wins: share of cases psal is better; difference: psal - peer, mean and 95% interval of a bootstrap over pictures)\n")
     rows = []
     for group in groups:
+        ours = [r for r in records if r["group"] == group and r["method"] == "psal"]
+        if not ours:
+            continue
         for peer in methods[1:]:
+            theirs = [r for r in records if r["group"] == group and r["method"] == peer]
             for metric in ("swd", "psnr"):
-                label, fmt, lower = _INPAINT_METRICS[metric]
-                ours = [r for r in records if r["group"] == group and r["method"] == "psal"]
-                theirs = [r for r in records if r["group"] == group and r["method"] == peer]
-                if not ours:
-                    continue
+                label, _, lower = _INPAINT_METRICS[metric]
                 res = common.paired([r[metric] for r in ours], [r[metric] for r in theirs], lower, groups=[r["picture"] for r in ours])
-                lo, hi = res["ci95"]
-                rows.append([group, peer, label, f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])
+                rows.append([group, peer, label, *_paired_cells(res)])
     print(common.markdown_table(["pictures", "peer", "metric", "cases", "psal wins", "difference"], rows))
 
 
@@ -201,13 +206,12 @@ def run_colorize(args, gallery):
         rows.append(["mean", method, *(f"{_mean([r[k] for r in sel]):.2f}" for k in ("chroma_psnr", "delta_e", "colourfulness", "seconds"))])
     print(common.markdown_table(["picture", "method", "chroma PSNR dB", "mean CIEDE2000", "colourfulness / truth", "s"], rows))
     rows = []
+    ours = [r for r in records if r["method"] == "psal"]
     for peer in list(methods)[1:]:
+        theirs = [r for r in records if r["method"] == peer]
         for metric, label, lower in (("chroma_psnr", "chroma PSNR dB", False), ("delta_e", "mean CIEDE2000", True)):
-            ours = [r for r in records if r["method"] == "psal"]
-            theirs = [r[metric] for r in records if r["method"] == peer]
-            res = common.paired([r[metric] for r in ours], theirs, lower, groups=[r["picture"] for r in ours])
-            lo, hi = res["ci95"]
-            rows.append([peer, label, f"{res['cases']}", f"{100 * res['wins']:.0f}%", f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])
+            res = common.paired([r[metric] for r in ours], [r[metric] for r in theirs], lower, groups=[r["picture"] for r in ours])
+            rows.append([peer, label, *_paired_cells(res)])
     print("\npsal against each baseline, paired over the pictures and directions\n")
     print(common.markdown_table(["baseline", "metric", "cases", "psal wins", "difference"], rows))
     return records

@@ -30,6 +30,7 @@ import scipy.sparse.linalg
 import torch
 import torch.nn.functional as F
 
+from psal import _checks as checks
 from psal.apps.colorize import global_transfer, lab_from_rgb, rgb_from_lab
 
 __all__ = ["mean_colour", "welsh", "levin_propagate", "welsh_levin"]
@@ -167,8 +168,7 @@ def welsh(gray: torch.Tensor, reference: torch.Tensor, samples: int = 200, windo
     _check_gray(gray, "welsh")
     _check_reference(reference, "welsh")
     _check_window(window, "welsh")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"welsh: samples must be a positive int, got {samples!r}")
+    checks.check_int("welsh", "samples", samples, 1)
     L, ab, _ = _welsh_lab(gray, reference, samples, window, seed)
     return _compose(L, ab, _out_dtype(gray))
 
@@ -318,14 +318,9 @@ def welsh_levin(
     _check_window(window, "welsh_levin")
     _check_window(levin_window, "welsh_levin")
     _check_var_scale(var_scale, "welsh_levin")
-    if isinstance(grid, bool) or not isinstance(grid, int) or grid < 1:
-        raise ValueError(f"welsh_levin: grid must be a positive int, got {grid!r}")
+    checks.check_int("welsh_levin", "grid", grid, 1)
+    checks.check_int("welsh_levin", "samples", samples, 1)
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"welsh_levin: keep must be in [0, 1], got {keep!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"welsh_levin: samples must be a positive int, got {samples!r}")
-    L, ab, err = _welsh_lab(gray, reference, samples, window, seed)
-    mask = _confident(err, grid, keep).cpu().numpy()
-    Y = gray[0, 0].detach().double().cpu().numpy()
-    ab = _levin_ab(Y, ab[0].cpu().numpy(), mask, levin_window, var_scale)
-    return _compose(L, torch.from_numpy(ab)[None].to(L.device), _out_dtype(gray))
+    _, ab, err = _welsh_lab(gray, reference, samples, window, seed)
+    return levin_propagate(gray, ab, _confident(err, grid, keep), levin_window, var_scale)

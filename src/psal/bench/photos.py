@@ -29,16 +29,15 @@ output); time and peak memory, one process each.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 
-from psal.bench import common
+from psal.bench import common, peers
 
 PICTURES = ("astronaut", "hubble_deep_field", "retina")
 METHODS = ("psal", "psal-dense", "pypatchmatch")
 
 _CHILD = r"""
-import json, resource, sys, time, numpy as np, torch
+import json, resource, sys, time, torch
 from psal.bench.photos import picture, make_hole
 spec, longest, kind, method = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 img = picture(spec, longest)
@@ -50,11 +49,8 @@ if method.startswith("psal"):
     module.inpaint(picture("astronaut", 64), make_hole(kind, 64, 64), generator=torch.Generator().manual_seed(0))
     run = lambda: module.inpaint(img, hole, generator=torch.Generator().manual_seed(0))
 else:
-    from patchmatch import patch_match
-    arr = np.ascontiguousarray((img[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    mask = np.ascontiguousarray(hole[0, 0].numpy().astype(np.uint8) * 255)
-    patch_match.set_random_seed(0)
-    run = lambda: torch.from_numpy(patch_match.inpaint(arr, mask=mask, patch_size=3)).permute(2, 0, 1)[None].float() / 255
+    from psal.bench.peers import pypatchmatch
+    run = lambda: pypatchmatch(img, hole)
 t = time.perf_counter()
 out = run()
 seconds = time.perf_counter() - t
@@ -135,11 +131,6 @@ def make_hole(kind: str, H: int, W: int):
     return {"object": object_hole, "large": large_hole}[kind](H, W)
 
 
-def _has_pypatchmatch() -> bool:
-    proc = subprocess.run([sys.executable, "-c", "from patchmatch import patch_match"], capture_output=True, text=True)
-    return proc.returncode == 0
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench photos", description=__doc__.split("\n\n")[0])
     ap.add_argument("--pictures", nargs="+", default=list(PICTURES), help=f"bundled pictures, name or name@factor (default: {', '.join(PICTURES)})")
@@ -153,7 +144,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     methods = list(args.methods)
-    if "pypatchmatch" in methods and not _has_pypatchmatch():
+    if "pypatchmatch" in methods and not peers.available("pypatchmatch"):
         print("  (pypatchmatch does not import: pip install pypatchmatch, with libopencv-dev; its rows are left out)", file=sys.stderr)
         methods.remove("pypatchmatch")
     print(common.environment())
