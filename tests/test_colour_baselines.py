@@ -198,6 +198,12 @@ def test_welsh_recovers_flat_patch_colours_from_their_luminance(scale, shift):
     assert _unclipped(out)[interior].all()
     got = lab_from_rgb(out)
     torch.testing.assert_close(got[0, 1:, interior], lab[0, 1:, interior], atol=1e-4, rtol=0)
+    # remap=False compares the luminances as they are: the same on the reference's own luminance,
+    # and on the affine copy the colours of the nearest L as it is: the copies 56.1, 60.1, 51.9
+    # and 68.5 of 51.8, 58.6, 44.8 and 72.5 take those of 58.6, 58.6, 51.8 and 72.5, half wrong
+    plain = lab_from_rgb(cb.welsh(gray, ref, samples=200, window=5, seed=0, remap=False))
+    wrong = (plain[0, 1:, interior] - lab[0, 1:, interior]).abs().amax(0) > 1
+    assert float(wrong.float().mean()) == (0.0 if scale == 1.0 else 0.5)
     torch.testing.assert_close(got[:, :1], _target_L(gray), atol=1e-6, rtol=0)
 
 

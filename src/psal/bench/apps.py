@@ -21,7 +21,8 @@ upscale against simple baselines, in one run.
   (``scenarios.colour_halves``, no pixel in common), each in turn the reference for the other
   (``L>R``: the left one colours the gray of the right one; ``R>L`` the other way). Methods: ``psal.apps.colorize``; the reference's mean
   colour (``global_transfer``); Welsh et al. 2002; Welsh followed by Levin et al. 2004's
-  propagation (:mod:`psal.bench.colour_baselines`). Metrics: chroma PSNR (Lab a and b, range
+  propagation (:mod:`psal.bench.colour_baselines`), both comparing luminances as they are (the
+  stronger variant here, as for psal), and Welsh + Levin with the paper's luminance remapping. Metrics: chroma PSNR (Lab a and b, range
   256), mean CIEDE2000, colourfulness (Hasler and Suesstrunk) over the truth's.
 - upscale x2, x3, x4: the image at S x S (cropped to a multiple of the factor) is the truth, its
   bicubic downsampling the input. Methods: ``psal.apps.upscale``, bicubic, back-projection alone.
@@ -35,6 +36,7 @@ inpainting, the best chroma PSNR for colorization) | truth.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 import statistics
 import sys
 import time
@@ -176,8 +178,9 @@ def _colour_methods(seed):
     return {
         "psal": lambda gray, ref: colorize(gray, ref, generator=torch.Generator().manual_seed(seed)),
         "mean colour": colour_baselines.mean_colour,
-        "welsh": colour_baselines.welsh,
-        "welsh+levin": colour_baselines.welsh_levin,
+        "welsh": partial(colour_baselines.welsh, remap=False),
+        "welsh+levin": partial(colour_baselines.welsh_levin, remap=False),
+        "welsh+levin, remapped": colour_baselines.welsh_levin,
     }
 
 

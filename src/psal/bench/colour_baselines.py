@@ -90,6 +90,11 @@ def _check_window(window, name: str) -> None:
         raise ValueError(f"{name}: window must be a positive odd int, got {window!r}")
 
 
+def _check_remap(remap, name: str) -> None:
+    if not isinstance(remap, bool):
+        raise TypeError(f"{name}: remap must be a bool, got {type(remap).__name__}")
+
+
 def _check_var_scale(var_scale, name: str) -> None:
     if isinstance(var_scale, bool) or not isinstance(var_scale, (int, float)) or not var_scale > 0:
         raise ValueError(f"{name}: var_scale must be a positive number, got {var_scale!r}")
@@ -126,16 +131,17 @@ def _jittered_grid(Hr: int, Wr: int, samples: int, seed: int) -> tuple[np.ndarra
     return np.minimum(iy, hi_y - 1), np.minimum(ix, hi_x - 1)
 
 
-def _welsh_lab(gray, reference, samples, window, seed, chunk=None):
+def _welsh_lab(gray, reference, samples, window, seed, chunk=None, remap=True):
     """Welsh's matching. Returns the target's L ``(1, 1, H, W)``, the matched a, b
     ``(1, 2, H, W)`` and each pixel's best matching error ``(H, W)``, all float64."""
     L = _target_L(gray)
     ref = lab_from_rgb(reference.double())
     Lr = ref[:, :1]
     # (a) Luminance remapping: the reference's L moved linearly to the target's mean and spread.
-    Lr = (Lr - Lr.mean()) * (L.std(unbiased=False) / Lr.std(unbiased=False).clamp_min(1e-12)) + L.mean()
+    if remap:
+        Lr = (Lr - Lr.mean()) * (L.std(unbiased=False) / Lr.std(unbiased=False).clamp_min(1e-12)) + L.mean()
     sd_t, sd_r = _local_std(L, window), _local_std(Lr, window)
-    # (b) Jittered samples of the reference: remapped luminance, neighbourhood std, chroma.
+    # (b) Jittered samples of the reference: (remapped) luminance, neighbourhood std, chroma.
     iy, ix = _jittered_grid(Lr.shape[-2], Lr.shape[-1], samples, seed)
     iy, ix = torch.from_numpy(iy).to(L.device), torch.from_numpy(ix).to(L.device)
     s_L, s_sd, s_ab = Lr[0, 0, iy, ix], sd_r[0, 0, iy, ix], ref[0, 1:, iy, ix]  # (S,), (S,), (2, S)
@@ -154,11 +160,15 @@ def _welsh_lab(gray, reference, samples, window, seed, chunk=None):
     return L, ab, err.reshape(H, W)
 
 
-def welsh(gray: torch.Tensor, reference: torch.Tensor, samples: int = 200, window: int = 5, seed: int = 0) -> torch.Tensor:
+def welsh(
+    gray: torch.Tensor, reference: torch.Tensor, samples: int = 200, window: int = 5, seed: int = 0, remap: bool = True
+) -> torch.Tensor:
     """Welsh et al. 2002, global matching: colour ``gray (1, 1, H, W)`` like ``reference
     (1, 3, Hr, Wr)`` -> ``(1, 3, H, W)``.
 
-    The reference's L is remapped linearly to the target's mean and standard deviation; about
+    The reference's L is remapped linearly to the target's mean and standard deviation (the
+    paper's step; ``remap=False`` skips it, the stronger variant when reference and target share
+    their light, as two halves of one photograph do: see BENCHMARKS.md); about
     ``samples`` positions of the reference on a jittered grid (random generator seeded by
     ``seed``) are each described by their remapped L and the standard deviation of L in the
     ``window x window`` neighbourhood; every target pixel takes the a, b of the sample minimising
@@ -169,7 +179,8 @@ def welsh(gray: torch.Tensor, reference: torch.Tensor, samples: int = 200, windo
     _check_reference(reference, "welsh")
     _check_window(window, "welsh")
     checks.check_int("welsh", "samples", samples, 1)
-    L, ab, _ = _welsh_lab(gray, reference, samples, window, seed)
+    _check_remap(remap, "welsh")
+    L, ab, _ = _welsh_lab(gray, reference, samples, window, seed, remap=remap)
     return _compose(L, ab, _out_dtype(gray))
 
 
@@ -298,6 +309,7 @@ def welsh_levin(
     keep: float = 0.5,
     levin_window: int = 3,
     var_scale: float = _VAR_SCALE,
+    remap: bool = True,
 ) -> torch.Tensor:
     """Welsh et al.'s matching, then Levin et al.'s propagation: ``(1, 3, H, W)``.
 
@@ -311,7 +323,8 @@ def welsh_levin(
     the scribbles spread over the image and sparse, so propagation (not the per-pixel matches)
     decides the colour between them, and the error rule drops the matches that fit worst, where
     the target's luminance and texture statistics have no close counterpart among the samples.
-    ``levin_window`` and ``var_scale`` go to the propagation (see ``levin_propagate``).
+    ``levin_window`` and ``var_scale`` go to the propagation (see ``levin_propagate``);
+    ``remap`` to the matching (see ``welsh``).
     """
     _check_gray(gray, "welsh_levin")
     _check_reference(reference, "welsh_levin")
@@ -320,7 +333,8 @@ def welsh_levin(
     _check_var_scale(var_scale, "welsh_levin")
     checks.check_int("welsh_levin", "grid", grid, 1)
     checks.check_int("welsh_levin", "samples", samples, 1)
+    _check_remap(remap, "welsh_levin")
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"welsh_levin: keep must be in [0, 1], got {keep!r}")
-    _, ab, err = _welsh_lab(gray, reference, samples, window, seed)
+    _, ab, err = _welsh_lab(gray, reference, samples, window, seed, remap=remap)
     return levin_propagate(gray, ab, _confident(err, grid, keep), levin_window, var_scale)

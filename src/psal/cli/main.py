@@ -132,7 +132,7 @@ def cmd_colorize(args) -> dict:
     t0 = time.perf_counter()
     out = colorize(
         gray.to(device), reference.to(device), patch_size=args.patch_size, num_neighbors=args.k,
-        num_iters=args.iters, temperature_scale=args.temperature_scale,
+        num_iters=args.iters, temperature_scale=args.temperature_scale, match_luminance=args.match_luminance,
         generator=torch.Generator(device=device).manual_seed(args.seed),
     )  # fmt: skip
     seconds = time.perf_counter() - t0
@@ -361,6 +361,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=4, help="matches per pixel")
     p.add_argument("--iters", type=int, default=6, help="PatchMatch iterations")
     p.add_argument("--temperature-scale", type=float, default=0.5, help="temperature / median best patch cost")
+    p.add_argument("--match-luminance", action="store_true",
+                   help="move the reference's brightness and contrast to the gray image's first (for a reference taken in other light)")
     p.set_defaults(run=cmd_colorize)
 
     p = sub.add_parser("upscale", help="super-resolution from the image's own patches", description=cmd_upscale.__doc__)
