@@ -105,8 +105,9 @@ def test_evaluation_cases_are_crops_and_seeded_hole_families():
     assert not torch.nn.functional.max_pool2d((~strokes).float()[None], 9, stride=1, padding=4).eq(0).any()
     with pytest.raises(ValueError, match="family must be one of"):
         scenarios.eval_hole("disc", "coffee", 64)
-    # the held-out cases: the top-left crop, other holes of the same kinds
-    assert torch.equal(scenarios.crop("retina", 100, held_out=True), full[..., :100, :100])
+    # the held-out cases: the crop half a side up and left (clipped), other holes of the same kinds
+    assert torch.equal(scenarios.crop("retina", 100, held_out=True), full[..., 605:705, 605:705])
+    assert torch.equal(scenarios.crop("chelsea", 256, held_out=True), chelsea[..., 0:256, 0:256])
     for family in scenarios.MASK_FAMILIES:
         other = scenarios.eval_hole(family, "coffee", 256, held_out=True)
         assert not torch.equal(other, scenarios.eval_hole(family, "coffee", 256))

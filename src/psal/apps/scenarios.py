@@ -52,13 +52,16 @@ EVAL_SIDE = 256
 
 def crop(name: str, side: int = EVAL_SIDE, held_out: bool = False) -> torch.Tensor:
     """``(1, 3, s, s)``: the centred ``side x side`` crop of the picture at its own resolution
-    (``s`` is smaller only for a picture smaller than ``side``); ``held_out``: the top-left one
-    instead, for tuning away from the evaluation's cases (it overlaps the centred crop on
-    pictures under twice ``side``)."""
+    (``s`` is smaller only for a picture smaller than ``side``); ``held_out``: the crop half a
+    side up and left of it instead (clipped to the picture), for tuning away from the
+    evaluation's cases (it overlaps the centred crop on pictures under twice ``side``; the
+    top-left corner itself is black on retina)."""
     im = images.load_bundled(name)
     H, W = im.shape[-2:]
     s = min(side, H, W)
-    top, left = (0, 0) if held_out else ((H - s) // 2, (W - s) // 2)
+    top, left = (H - s) // 2, (W - s) // 2
+    if held_out:
+        top, left = max(top - s // 2, 0), max(left - s // 2, 0)
     return im[..., top : top + s, left : left + s]
 
 

@@ -6,7 +6,7 @@ upscale against simple baselines, in one run.
 - inpaint: every picture of ``scenarios.EVAL_PHOTOS`` and ``EVAL_TEXTURES`` as its centred 256 x 256
   crop at its own resolution (textures reported apart from photographs), under three seeded hole
   families (``scenarios.MASK_FAMILIES``: a centred square of 25%, random blobs of 12-22%, thin
-  strokes of 5%); ``--held-out`` gives other cases of the same kinds (top-left crops, other seeds,
+  strokes of 5%); ``--held-out`` gives other cases of the same kinds (crops half a side up and left of the centred ones, other seeds,
   the square elsewhere) to tune a method on, so that the reported cases stay unseen. Methods:
   ``psal.apps.inpaint`` and the peers of :mod:`psal.bench.peers` that
   import here (default: PyPatchMatch, Resynthesizer with GIMP's heal-selection settings, OpenCV's
@@ -123,7 +123,7 @@ def run_inpaint(args, gallery, cases=None):
             records.append({
                 "group": group, "picture": name, "family": family, "hole": float(hole.float().mean()), "method": method,
                 "psnr": hole_psnr(out, truth, hole), "ssim": hole_ssim(out, truth, hole), "swd": patch_swd(out, truth, hole),
-                "gradient": gradient_ratio(out, hole) / truth_ratio, "known": known, "seconds": sec,
+                "gradient": gradient_ratio(out, hole) / truth_ratio if truth_ratio > 0 else float("nan"), "known": known, "seconds": sec,
             })  # fmt: skip
         case = records[-len(methods) :]
         print(f"  {group} {name} {family}: patch-SWD " + ", ".join(f"{r['method']} {r['swd']:.2f}" for r in case), file=sys.stderr)
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     ap.add_argument("--colour", nargs="*", default=list(scenarios.EVAL_COLOUR), help="colorization photographs (reference | target halves)")
     ap.add_argument("--side", type=int, default=scenarios.EVAL_SIDE, help="side of the inpainting crops and colour halves")
     ap.add_argument("--held-out", action="store_true",
-                    help="inpaint on the held-out cases (top-left crops, other hole seeds): tune there, report the default ones")  # fmt: skip
+                    help="inpaint on the held-out cases (crops half a side up and left of the centred ones, other hole seeds): tune there, report the default ones")  # fmt: skip
     ap.add_argument("--size", type=int, default=256, help="side of the upscaling truths (whole pictures resized)")
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
     ap.add_argument("--seed", type=int, default=0)
