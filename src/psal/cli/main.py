@@ -347,7 +347,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="the image to repair")
     p.add_argument("mask", help="same size as IMAGE; white marks the pixels to fill")
     common(p)
-    p.add_argument("--patch-size", type=int, default=7)
+    p.add_argument("--patch-size", type=int, default=5)
     p.add_argument("--iters", type=int, default=10, help="search and vote rounds per scale, at most")
     p.add_argument("--model", action="store_true", help="use the trained network shipped with psal instead of the zero-shot patch method")
     p.add_argument("--checkpoint", help="with the network of this checkpoint (python -m psal.examples.train_inpainting) instead")
