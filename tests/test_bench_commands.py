@@ -60,10 +60,11 @@ def test_bench_apps_small(tmp_path, capsys):
 
     report, gallery = tmp_path / "apps.json", tmp_path / "gallery.png"
     argv = ["--side", "48", "--photos", "astronaut", "--textures", "brick", "--families", "square", "strokes", "--peers",
-            "opencv-telea", "--colour", "coffee", "--size", "64", "--scales", "2", "4", "--gallery", str(gallery), "--json", str(report)]  # fmt: skip
+            "opencv-telea", "--colour", "coffee", "--scales", "2", "4", "--sr-photos", "astronaut", "--sr-textures", "brick",
+            "--sr-steps", "3", "--gallery", str(gallery), "--json", str(report)]  # fmt: skip
     assert apps.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| photos (1)" in printed and "| textures (1)" in printed and "x4:" in printed and "psal wins" in printed
+    assert "| photos (1)" in printed and "| textures (1)" in printed and "| x4    |" in printed and "psal wins" in printed
     results = json.loads(report.read_text())["results"]
     inpaint = [r for r in results["inpaint"] if r["method"] == "psal"]
     assert [(r["group"], r["picture"], r["family"]) for r in inpaint] == [
@@ -75,12 +76,16 @@ def test_bench_apps_small(tmp_path, capsys):
     assert {(r["method"], r["direction"]) for r in colour} == {(m, d) for m in ("psal", "mean colour", "welsh", "welsh+levin", "welsh+levin, remapped") for d in ("L>R", "R>L")}
     for r in colour:
         assert r["picture"] == "coffee" and r["chroma_psnr"] > 15 and r["delta_e"] > 0 and 0 < r["colourfulness"] < 3
-    assert set(results["upscale"]) == {"x2", "x4"}
-    for scale in ("x2", "x4"):
-        per = results["upscale"][scale]
-        assert len(per["psal"]) == len(scenarios.UPSCALE_PICTURES)
-        # the upscaled picture is consistent with its input, so never far below bicubic
-        assert sum(p for p, _ in per["psal"]) >= sum(p for p, _ in per["bicubic"])
+    upscale = results["upscale"]
+    methods = ("bicubic", "back-projection", "patch", "cnn")
+    assert [(r["scale"], r["group"], r["picture"], r["method"]) for r in upscale] == [
+        (s, g, p, m) for s in (2, 4) for g, p in (("photos", "astronaut"), ("textures", "brick")) for m in methods
+    ]
+    for case in zip(*[iter(upscale)] * 4):
+        y = {r["method"]: r["y_psnr"] for r in case}
+        # back-projection makes the result consistent with its input: never below bicubic
+        assert y["back-projection"] >= y["bicubic"] and y["patch"] >= y["bicubic"] - 0.5
+        assert all(0 < r["y_ssim"] <= 1 and r["seconds"] > 0 for r in case)
     assert gallery.stat().st_size > 1000
 
 

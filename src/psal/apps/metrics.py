@@ -60,6 +60,17 @@ def y_psnr(a: torch.Tensor, b: torch.Tensor, crop: int) -> float:
     return float(10 * torch.log10(1 / mse.clamp_min(1e-12)))
 
 
+def y_ssim(a: torch.Tensor, b: torch.Tensor, crop: int) -> float:
+    """Mean SSIM (:func:`ssim_map`) of the BT.601 luminance, ``crop`` pixels cut off at every
+    border first (the super-resolution convention: ``crop`` = the scale)."""
+    if a.shape != b.shape or a.dim() != 4:
+        raise ValueError(f"y_ssim: a and b must be (B, C, H, W) of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if min(a.shape[-2:]) <= 2 * crop:
+        raise ValueError(f"y_ssim: crop={crop} leaves nothing of images {tuple(a.shape)}")
+    c = slice(crop, -crop) if crop > 0 else slice(None)
+    return float(ssim_map(luma(a)[..., c, c], luma(b)[..., c, c]).mean())
+
+
 def chroma_psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of the Lab a and b channels (range 256) of two RGB images."""
     from .colorize import lab_from_rgb

@@ -41,6 +41,8 @@ def colorize_case(name: str, size: int | None = None) -> tuple[torch.Tensor, tor
 # (never whole pictures shrunk), textures apart from photographs.
 
 EVAL_TEXTURES = ("brick", "grass", "gravel")
+# Super-resolution photographs (``sr_case``): the issue 17 protocol's, textures apart.
+SR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "china")
 EVAL_PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "rocket", "retina", "hubble_deep_field",
                "immunohistochemistry", "china", "flower", "grace_hopper")  # fmt: skip
 EVAL_COLOUR = tuple(name for name in EVAL_PHOTOS if name != "camera")  # the colour photographs
@@ -63,6 +65,16 @@ def crop(name: str, side: int = EVAL_SIDE, held_out: bool = False) -> torch.Tens
     if held_out:
         top, left = max(top - s // 2, 0), max(left - s // 2, 0)
     return im[..., top : top + s, left : left + s]
+
+
+def sr_case(name: str, scale: int, side: int = EVAL_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, truth)`` of the super-resolution protocol: ``truth`` the centred crop of the picture
+    at its own resolution (:func:`crop`), cut at the bottom and right to a multiple of ``scale``;
+    ``low`` its bicubic, antialiased downsampling by ``scale``, in ``[0, 1]``."""
+    truth = crop(name, side)
+    h, w = truth.shape[-2:]
+    truth = truth[..., : h - h % scale, : w - w % scale]
+    return downsample(truth, scale).clamp(0, 1), truth
 
 
 def colour_halves(name: str, side: int = EVAL_SIDE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ the enlarged image lacks resembles what blur removed from a similar patch of the
 Factors 3 and 4 go in two steps of ``sqrt(scale)`` each (Glasner et al. also climb in small
 steps: patches recur better across small scale gaps), each step back-projected onto its own
 input and the result onto the original. Measured on 6 bundled pictures at 256² (``python -m
-psal.bench apps --tasks upscale``), Y-PSNR over back-projection alone: one step +0.95 dB at x2,
+psal.bench apps --tasks upscale-resized``), Y-PSNR over back-projection alone: one step +0.95 dB at x2,
 +0.00 at x3, -0.10 at x4; two steps +0.52 at x3 and +0.14 at x4 (but -0.35 at x2).
 
 Downsampling is bicubic with antialiasing, enlarging plain bicubic (``F.interpolate``), both to

@@ -3,6 +3,9 @@ upscale against simple baselines, in one run.
 
     python -m psal.bench apps [--tasks inpaint colorize upscale] [--gallery out/apps_gallery.png]
 
+(the internal-learning network of ``upscale`` trains for about two minutes a picture and scale:
+``--sr-steps`` or ``--sr-methods`` shorten it).
+
 - inpaint: every picture of ``scenarios.EVAL_PHOTOS`` and ``EVAL_TEXTURES`` as its centred 256 x 256
   crop at its own resolution (textures reported apart from photographs), under three seeded hole
   families (``scenarios.MASK_FAMILIES``: a centred square of 25%, random blobs of 12-22%, thin
@@ -24,9 +27,14 @@ upscale against simple baselines, in one run.
   propagation (:mod:`psal.bench.colour_baselines`), both comparing luminances as they are (the
   stronger variant here, as for psal), and Welsh + Levin with the paper's luminance remapping. Metrics: chroma PSNR (Lab a and b, range
   256), mean CIEDE2000, colourfulness (Hasler and Suesstrunk) over the truth's.
-- upscale x2, x3, x4: the image at S x S (cropped to a multiple of the factor) is the truth, its
-  bicubic downsampling the input. Methods: ``psal.apps.upscale``, bicubic, back-projection alone.
-  Metric: PSNR of the luminance Y (BT.601), ``scale`` pixels cropped at the borders.
+- upscale x2, x3, x4 (issue 17's protocol): the truth is the centred 256 x 256 crop of each
+  picture at its own resolution (``scenarios.sr_case``: ``SR_PHOTOS``, textures reported apart),
+  cut to a multiple of the factor; the input its bicubic, antialiased downsampling. Methods:
+  bicubic; back-projection alone; ``psal.apps.upscale`` (patches of the picture one scale lower,
+  "patch"); the internal-learning network ``psal.apps.internal_sr`` without PSAL blocks, ZSSR's
+  design ("cnn", ``--sr-steps`` training steps). Metrics: PSNR and SSIM of the luminance Y
+  (BT.601), ``scale`` pixels cut off at the borders; then each method over bicubic, paired.
+  ``upscale-resized``: the earlier suite of whole pictures shrunk to ``--size``.
 
 Every method sees the same inputs; times are single calls (psal's kernels are loaded by a
 warm-up call first; a peer's first call is timed as it comes). The gallery rows are input | psal | best peer (the lowest patch-SWD of the case for
@@ -55,6 +63,7 @@ from psal.apps.metrics import (
     mean_delta_e,
     patch_swd,
     y_psnr,
+    y_ssim,
 )
 from psal.bench import common, peers
 
@@ -220,7 +229,64 @@ def run_colorize(args, gallery):
     return records
 
 
+def _sr_methods(names, steps, seed):
+    from psal.apps.internal_sr import internal_upscale
+    from psal.apps.upscale import back_project, enlarge, upscale
+
+    every = {
+        "bicubic": lambda low, s: enlarge(low, (low.shape[-2] * s, low.shape[-1] * s)).clamp(0, 1),
+        "back-projection": lambda low, s: back_project(enlarge(low, (low.shape[-2] * s, low.shape[-1] * s)), low).clamp(0, 1),
+        "patch": lambda low, s: upscale(low, s, generator=torch.Generator().manual_seed(seed)),
+        "cnn": lambda low, s: internal_upscale(low, s, steps=steps, seed=seed),
+    }
+    return {name: every[name] for name in names}
+
+
 def run_upscale(args, gallery):
+    """Issue 17's protocol: crops at their own resolution, bicubic antialiased downsampling,
+    Y-PSNR and SSIM with ``scale`` pixels shaved, textures apart."""
+    methods = _sr_methods(args.sr_methods, args.sr_steps, args.seed)
+    records = []
+    for scale in args.scales:
+        for group, names in (("photos", args.sr_photos), ("textures", args.sr_textures)):
+            for name in names:
+                low, truth = scenarios.sr_case(name, scale, args.side)
+                outs = {}
+                for method, fn in methods.items():
+                    out, sec = _timed(lambda fn=fn: fn(low, scale))
+                    outs[method] = out
+                    records.append({"group": group, "picture": name, "scale": scale, "method": method,
+                                    "y_psnr": y_psnr(out, truth, scale), "y_ssim": y_ssim(out, truth, scale), "seconds": sec})  # fmt: skip
+                case = records[-len(methods) :]
+                print(f"  x{scale} {group} {name}: Y-PSNR " + ", ".join(f"{r['method']} {r['y_psnr']:.2f}" for r in case), file=sys.stderr)
+                if scale == args.scales[0] and sum(g[0].startswith("upscale") for g in gallery) < 2:
+                    gallery.append((f"upscale x{scale} {name} ({' | '.join(outs)})", [*outs.values(), truth]))
+    rows = []
+    for scale in args.scales:
+        for group in ("photos", "textures"):
+            for method in methods:
+                sel = [r for r in records if r["scale"] == scale and r["group"] == group and r["method"] == method]
+                if sel:
+                    rows.append([f"x{scale}", f"{group} ({len(sel)})", method, *(f"{_mean([r[k] for r in sel]):{f}}" for k, f in (("y_psnr", ".2f"), ("y_ssim", ".4f"), ("seconds", ".2f")))])
+    print(common.markdown_table(["scale", "pictures", "method", "Y-PSNR dB", "Y-SSIM", "s"], rows))
+    if "bicubic" in methods and len(methods) > 1:
+        rows = []
+        for scale in args.scales:
+            for group in ("photos", "textures"):
+                base = [r for r in records if r["scale"] == scale and r["group"] == group and r["method"] == "bicubic"]
+                for method in [m for m in methods if m != "bicubic"]:
+                    ours = [r for r in records if r["scale"] == scale and r["group"] == group and r["method"] == method]
+                    if ours:
+                        res = common.paired([r["y_psnr"] for r in ours], [r["y_psnr"] for r in base], False, groups=[r["picture"] for r in ours])
+                        rows.append([f"x{scale}", group, method, *_paired_cells(res)])
+        print("\nY-PSNR over bicubic, paired over the pictures\n")
+        print(common.markdown_table(["scale", "pictures", "method", "cases", "wins", "difference"], rows))
+    return records
+
+
+def run_upscale_resized(args, gallery):
+    """The earlier suite (issue 6): whole pictures shrunk to ``--size``, psal's patch method,
+    bicubic and back-projection."""
     from psal.apps.upscale import back_project, enlarge, upscale
 
     results = {}
@@ -246,7 +312,7 @@ def run_upscale(args, gallery):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench apps", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=["inpaint", "colorize", "upscale"], choices=["inpaint", "inpaint-resized", "colorize", "upscale"],
+    ap.add_argument("--tasks", nargs="+", default=["inpaint", "colorize", "upscale"], choices=["inpaint", "inpaint-resized", "colorize", "upscale", "upscale-resized"],
                     help="inpaint-resized: the earlier suite of whole pictures shrunk to 256 x 256 (issue 15's quality bar)")  # fmt: skip
     ap.add_argument("--photos", nargs="*", default=list(scenarios.EVAL_PHOTOS), help="inpainting photographs (crops at their own resolution)")
     ap.add_argument("--textures", nargs="*", default=list(scenarios.EVAL_TEXTURES), help="inpainting textures, reported apart")
@@ -256,7 +322,12 @@ def main(argv=None) -> int:
     ap.add_argument("--side", type=int, default=scenarios.EVAL_SIDE, help="side of the inpainting crops and colour halves")
     ap.add_argument("--held-out", action="store_true",
                     help="inpaint on the held-out cases (crops half a side up and left of the centred ones, other hole seeds): tune there, report the default ones")  # fmt: skip
-    ap.add_argument("--size", type=int, default=256, help="side of the upscaling truths (whole pictures resized)")
+    ap.add_argument("--sr-photos", nargs="*", default=list(scenarios.SR_PHOTOS), help="upscale: photographs (crops at their own resolution)")
+    ap.add_argument("--sr-textures", nargs="*", default=list(scenarios.EVAL_TEXTURES), help="upscale: textures, reported apart")
+    ap.add_argument("--sr-methods", nargs="+", default=["bicubic", "back-projection", "patch", "cnn"], choices=["bicubic", "back-projection", "patch", "cnn"],
+                    help="upscale: methods (cnn: the internal-learning network, psal.apps.internal_sr)")  # fmt: skip
+    ap.add_argument("--sr-steps", type=int, default=1500, help="upscale: training steps of the internal-learning network")
+    ap.add_argument("--size", type=int, default=256, help="upscale-resized: side of the truths (whole pictures resized)")
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gallery", help="write the gallery PNG here (input | psal | best peer | truth per row)")
@@ -274,12 +345,13 @@ def main(argv=None) -> int:
 
     gallery, results = [], {}
     for task in args.tasks:
-        size = {"upscale": args.size, "inpaint-resized": 256}.get(task, args.side)
+        size = {"upscale-resized": args.size, "inpaint-resized": 256}.get(task, args.side)
         print(f"\n{task}, {size}x{size}\n", flush=True)
         if task == "inpaint-resized":
             results[task] = run_inpaint(args, [], _resized_cases(args))
         else:
-            results[task] = {"inpaint": run_inpaint, "colorize": run_colorize, "upscale": run_upscale}[task](args, gallery)
+            runs = {"inpaint": run_inpaint, "colorize": run_colorize, "upscale": run_upscale, "upscale-resized": run_upscale_resized}
+            results[task] = runs[task](args, gallery)
     if args.gallery:
         rows = [images.side_by_side(pics, height=args.gallery_height) for _, pics in gallery]
         width = max(r.shape[-1] for r in rows)

@@ -1,0 +1,195 @@
+"""Super-resolution by internal learning: a small network trained on the picture itself, with no
+weights from anywhere (after Shocher, Cohen and Irani 2018, "Zero-Shot" Super-Resolution, ZSSR).
+
+Scheme, for a factor s:
+
+1. Examples. "Fathers" are the input and copies of it shrunk by 0.9, 0.81, ... (as long as they
+   hold a training crop), drawn with probability proportional to their area. A training pair is
+   a random ``crop x crop`` square of a father under one of the 8 rotations and flips (the
+   target) and its "child": the same square shrunk by s (bicubic, antialiased) and enlarged back
+   (bicubic), the degradation the network is to undo.
+2. The network: ``depth`` 3 x 3 convolutions of ``channels`` channels with ReLUs between them,
+   predicting the residual ``target - child`` (ZSSR's 8 layers of 64 channels by default), its
+   last convolution starting at zero (the untrained network is the bicubic enlargement);
+   ``psal_blocks`` inserts that many :class:`psal.PSALBlock` self-attention blocks at the middle
+   of the network (shared query and key, so that the matches make sense from the first step).
+3. Training: L1 loss, Adam, ``steps`` steps of one crop each, the learning rate divided by 10 at
+   60% and again at 85% of the steps (ZSSR lowers it when the loss stops falling; a fixed
+   schedule keeps the time known in advance).
+4. Prediction: the input enlarged (bicubic) plus the network's residual, under each of the 8
+   rotations and flips, turned back and averaged (ZSSR's self-ensemble; it takes the median),
+   then back-projected onto the input (Irani and Peleg) so that shrinking the result gives the
+   input back.
+
+Everything follows the input's device and dtype (float16/bfloat16 are trained in float32); the
+``seed`` fixes the network's start and the crops, so the same seed gives the same result on one
+device and build.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks as checks
+from ..nn import PSALBlock
+from .upscale import back_project, enlarge, shrink
+
+__all__ = ["InternalNet", "internal_upscale"]
+
+_FN = "psal.apps.internal_upscale"
+# Fathers: the input shrunk by powers of this, while the shrunk copy still holds a crop.
+_FATHER_RATIO = 0.9
+_MAX_FATHERS = 8
+
+
+def _transform(x: torch.Tensor, t: int) -> torch.Tensor:
+    """The ``t``-th of the 8 rotations and flips (``t`` in 0..7) of ``(B, C, H, W)``."""
+    x = torch.rot90(x, t % 4, (-2, -1))
+    return x.flip(-1) if t >= 4 else x
+
+
+def _untransform(x: torch.Tensor, t: int) -> torch.Tensor:
+    """The inverse of :func:`_transform`."""
+    x = x.flip(-1) if t >= 4 else x
+    return torch.rot90(x, -(t % 4), (-2, -1))
+
+
+class InternalNet(nn.Module):
+    """The residual network of :func:`internal_upscale`: ``depth`` 3 x 3 convolutions (ReLU
+    between them), ``psal_blocks`` :class:`psal.PSALBlock` blocks after the middle convolution.
+
+    ``forward(x)``: ``(B, C, H, W)`` -> the residual to add to ``x``, ``(B, C, H, W)``.
+    """
+
+    def __init__(self, image_channels: int, channels: int = 64, depth: int = 8, psal_blocks: int = 0, **block_options):
+        super().__init__()
+        self.convs = nn.ModuleList()
+        for i in range(depth):
+            cin = image_channels if i == 0 else channels
+            cout = image_channels if i == depth - 1 else channels
+            self.convs.append(nn.Conv2d(cin, cout, 3, padding=1))
+        # The last convolution starts at zero: the untrained network is the bicubic enlargement.
+        nn.init.zeros_(self.convs[-1].weight)
+        nn.init.zeros_(self.convs[-1].bias)
+        self.middle = (depth - 1) // 2  # blocks go after this convolution (and its ReLU)
+        options = {"num_neighbors": 4, "patch_size": 3, "shared_query_key": True, **block_options}
+        self.blocks = nn.ModuleList(PSALBlock(channels, **options) for _ in range(psal_blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.convs) - 1
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if i < last:
+                x = F.relu(x)
+            if i == self.middle:
+                for block in self.blocks:
+                    x = block(x)
+        return x
+
+
+def _fathers(image: torch.Tensor, crop: int) -> list[torch.Tensor]:
+    """The input and its copies shrunk by powers of :data:`_FATHER_RATIO` that still hold a crop."""
+    out = [image]
+    H, W = image.shape[-2:]
+    for i in range(1, _MAX_FATHERS):
+        f = _FATHER_RATIO**i
+        size = (round(H * f), round(W * f))
+        if min(size) < crop:
+            break
+        out.append(shrink(image, size))
+    return out
+
+
+def _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, progress):
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        raise TypeError(f"{_FN}: image must be a floating-point tensor, got {type(image).__name__}")
+    if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] not in (1, 3):
+        raise ValueError(f"{_FN}: image must be (1, 1 or 3, H, W), got {tuple(image.shape)}")
+    if isinstance(scale, bool) or scale not in (2, 3, 4):
+        raise ValueError(f"{_FN}: scale must be 2, 3 or 4, got {scale!r}")
+    checks.check_int(_FN, "steps", steps, 1)
+    checks.check_int(_FN, "crop", crop, 2 * scale)
+    checks.check_int(_FN, "channels", channels, 1)
+    checks.check_int(_FN, "depth", depth, 2)
+    checks.check_int(_FN, "psal_blocks", psal_blocks, 0)
+    if min(image.shape[-2:]) < 2 * scale:
+        raise ValueError(f"{_FN}: image {tuple(image.shape)} is too small for scale {scale} (at least {2 * scale} pixels a side)")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"{_FN}: lr must be a positive number, got {lr!r}")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"{_FN}: progress must be callable as progress(done, total, loss) or None, got {type(progress).__name__}")
+
+
+def internal_upscale(
+    image: torch.Tensor,
+    scale: int = 2,
+    *,
+    steps: int = 1500,
+    crop: int = 48,
+    channels: int = 64,
+    depth: int = 8,
+    psal_blocks: int = 0,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> torch.Tensor:
+    """``image (1, C, H, W)`` in ``[0, 1]`` (C = 1 or 3) -> ``(1, C, scale * H, scale * W)`` in
+    ``[0, 1]``, by a network trained on the image itself (the module docstring gives the scheme).
+
+    Args:
+        image: the low-resolution picture.
+        scale: 2, 3 or 4.
+        steps: training steps (one crop each).
+        crop: side of the training crops (cut down to a multiple of ``scale``; at most the
+            smallest side of the picture).
+        channels, depth: width and number of convolutions of the network.
+        psal_blocks: :class:`psal.PSALBlock` blocks in the middle of the network (0: the
+            convolution-only network of ZSSR).
+        lr: Adam's learning rate at the start.
+        seed: fixes the network's initial weights and the training crops.
+        progress: called as ``progress(done, total, loss)`` after each training step.
+    """
+    _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, progress)
+    seed = checks.check_int(_FN, "seed", seed, 0)
+    device, out_dtype = image.device, image.dtype
+    low = image.detach().float()
+    C, h, w = low.shape[1:]
+    crop = min(crop, h, w)
+    crop -= crop % scale
+    fathers = _fathers(low, crop)
+    areas = torch.tensor([float(f.shape[-2] * f.shape[-1]) for f in fathers])
+    gen = torch.Generator().manual_seed(seed)  # crops and transforms: drawn on the CPU
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        net = InternalNet(C, channels, depth, psal_blocks).to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.6 * steps), int(0.85 * steps)], gamma=0.1)
+    small = crop // scale
+    for step in range(steps):
+        father = fathers[int(torch.multinomial(areas, 1, generator=gen))]
+        fh, fw = father.shape[-2:]
+        top = int(torch.randint(0, fh - crop + 1, (1,), generator=gen))
+        left = int(torch.randint(0, fw - crop + 1, (1,), generator=gen))
+        target = _transform(father[..., top : top + crop, left : left + crop], int(torch.randint(0, 8, (1,), generator=gen)))
+        child = enlarge(shrink(target, (small, small)), (crop, crop))
+        loss = (net(child) + child - target).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(step + 1, steps, float(loss.detach()))
+    net.eval()
+    with torch.no_grad():
+        up = enlarge(low, (h * scale, w * scale))
+        out = torch.zeros_like(up)
+        for t in range(8):
+            x = _transform(up, t)
+            out += _untransform(x + net(x), t)
+        out = back_project(out / 8, low)
+    return out.clamp(0, 1).to(out_dtype)
