@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -61,10 +62,12 @@ def test_bench_apps_small(tmp_path, capsys):
     report, gallery = tmp_path / "apps.json", tmp_path / "gallery.png"
     argv = ["--side", "48", "--photos", "astronaut", "--textures", "brick", "--families", "square", "strokes", "--peers",
             "opencv-telea", "--colour", "coffee", "--scales", "2", "4", "--sr-photos", "astronaut", "--sr-textures", "brick",
-            "--sr-steps", "3", "--gallery", str(gallery), "--json", str(report)]  # fmt: skip
+            "--sr-steps", "3", "--tasks", "inpaint", "colorize", "upscale", "upscale-resized", "--size", "64",
+            "--gallery", str(gallery), "--json", str(report)]  # fmt: skip
     assert apps.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| photos (1)" in printed and "| textures (1)" in printed and "| x4    |" in printed and "psal wins" in printed
+    assert "| photos (1)" in printed and "| textures (1)" in printed and "psal wins" in printed
+    assert re.search(r"^\| x4 +\| photos \(1\) +\| cnn ", printed, re.M) and "x4:" in printed  # the two upscale suites
     results = json.loads(report.read_text())["results"]
     inpaint = [r for r in results["inpaint"] if r["method"] == "psal"]
     assert [(r["group"], r["picture"], r["family"]) for r in inpaint] == [
@@ -86,6 +89,11 @@ def test_bench_apps_small(tmp_path, capsys):
         # back-projection makes the result consistent with its input: never below bicubic
         assert y["back-projection"] >= y["bicubic"] and y["patch"] >= y["bicubic"] - 0.5
         assert all(0 < r["y_ssim"] <= 1 and r["seconds"] > 0 for r in case)
+    assert set(results["upscale-resized"]) == {"x2", "x4"}
+    for scale in ("x2", "x4"):
+        per = results["upscale-resized"][scale]
+        assert len(per["psal"]) == len(scenarios.UPSCALE_PICTURES)
+        assert sum(p for p, _ in per["psal"]) >= sum(p for p, _ in per["bicubic"])
     assert gallery.stat().st_size > 1000
 
 

@@ -276,12 +276,13 @@ def test_welsh_levin_at_256_keeps_welsh_colours_at_its_scribbles():
     assert float(dL[_unclipped(out)].abs().max()) < 1e-3
 
 
-def test_welsh_levin_is_levin_over_welsh_colours_at_the_confident_pixels():
+@pytest.mark.parametrize("remap", [True, False])
+def test_welsh_levin_is_levin_over_welsh_colours_at_the_confident_pixels(remap):
     gray = _smooth(1, 64, 80, 30, 0.2, 0.8, torch.float64)
     gray = gray + 0.03 * torch.rand(gray.shape, generator=gen(31), dtype=torch.float64)
     reference = _smooth(3, 48, 40, 32, 0.2, 0.8, torch.float64)
-    out = cb.welsh_levin(gray, reference, samples=100, grid=3, keep=0.4)
-    L, ab, err = cb._welsh_lab(gray, reference, 100, 5, 0)
+    out = cb.welsh_levin(gray, reference, samples=100, grid=3, keep=0.4, remap=remap)
+    L, ab, err = cb._welsh_lab(gray, reference, 100, 5, 0, remap=remap)
     mask = cb._confident(err, 3, 0.4)
     assert 0.3 * 22 * 27 < int(mask.sum()) < 0.5 * 22 * 27
     want = torch.from_numpy(cb._levin_ab(gray[0, 0].numpy(), ab[0].numpy(), mask.numpy(), 3))
@@ -307,6 +308,9 @@ def test_bad_arguments_raise():
         cb.levin_propagate(gray, torch.zeros(1, 2, 8, 8), torch.zeros(1, 1, 8, 8, dtype=torch.bool))
     with pytest.raises(ValueError, match="scribble_ab"):
         cb.levin_propagate(gray, torch.zeros(1, 3, 8, 8), torch.ones(8, 8, dtype=torch.bool))
+    for fn in (cb.welsh, cb.welsh_levin):
+        with pytest.raises(TypeError, match=f"{fn.__name__}: remap must be a bool, got str"):
+            fn(gray, ref, remap="no")
 
 
 def test_import_psal_does_not_import_the_baselines_or_the_peers():

@@ -54,8 +54,13 @@ def test_training_lowers_the_loss_and_the_result_is_consistent_with_the_input():
 
 def test_gray_float64_and_a_psal_block_in_the_middle():
     low = _smooth(12, 12, 2, channels=1).double()
+    state = torch.random.get_rng_state()
     out = internal_upscale(low, 3, steps=3, crop=9, channels=4, depth=4, psal_blocks=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state untouched
     assert out.shape == (1, 1, 36, 36) and out.dtype == torch.float64
+    torch.manual_seed(123)  # another global state: the seed alone decides, PSAL searches included
+    assert torch.equal(internal_upscale(low, 3, steps=3, crop=9, channels=4, depth=4, psal_blocks=1), out)
+    assert not torch.equal(internal_upscale(low, 3, steps=3, crop=9, channels=4, depth=4, psal_blocks=1, seed=2), out)
     net = InternalNet(1, channels=4, depth=4, psal_blocks=2)
     assert net.middle == 1 and len(net.blocks) == 2
     calls = []
@@ -70,6 +75,11 @@ def test_gray_float64_and_a_psal_block_in_the_middle():
         ({"image": torch.rand(3, 16, 16)}, ValueError, "image must be (1, 1 or 3, H, W), got (3, 16, 16)"),
         ({"image": (torch.rand(1, 3, 16, 16) * 255).to(torch.uint8)}, TypeError, "floating-point"),
         ({"scale": 5}, ValueError, "scale must be 2, 3 or 4, got 5"),
+        ({"scale": 2.0}, ValueError, "scale must be 2, 3 or 4, got 2.0"),
+        ({"channels": 0}, ValueError, "channels"),
+        ({"depth": 1}, ValueError, "depth"),
+        ({"psal_blocks": -1}, ValueError, "psal_blocks"),
+        ({"seed": -3}, ValueError, "seed"),
         ({"steps": 0}, ValueError, "steps"),
         ({"crop": 3}, ValueError, "crop"),
         ({"lr": -1.0}, ValueError, "lr must be a positive number"),
@@ -84,9 +94,14 @@ def test_bad_input_is_refused(kwargs, error, words):
     assert str(info.value).startswith("psal.apps.internal_upscale:") and words in str(info.value)
 
 
+def test_internal_net_refuses_a_network_without_a_middle():
+    with pytest.raises(ValueError, match="psal.apps.internal_sr.InternalNet: depth"):
+        InternalNet(3, depth=1)
+
+
 def test_sr_cases_are_native_crops_and_y_ssim():
     from psal.apps import scenarios
-    from psal.apps.metrics import luma, ssim_map, y_ssim
+    from psal.apps.metrics import y_ssim
     from psal.apps.upscale import downsample
 
     low, truth = scenarios.sr_case("chelsea", 3, side=100)
@@ -95,7 +110,17 @@ def test_sr_cases_are_native_crops_and_y_ssim():
     assert torch.equal(low, downsample(truth, 3).clamp(0, 1))
     noisy = (truth + 0.05 * torch.randn(truth.shape, generator=gen(3))).clamp(0, 1)
     assert y_ssim(truth, truth, 3) == pytest.approx(1.0)
-    want = float(ssim_map(luma(noisy)[..., 3:-3, 3:-3], luma(truth)[..., 3:-3, 3:-3]).mean())
-    assert y_ssim(noisy, truth, 3) == pytest.approx(want) and want < 0.95
-    with pytest.raises(ValueError, match="y_ssim: crop=50 leaves nothing"):
-        y_ssim(truth, truth, 50)
+    # against scikit-image on the BT.601 luma of 16..235 (as MATLAB's rgb2ycbcr), shaved by 3
+    skimage = pytest.importorskip("skimage")
+    from skimage.color import rgb2ycbcr
+    from skimage.metrics import structural_similarity
+
+    y = [rgb2ycbcr(t[0].permute(1, 2, 0).double().numpy())[3:-3, 3:-3, 0] / 255 for t in (noisy, truth)]
+    want = structural_similarity(*y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0)
+    assert y_ssim(noisy, truth, 3) == pytest.approx(want, abs=1e-6) and want < 0.95
+    assert skimage is not None
+    for bad, words in ((45, "crop=45 leaves fewer than 11 pixels a side"), (-1, "crop must be an int >= 0, got -1")):
+        with pytest.raises(ValueError, match=f"y_ssim: {words}"):
+            y_ssim(truth, truth, bad)
+    with pytest.raises(ValueError, match="sr_case: scale must be a positive int, got 0"):
+        scenarios.sr_case("chelsea", 0)

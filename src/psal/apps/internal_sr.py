@@ -22,8 +22,8 @@ Scheme, for a factor s:
    input back.
 
 Everything follows the input's device and dtype (float16/bfloat16 are trained in float32); the
-``seed`` fixes the network's start and the crops, so the same seed gives the same result on one
-device and build.
+``seed`` fixes the network's start, the crops and the PSAL blocks' searches (without touching
+torch's global random state), so the same seed gives the same result on one device and build.
 """
 
 from __future__ import annotations
@@ -63,11 +63,17 @@ class InternalNet(nn.Module):
     """The residual network of :func:`internal_upscale`: ``depth`` 3 x 3 convolutions (ReLU
     between them), ``psal_blocks`` :class:`psal.PSALBlock` blocks after the middle convolution.
 
-    ``forward(x)``: ``(B, C, H, W)`` -> the residual to add to ``x``, ``(B, C, H, W)``.
+    ``forward(x, generator=None)``: ``(B, C, H, W)`` -> the residual to add to ``x``, ``(B, C,
+    H, W)``; ``generator`` feeds the PSAL blocks' random search starts.
     """
 
     def __init__(self, image_channels: int, channels: int = 64, depth: int = 8, psal_blocks: int = 0, **block_options):
         super().__init__()
+        fn = "psal.apps.internal_sr.InternalNet"
+        checks.check_int(fn, "image_channels", image_channels, 1)
+        checks.check_int(fn, "channels", channels, 1)
+        checks.check_int(fn, "depth", depth, 2)
+        checks.check_int(fn, "psal_blocks", psal_blocks, 0)
         self.convs = nn.ModuleList()
         for i in range(depth):
             cin = image_channels if i == 0 else channels
@@ -80,7 +86,7 @@ class InternalNet(nn.Module):
         options = {"num_neighbors": 4, "patch_size": 3, "shared_query_key": True, **block_options}
         self.blocks = nn.ModuleList(PSALBlock(channels, **options) for _ in range(psal_blocks))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             x = conv(x)
@@ -88,7 +94,7 @@ class InternalNet(nn.Module):
                 x = F.relu(x)
             if i == self.middle:
                 for block in self.blocks:
-                    x = block(x)
+                    x = block(x, generator=generator)
         return x
 
 
@@ -105,18 +111,19 @@ def _fathers(image: torch.Tensor, crop: int) -> list[torch.Tensor]:
     return out
 
 
-def _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, progress):
+def _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, seed, progress):
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
         raise TypeError(f"{_FN}: image must be a floating-point tensor, got {type(image).__name__}")
     if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] not in (1, 3):
         raise ValueError(f"{_FN}: image must be (1, 1 or 3, H, W), got {tuple(image.shape)}")
-    if isinstance(scale, bool) or scale not in (2, 3, 4):
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale not in (2, 3, 4):
         raise ValueError(f"{_FN}: scale must be 2, 3 or 4, got {scale!r}")
     checks.check_int(_FN, "steps", steps, 1)
     checks.check_int(_FN, "crop", crop, 2 * scale)
     checks.check_int(_FN, "channels", channels, 1)
     checks.check_int(_FN, "depth", depth, 2)
     checks.check_int(_FN, "psal_blocks", psal_blocks, 0)
+    checks.check_int(_FN, "seed", seed, 0)
     if min(image.shape[-2:]) < 2 * scale:
         raise ValueError(f"{_FN}: image {tuple(image.shape)} is too small for scale {scale} (at least {2 * scale} pixels a side)")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
@@ -154,19 +161,23 @@ def internal_upscale(
         seed: fixes the network's initial weights and the training crops.
         progress: called as ``progress(done, total, loss)`` after each training step.
     """
-    _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, progress)
-    seed = checks.check_int(_FN, "seed", seed, 0)
+    _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, seed, progress)
     device, out_dtype = image.device, image.dtype
-    low = image.detach().float()
+    dt = torch.float64 if image.dtype == torch.float64 else torch.float32
+    low = image.detach().to(dt)
     C, h, w = low.shape[1:]
     crop = min(crop, h, w)
     crop -= crop % scale
     fathers = _fathers(low, crop)
     areas = torch.tensor([float(f.shape[-2] * f.shape[-1]) for f in fathers])
     gen = torch.Generator().manual_seed(seed)  # crops and transforms: drawn on the CPU
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    search_gen = torch.Generator(device=device).manual_seed(seed)  # the PSAL blocks' searches
+    # The initial weights from the seed, on the CPU, without touching the caller's random state
+    # (fork_rng restores the CPU's and, where present, every GPU's, which manual_seed also sets).
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
-        net = InternalNet(C, channels, depth, psal_blocks).to(device)
+        net = InternalNet(C, channels, depth, psal_blocks).to(device=device, dtype=dt)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(0.6 * steps), int(0.85 * steps)], gamma=0.1)
     small = crop // scale
@@ -177,7 +188,7 @@ def internal_upscale(
         left = int(torch.randint(0, fw - crop + 1, (1,), generator=gen))
         target = _transform(father[..., top : top + crop, left : left + crop], int(torch.randint(0, 8, (1,), generator=gen)))
         child = enlarge(shrink(target, (small, small)), (crop, crop))
-        loss = (net(child) + child - target).abs().mean()
+        loss = (net(child, search_gen) + child - target).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -190,6 +201,6 @@ def internal_upscale(
         out = torch.zeros_like(up)
         for t in range(8):
             x = _transform(up, t)
-            out += _untransform(x + net(x), t)
+            out += _untransform(x + net(x, search_gen), t)
         out = back_project(out / 8, low)
     return out.clamp(0, 1).to(out_dtype)

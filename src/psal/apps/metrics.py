@@ -54,21 +54,33 @@ def luma(img: torch.Tensor) -> torch.Tensor:
     return (img.clamp(0, 1) * w).sum(1, keepdim=True)
 
 
+def _shaved(name: str, a: torch.Tensor, b: torch.Tensor, crop, keep: int = 1) -> tuple[slice, slice]:
+    """The rows and columns left when ``crop`` pixels are cut off at every border (at least
+    ``keep`` of each must be left)."""
+    if a.dim() != 4 or a.shape != b.shape:
+        raise ValueError(f"{name}: a and b must be (B, C, H, W) of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < 0:
+        raise ValueError(f"{name}: crop must be an int >= 0, got {crop!r}")
+    if min(a.shape[-2:]) - 2 * crop < keep:
+        raise ValueError(f"{name}: crop={crop} leaves fewer than {keep} pixels a side of images {tuple(a.shape)}")
+    return slice(crop, a.shape[-2] - crop), slice(crop, a.shape[-1] - crop)
+
+
 def y_psnr(a: torch.Tensor, b: torch.Tensor, crop: int) -> float:
     """PSNR in dB of the BT.601 luminance, ``crop`` pixels left out at every border."""
-    mse = (luma(a) - luma(b))[..., crop:-crop, crop:-crop].square().mean()
+    rows, cols = _shaved("y_psnr", a, b, crop)
+    mse = (luma(a) - luma(b))[..., rows, cols].square().mean()
     return float(10 * torch.log10(1 / mse.clamp_min(1e-12)))
 
 
 def y_ssim(a: torch.Tensor, b: torch.Tensor, crop: int) -> float:
-    """Mean SSIM (:func:`ssim_map`) of the BT.601 luminance, ``crop`` pixels cut off at every
-    border first (the super-resolution convention: ``crop`` = the scale)."""
-    if a.shape != b.shape or a.dim() != 4:
-        raise ValueError(f"y_ssim: a and b must be (B, C, H, W) of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if min(a.shape[-2:]) <= 2 * crop:
-        raise ValueError(f"y_ssim: crop={crop} leaves nothing of images {tuple(a.shape)}")
-    c = slice(crop, -crop) if crop > 0 else slice(None)
-    return float(ssim_map(luma(a)[..., c, c], luma(b)[..., c, c]).mean())
+    """Mean SSIM (:func:`ssim_map`, data range 1) of the BT.601 luma Y = 16/255 + :func:`luma`
+    (the super-resolution convention, as MATLAB's ``rgb2ycbcr``; the offset changes SSIM, not
+    PSNR), ``crop`` pixels cut off at every border first (``crop`` = the scale), and the map's
+    mean taken where the 11 x 11 window lies inside (as Wang et al.'s code and scikit-image's
+    ``structural_similarity`` do)."""
+    rows, cols = _shaved("y_ssim", a, b, crop, keep=11)
+    return float(ssim_map(luma(a)[..., rows, cols] + 16 / 255, luma(b)[..., rows, cols] + 16 / 255)[..., 5:-5, 5:-5].mean())
 
 
 def chroma_psnr(a: torch.Tensor, b: torch.Tensor) -> float:

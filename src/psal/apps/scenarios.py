@@ -71,18 +71,26 @@ def sr_case(name: str, scale: int, side: int = EVAL_SIDE) -> tuple[torch.Tensor,
     """``(low, truth)`` of the super-resolution protocol: ``truth`` the centred crop of the picture
     at its own resolution (:func:`crop`), cut at the bottom and right to a multiple of ``scale``;
     ``low`` its bicubic, antialiased downsampling by ``scale``, in ``[0, 1]``."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"sr_case: scale must be a positive int, got {scale!r}")
     truth = crop(name, side)
     h, w = truth.shape[-2:]
     truth = truth[..., : h - h % scale, : w - w % scale]
     return downsample(truth, scale).clamp(0, 1), truth
 
 
-def colour_halves(name: str, side: int = EVAL_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+def colour_halves(name: str, side: int = EVAL_SIDE, held_out: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(reference, truth)``, each ``(1, 3, s, s)``: two side-by-side squares at the picture's
     centre at its own resolution, the left one the reference and the right one the truth, so that
-    they share no pixel (``s = min(side, H, W // 2)``)."""
+    they share no pixel (``s = min(side, H, W // 2)``). ``held_out``: the upper and lower squares
+    instead (``s = min(side, H // 2, W)``), for tuning away from the reported pairs (the squares
+    differ, though on most pictures they share pixels with the left and right ones)."""
     im = images.load_bundled(name)
     H, W = im.shape[-2:]
+    if held_out:
+        s = min(side, H // 2, W)
+        left, mid = (W - s) // 2, H // 2
+        return im[..., mid - s : mid, left : left + s], im[..., mid : mid + s, left : left + s]
     s = min(side, H, W // 2)
     top, mid = (H - s) // 2, W // 2
     return im[..., top : top + s, mid - s : mid], im[..., top : top + s, mid : mid + s]

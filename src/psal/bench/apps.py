@@ -75,6 +75,9 @@ def _timed(fn):
 
 
 def _mean(values) -> float:
+    """The mean of the values that are not nan (a metric undefined on a case: a truth with no
+    gradient in its hole), nan if none is."""
+    values = [v for v in values if v == v]
     return statistics.mean(values) if values else float("nan")
 
 
@@ -197,7 +200,7 @@ def run_colorize(args, gallery):
     methods = _colour_methods(args.seed)
     records, rows = [], []
     for i, name in enumerate(args.colour):
-        left, right = scenarios.colour_halves(name, args.side)
+        left, right = scenarios.colour_halves(name, args.side, args.held_out)
         for direction, reference, truth in (("L>R", left, right), ("R>L", right, left)):
             gray = images.grayscale(truth)
             truth_colour = colourfulness(truth)
@@ -321,7 +324,8 @@ def main(argv=None) -> int:
     ap.add_argument("--colour", nargs="*", default=list(scenarios.EVAL_COLOUR), help="colorization photographs (reference | target halves)")
     ap.add_argument("--side", type=int, default=scenarios.EVAL_SIDE, help="side of the inpainting crops and colour halves")
     ap.add_argument("--held-out", action="store_true",
-                    help="inpaint on the held-out cases (crops half a side up and left of the centred ones, other hole seeds): tune there, report the default ones")  # fmt: skip
+                    help="the held-out cases, to tune on (the default ones are reported): inpaint on crops half a side up and left "
+                         "of the centred ones with other hole seeds; colorize upper and lower halves instead of left and right")  # fmt: skip
     ap.add_argument("--sr-photos", nargs="*", default=list(scenarios.SR_PHOTOS), help="upscale: photographs (crops at their own resolution)")
     ap.add_argument("--sr-textures", nargs="*", default=list(scenarios.EVAL_TEXTURES), help="upscale: textures, reported apart")
     ap.add_argument("--sr-methods", nargs="+", default=["bicubic", "back-projection", "patch", "cnn"], choices=["bicubic", "back-projection", "patch", "cnn"],

@@ -8,8 +8,8 @@ lists those that import here.
 
 - ``pypatchmatch``: PyPatchMatch's ``patch_match.inpaint`` (Barnes et al. 2009 with Wexler's EM),
   ``patch_size=4`` (its patches are ``2 * patch_size + 1`` wide: 9 x 9), its random seed fixed: of
-  2, 3 and 4, the strongest on the held-out cases of ``python -m psal.bench apps --held-out``
-  (hole PSNR 21.86, 21.88, 21.97 dB; patch-SWD 2.49, 2.61, 2.33).
+  2, 3, 4 and 5, the strongest on the held-out cases of ``python -m psal.bench apps --held-out``
+  (hole PSNR 21.86, 21.88, 21.97, 21.87 dB; patch-SWD 2.49, 2.61, 2.33, 2.60).
 - ``resynthesizer``: Harrison's Resynthesizer (GIMP's "heal selection" engine) with the plug-in's
   parameters: ``matchContextType=1``, ``mapWeight=0``, ``sensitivityToOutliers=0.117``,
   ``patchSize=16``, ``maxProbeCount=500``, no tiling; the whole known picture is the corpus (the

@@ -13,10 +13,10 @@ an enlarged picture has less detail per pixel than a photograph of that size). H
 
 Each (picture, hole, method) runs in a fresh process after a tiny warm-up call (numba loads its
 kernels); peak memory is that process's maximum resident set (torch is imported in every one).
-Methods: ``psal`` (``psal.apps.inpaint``, 7 x 7 patches, its defaults: sparse queries around the
-hole), ``psal-dense`` (the same, every pixel searched and voted, as before sparse queries), and
-``pypatchmatch`` (pip ``pypatchmatch``, ``patch_match.inpaint`` with ``patch_size=3``: its patches
-are 2 * 3 + 1 = 7 wide, like ours), when installed. The ``vs PyPatchMatch`` column is the time
+Methods: ``psal`` (``psal.apps.inpaint`` with its defaults: 5 x 5 patches, sparse queries around
+the hole), ``psal-dense`` (the same, every pixel searched and voted, as before sparse queries), and
+``pypatchmatch`` (pip ``pypatchmatch`` as ``psal.bench.peers`` runs it: ``patch_match.inpaint`` with
+``patch_size=4``, patches 2 * 4 + 1 = 9 wide), when installed. The ``vs PyPatchMatch`` column is the time
 ratio in the same run.
 
 ``--colorize TARGET ...``: ``psal.apps.colorize`` of each target picture, in grayscale, from the
