@@ -41,6 +41,12 @@ def check_int(fn: str, name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def check_bool(fn: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_patch_size(fn: str, patch_size) -> int:
     if not _is_int(patch_size):
         raise TypeError(

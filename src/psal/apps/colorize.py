@@ -33,6 +33,8 @@ import torch.nn.functional as F
 
 import psal
 
+from .. import _checks as checks
+
 _WHITE = (0.95047, 1.0, 1.08883)  # D65
 # The guided filter's ridge (L units squared), for the smoothing of the matched chroma and for
 # bringing chroma computed at a working size up.
@@ -144,8 +146,7 @@ def _check(target, reference, patch_size, num_neighbors, work_pixels, match_lumi
         raise ValueError(f"colorize: reference {tuple(reference.shape)} has fewer pixels than num_neighbors={num_neighbors}")
     if work_pixels is not None and (isinstance(work_pixels, bool) or not isinstance(work_pixels, int) or work_pixels < 1):
         raise ValueError(f"colorize: work_pixels must be a positive int or None, got {work_pixels!r}")
-    if not isinstance(match_luminance, bool):
-        raise TypeError(f"colorize: match_luminance must be a bool, got {type(match_luminance).__name__}")
+    checks.check_bool("colorize", "match_luminance", match_luminance)
 
 
 def colorize(

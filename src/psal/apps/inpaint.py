@@ -58,7 +58,6 @@ _TEMPERATURE_PERCENTILE = 0.75
 _TEMPERATURE_SCALE = 10.0
 # Wexler's confidence: a patch's votes are weighted by exp(-_CONFIDENCE * mean depth in the hole).
 _CONFIDENCE = 3.0
-_FINAL_AGGREGATION, _FINAL_SCALE = "center", 0.1
 # Sparse queries when the pixels whose patch meets the hole are at most this share of the picture
 # (measured on the 256x256 suite, where they are 20-35%: 18.4 s sparse against 26.8 s dense).
 _SPARSE_BELOW = 0.5
@@ -471,7 +470,7 @@ def inpaint(
     # of all votes, which would blur what the matches agree on only up to a pixel.
     _refresh(feat, cur, C, box)
     field = patchmatch(feat, feat, num_iters=search_iters, init=field, **search)
-    _vote(cur, feat, field.indices, field.costs, hole, near, where, depth, patch_size, backend, _FINAL_AGGREGATION, _FINAL_SCALE)
+    _vote(cur, feat, field.indices, field.costs, hole, near, where, depth, patch_size, backend, "center", 0.1)
     if progress is not None:
         progress(total, total)
     return torch.where(hole, cur[:, :C].to(image.dtype), image)

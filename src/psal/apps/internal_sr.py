@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import _checks as checks
 from ..nn import PSALBlock
-from .upscale import back_project, enlarge, shrink
+from .upscale import back_project, check_image_scale, enlarge, shrink
 
 __all__ = ["InternalNet", "internal_upscale"]
 
@@ -112,20 +112,13 @@ def _fathers(image: torch.Tensor, crop: int) -> list[torch.Tensor]:
 
 
 def _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, seed, progress):
-    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(f"{_FN}: image must be a floating-point tensor, got {type(image).__name__}")
-    if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] not in (1, 3):
-        raise ValueError(f"{_FN}: image must be (1, 1 or 3, H, W), got {tuple(image.shape)}")
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale not in (2, 3, 4):
-        raise ValueError(f"{_FN}: scale must be 2, 3 or 4, got {scale!r}")
+    check_image_scale(_FN, image, scale)
     checks.check_int(_FN, "steps", steps, 1)
     checks.check_int(_FN, "crop", crop, 2 * scale)
     checks.check_int(_FN, "channels", channels, 1)
     checks.check_int(_FN, "depth", depth, 2)
     checks.check_int(_FN, "psal_blocks", psal_blocks, 0)
     checks.check_int(_FN, "seed", seed, 0)
-    if min(image.shape[-2:]) < 2 * scale:
-        raise ValueError(f"{_FN}: image {tuple(image.shape)} is too small for scale {scale} (at least {2 * scale} pixels a side)")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
         raise ValueError(f"{_FN}: lr must be a positive number, got {lr!r}")
     if progress is not None and not callable(progress):

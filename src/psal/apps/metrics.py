@@ -80,7 +80,8 @@ def y_ssim(a: torch.Tensor, b: torch.Tensor, crop: int) -> float:
     mean taken where the 11 x 11 window lies inside (as Wang et al.'s code and scikit-image's
     ``structural_similarity`` do)."""
     rows, cols = _shaved("y_ssim", a, b, crop, keep=11)
-    return float(ssim_map(luma(a)[..., rows, cols] + 16 / 255, luma(b)[..., rows, cols] + 16 / 255)[..., 5:-5, 5:-5].mean())
+    ya, yb = (luma(t[..., rows, cols]) + 16 / 255 for t in (a, b))
+    return float(ssim_map(ya, yb)[..., 5:-5, 5:-5].mean())
 
 
 def chroma_psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -68,15 +68,17 @@ def _corresponding(size, small, device) -> torch.Tensor:
     return (i[:, None] * w + j[None, :])[None, None, None]
 
 
-def _check(image, scale):
+def check_image_scale(fn: str, image, scale) -> None:
+    """The checks every upscaler makes: ``image`` a floating-point ``(1, 1 or 3, H, W)`` of at
+    least ``2 * scale`` pixels a side, ``scale`` an int among 2, 3 and 4."""
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise TypeError(f"upscale: image must be a floating-point tensor, got {type(image).__name__}")
+        raise TypeError(f"{fn}: image must be a floating-point tensor, got {type(image).__name__}")
     if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] not in (1, 3):
-        raise ValueError(f"upscale: image must be (1, 1 or 3, H, W), got {tuple(image.shape)}")
-    if isinstance(scale, bool) or scale not in (2, 3, 4):
-        raise ValueError(f"upscale: scale must be 2, 3 or 4, got {scale!r}")
+        raise ValueError(f"{fn}: image must be (1, 1 or 3, H, W), got {tuple(image.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale not in (2, 3, 4):
+        raise ValueError(f"{fn}: scale must be 2, 3 or 4, got {scale!r}")
     if min(image.shape[-2:]) < 2 * scale:
-        raise ValueError(f"upscale: image {tuple(image.shape)} is too small for scale {scale} (at least {2 * scale} pixels a side)")
+        raise ValueError(f"{fn}: image {tuple(image.shape)} is too small for scale {scale} (at least {2 * scale} pixels a side)")
 
 
 def upscale(
@@ -99,7 +101,7 @@ def upscale(
     over bands of rows of about ``band_pixels`` output pixels at a time (see :func:`_step`), so
     its buffers are a band's; ``progress(done, total)`` is called after each band of each pass.
     """
-    _check(image, scale)
+    check_image_scale("upscale", image, scale)
     if isinstance(band_pixels, bool) or not isinstance(band_pixels, int) or band_pixels < 1:
         raise ValueError(f"upscale: band_pixels must be a positive int, got {band_pixels!r}")
     if progress is not None and not callable(progress):

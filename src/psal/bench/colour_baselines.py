@@ -90,11 +90,6 @@ def _check_window(window, name: str) -> None:
         raise ValueError(f"{name}: window must be a positive odd int, got {window!r}")
 
 
-def _check_remap(remap, name: str) -> None:
-    if not isinstance(remap, bool):
-        raise TypeError(f"{name}: remap must be a bool, got {type(remap).__name__}")
-
-
 def _check_var_scale(var_scale, name: str) -> None:
     if isinstance(var_scale, bool) or not isinstance(var_scale, (int, float)) or not var_scale > 0:
         raise ValueError(f"{name}: var_scale must be a positive number, got {var_scale!r}")
@@ -179,7 +174,7 @@ def welsh(
     _check_reference(reference, "welsh")
     _check_window(window, "welsh")
     checks.check_int("welsh", "samples", samples, 1)
-    _check_remap(remap, "welsh")
+    checks.check_bool("welsh", "remap", remap)
     L, ab, _ = _welsh_lab(gray, reference, samples, window, seed, remap=remap)
     return _compose(L, ab, _out_dtype(gray))
 
@@ -333,7 +328,7 @@ def welsh_levin(
     _check_var_scale(var_scale, "welsh_levin")
     checks.check_int("welsh_levin", "grid", grid, 1)
     checks.check_int("welsh_levin", "samples", samples, 1)
-    _check_remap(remap, "welsh_levin")
+    checks.check_bool("welsh_levin", "remap", remap)
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"welsh_levin: keep must be in [0, 1], got {keep!r}")
     _, ab, err = _welsh_lab(gray, reference, samples, window, seed, remap=remap)
