@@ -69,6 +69,19 @@ def test_gray_float64_and_a_psal_block_in_the_middle():
     assert calls == [(1, 4, 10, 10)]  # the blocks see the middle features
 
 
+def test_x3_and_x4_climb_in_two_stages_to_the_exact_size():
+    assert internal_sr._stages(2) == [2.0] and internal_sr._stages(4) == [2.0, 2.0]
+    assert internal_sr._stages(3) == pytest.approx([3**0.5, 3**0.5])
+    low = _smooth(13, 11, 4)
+    for scale in (3, 4):
+        calls = []
+        out = internal_upscale(low, scale, steps=2, crop=8, channels=4, depth=3, progress=lambda *a: calls.append(a[:2]))
+        assert out.shape == (1, 3, 13 * scale, 11 * scale)
+        assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one bar over both stages
+        # back-projected onto the original input at the end, whatever the stage sizes
+        assert (shrink(out, (13, 11)) - low).abs().mean() < 0.01
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

@@ -241,6 +241,7 @@ def _sr_methods(names, steps, seed):
         "back-projection": lambda low, s: back_project(enlarge(low, (low.shape[-2] * s, low.shape[-1] * s)), low).clamp(0, 1),
         "patch": lambda low, s: upscale(low, s, generator=torch.Generator().manual_seed(seed)),
         "cnn": lambda low, s: internal_upscale(low, s, steps=steps, seed=seed),
+        "psal-net": lambda low, s: internal_upscale(low, s, steps=steps, seed=seed, psal_blocks=1),
     }
     return {name: every[name] for name in names}
 
@@ -328,8 +329,8 @@ def main(argv=None) -> int:
                          "of the centred ones with other hole seeds; colorize upper and lower halves instead of left and right")  # fmt: skip
     ap.add_argument("--sr-photos", nargs="*", default=list(scenarios.SR_PHOTOS), help="upscale: photographs (crops at their own resolution)")
     ap.add_argument("--sr-textures", nargs="*", default=list(scenarios.EVAL_TEXTURES), help="upscale: textures, reported apart")
-    ap.add_argument("--sr-methods", nargs="+", default=["bicubic", "back-projection", "patch", "cnn"], choices=["bicubic", "back-projection", "patch", "cnn"],
-                    help="upscale: methods (cnn: the internal-learning network, psal.apps.internal_sr)")  # fmt: skip
+    ap.add_argument("--sr-methods", nargs="+", default=["bicubic", "back-projection", "patch", "cnn"], choices=["bicubic", "back-projection", "patch", "cnn", "psal-net"],
+                    help="upscale: methods (cnn: the internal-learning network, psal.apps.internal_sr; psal-net: the same with a PSALBlock in its middle)")  # fmt: skip
     ap.add_argument("--sr-steps", type=int, default=1500, help="upscale: training steps of the internal-learning network")
     ap.add_argument("--size", type=int, default=256, help="upscale-resized: side of the truths (whole pictures resized)")
     ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
