@@ -203,10 +203,20 @@ def test_colorize_keeps_the_gray_and_refuses_a_gray_reference(files, capsys):
 def test_upscale_writes_the_enlarged_image(files, capsys, monkeypatch):
     tmp, q, _ = files
     out = str(tmp / "up.png")
-    code, err = _run(capsys, "upscale", q, "--scale", "3", "-o", out, "--device", "cpu", "--report", str(tmp / "u.json"))
+    code, err = _run(capsys, "upscale", q, "--scale", "3", "-o", out, "--device", "cpu", "--report", str(tmp / "u.json"), "--steps", "4")
     assert code == 0, err
     assert np.asarray(Image.open(out)).shape == (72, 60, 3)
-    assert json.load(open(tmp / "u.json"))["mean_abs_error_after_shrinking"] < 0.01
+    report = json.load(open(tmp / "u.json"))
+    assert report["method"] == "network" and report["mean_abs_error_after_shrinking"] < 0.01
+    fast = str(tmp / "fast.png")
+    code, err = _run(capsys, "upscale", q, "--scale", "3", "-o", fast, "--fast", "--report", str(tmp / "f.json"))
+    assert code == 0, err
+    assert json.load(open(tmp / "f.json"))["method"] == "patch"
+    assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(fast)))  # two methods
+    _bad(capsys, ["upscale", q, "-o", str(tmp / "x.png"), "--steps", "0"], "steps must be")
+    pytest.importorskip("tqdm")
+    assert main(["upscale", q, "-o", str(tmp / "bar.png"), "--steps", "3", "--device", "cpu"]) == 0
+    assert "loss 0." in capsys.readouterr().err  # the bar shows the training loss
     monkeypatch.setattr("psal.cli.main.available_memory", lambda: 24 * 20 * 400 * 4)
     _bad(capsys, ["upscale", q, "--scale", "4", "-o", str(tmp / "big.png")], "does not fit in the memory available")
 
@@ -302,3 +312,45 @@ def test_ctrl_c_during_a_long_run_leaves_no_output_and_one_line(tmp_path, comman
     last = (seen + rest).decode(errors="replace").replace("\r", "\n").strip().splitlines()[-1]
     assert last == f"psal {command}: interrupted"
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed
+
+
+def test_folders_in_folders_out_and_one_corrupt_file(tmp_path, capsys):
+    """20 pictures, one of them corrupt: 19 results written under their own names, exit 1, the
+    corrupt file named; masks matched by file name whatever their extension."""
+    pics, masks, out = tmp_path / "pics", tmp_path / "masks", tmp_path / "out"
+    pics.mkdir(), masks.mkdir()
+    hole = np.zeros((24, 20), np.uint8)
+    hole[8:14, 6:12] = 255
+    for i in range(20):
+        Image.fromarray(_rgb(10 + i)).save(pics / f"p{i:02d}.png")
+        Image.fromarray(hole).save(masks / f"p{i:02d}.bmp")
+    (pics / "p07.png").write_bytes(b"not a picture")
+    (pics / "notes.txt").write_text("not a picture either, and not one by its name: skipped")
+    code, err = _run(capsys, "inpaint", str(pics), str(masks), "-o", str(out), "--patch-size", "3", "--device", "cpu")
+    assert code == 1
+    failed = [line for line in err.splitlines() if "failed:" in line]
+    assert len(failed) == 1 and "p07.png" in failed[0] and "Traceback" not in err
+    assert "19 of 20 pictures written" in err.splitlines()[-1]
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [f"p{i:02d}.png" for i in range(20) if i != 7]
+    for name in written:  # each is the one-file command's result: known pixels kept
+        got, before = np.asarray(Image.open(out / name)), np.asarray(Image.open(pics / name))
+        assert np.array_equal(got[hole == 0], before[hole == 0]) and not np.array_equal(got, before)
+    # the same folder through upscale (patch method) and a missing mask: named, the others written
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in ("p00.png", "p03.png"):
+        (few / name).write_bytes((pics / name).read_bytes())
+    (masks / "p03.bmp").unlink()
+    code, err = _run(capsys, "inpaint", str(few), str(masks), "-o", str(tmp_path / "out2"), "--patch-size", "3")
+    assert code == 1 and "p03.png: no mask named p03.*" in err and "1 of 2" in err
+    code, err = _run(capsys, "upscale", str(pics), "-o", str(tmp_path / "up"), "--fast")
+    assert code == 1 and "19 of 20" in err
+    assert np.asarray(Image.open(tmp_path / "up" / "p00.png")).shape == (48, 40, 3)
+    # wrong folders: one line, exit 2, nothing written
+    _bad(capsys, ["upscale", str(pics), "-o", str(pics)], "is also an input folder")
+    _bad(capsys, ["upscale", str(pics), "-o", str(tmp_path / "x.png")], "the output must be a folder")
+    _bad(capsys, ["inpaint", str(pics), str(masks / "p00.bmp"), "-o", str(tmp_path / "o3")], "give a folder of masks")
+    (tmp_path / "empty").mkdir()
+    _bad(capsys, ["upscale", str(tmp_path / "empty"), "-o", str(tmp_path / "o4")], "holds no picture")
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o4").exists()

@@ -99,10 +99,26 @@ def save_image(image: torch.Tensor, path, format: str = "PNG", bits: int = 8, **
     only); other 16-bit requests are written with 8 bits. The file is written beside its
     destination and renamed into place, so an existing file is never left half-written.
     """
+    picture = _pillow_image(image, format, bits, "save_image")
+    write_atomically(path, lambda f: picture.save(f, format=format, **options))
+
+
+def encode_image(image: torch.Tensor, format: str = "PNG", bits: int = 8, **options) -> bytes:
+    """The bytes of the file that :func:`save_image` writes for the same arguments."""
+    import io
+
+    picture = _pillow_image(image, format, bits, "encode_image")
+    buffer = io.BytesIO()
+    picture.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def _pillow_image(image: torch.Tensor, format: str, bits: int, fn: str):
+    """``image`` rounded to 8 (or 16, see :func:`save_image`) bits per channel, as a Pillow image."""
     Image = _need("PIL.Image")
     np = _need("numpy")
     if bits not in (8, 16):
-        raise ValueError(f"save_image: bits must be 8 or 16, got {bits!r}")
+        raise ValueError(f"{fn}: bits must be 8 or 16, got {bits!r}")
     if image.dim() == 4:
         image = image[0]
     sixteen = bits == 16 and image.shape[0] == 1 and format in ("PNG", "TIFF")
@@ -110,7 +126,7 @@ def save_image(image: torch.Tensor, path, format: str = "PNG", bits: int = 8, **
     array = image.detach().double().clamp(0, 1).mul(top).round().permute(1, 2, 0).cpu().numpy().astype(dtype)
     if array.shape[2] == 1:
         array = array[:, :, 0]
-    write_atomically(path, lambda f: Image.fromarray(array).save(f, format=format, **options))
+    return Image.fromarray(array)
 
 
 def write_atomically(path, write) -> None:

@@ -6,6 +6,9 @@ result where the output format allows it (PNG, TIFF). It refuses, with one line 
 file: a missing or unreadable file, an image with real transparency, and an image whose working
 set would not fit in the memory available. Writing goes to a temporary file beside the
 destination, renamed into place only once complete, and never onto one of the inputs.
+
+The local service (``psal serve``) reads uploads and writes its results through the same code:
+:func:`decode_image_bits` and :func:`encode_png`, so that a file and its upload give the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".ti
 
 class CLIError(Exception):
     """A problem with the command's input, said in one line to the user."""
+
+
+class TooLarge(CLIError):
+    """An image larger than the memory (or the server's ``max_pixels``) allows: refused from its
+    header, before its pixels are decoded."""
 
 
 def _pil():
@@ -53,42 +61,66 @@ def read_image(path: str, what: str = "image") -> torch.Tensor:
 
 def read_image_bits(path: str, what: str = "image") -> tuple[torch.Tensor, int]:
     """:func:`read_image` and the file's bits per channel, 8 or 16 (to write the result alike)."""
-    Image = _pil()
     if not os.path.isfile(path):
         raise CLIError(f"{what} {path!r}: no such file")
+    return _decode(path, f"{what} {path!r}", _check_memory, explain=True)
+
+
+def decode_image_bits(data: bytes, what: str = "image", max_pixels: int | None = None) -> tuple[torch.Tensor, int]:
+    """:func:`read_image_bits` for the bytes of an image file (an upload): the same kinds are read
+    and refused, named ``what`` in the message; above ``max_pixels`` pixels (``None``: no limit)
+    :class:`TooLarge` is raised from the header, before any pixel is decoded."""
+    import io
+
+    def check(label, width, height):
+        if max_pixels is not None and width * height > max_pixels:
+            raise TooLarge(f"{label}: {width}x{height} is {width * height} pixels, more than the {max_pixels} allowed; resize it first")
+
+    if not data:
+        raise CLIError(f"{what}: empty file")
+    return _decode(io.BytesIO(data), what, check, explain=False)
+
+
+def _decode(source, label: str, check_size, explain: bool) -> tuple[torch.Tensor, int]:
+    """The pixels of ``source`` (a path or a binary file) and its bits per channel; every problem
+    is a :class:`CLIError` starting with ``label``. ``check_size(label, width, height)`` runs on
+    the header, before the pixels are decoded. ``explain``: add Pillow's reason to the message of
+    an unreadable file (not for in-memory files, whose reason names a Python object)."""
+    Image = _pil()
     try:
         with warnings.catch_warnings():
             # Pillow warns above ~89 Mpixels; the memory check below decides instead, in one line.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(source)
         with img:
-            _check_memory(path, what, *img.size)
+            check_size(label, *img.size)
             bits = 16 if img.mode.startswith("I") else 8
             img.load()
-            array = _to_array(img, path, what)
+            array = _to_array(img, label)
     except CLIError:
         raise
     except Image.DecompressionBombError as exc:
-        raise CLIError(f"{what} {path!r}: too large to process ({exc})") from None
+        raise TooLarge(f"{label}: too large to process ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise CLIError(f"{what} {path!r}: not a readable image ({exc})") from None
+        reason = f" ({exc})" if explain else " (PNG, JPEG, TIFF, BMP or WebP, for example)"
+        raise CLIError(f"{label}: not a readable image{reason}") from None
     t = torch.from_numpy(array)
     if t.dim() == 2:
         t = t[..., None]
     return t.permute(2, 0, 1)[None].contiguous(), bits
 
 
-def _check_memory(path, what, width: int, height: int) -> None:
+def _check_memory(label, width: int, height: int) -> None:
     need = width * height * BYTES_PER_PIXEL
     free = available_memory()
     if free is not None and need > free:
-        raise CLIError(
-            f"{what} {path!r}: {width}x{height} pixels needs about {need / 2**30:.1f} GiB, "
+        raise TooLarge(
+            f"{label}: {width}x{height} pixels needs about {need / 2**30:.1f} GiB, "
             f"{free / 2**30:.1f} GiB available; resize it first"
         )
 
 
-def _to_array(img, path, what) -> np.ndarray:
+def _to_array(img, label) -> np.ndarray:
     """The pixels as float32 ``(H, W)`` or ``(H, W, 3)`` in ``[0, 1]``."""
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -96,12 +128,12 @@ def _to_array(img, path, what) -> np.ndarray:
         top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
         return (a / top).clip(0, 1).astype(np.float32)
     if mode == "F":
-        raise CLIError(f"{what} {path!r}: floating-point images are not supported; save it as 8- or 16-bit")
+        raise CLIError(f"{label}: floating-point images are not supported; save it as 8- or 16-bit")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         alpha = np.asarray(rgba)[..., 3]
         if (alpha < 255).any():
-            raise CLIError(f"{what} {path!r}: has transparent pixels (alpha channel); flatten it onto a background first")
+            raise CLIError(f"{label}: has transparent pixels (alpha channel); flatten it onto a background first")
         img = rgba.convert("RGB" if mode != "LA" else "L")
     elif mode in ("1", "L"):
         img = img.convert("L")
@@ -135,3 +167,10 @@ def write_image(image: torch.Tensor, out: str, bits: int = 8) -> None:
 
     fmt = WRITABLE[os.path.splitext(out)[1].lower()]
     save_image(image, out, fmt, bits=bits, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+
+
+def encode_png(image: torch.Tensor, bits: int = 8) -> bytes:
+    """The bytes of the PNG file that :func:`write_image` writes for ``out=*.png``."""
+    from psal.images import encode_image
+
+    return encode_image(image, "PNG", bits=bits)

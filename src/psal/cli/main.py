@@ -3,8 +3,13 @@
     psal reconstruct QUERY SOURCE -o OUT     rebuild QUERY from the patches of SOURCE
     psal inpaint IMAGE MASK -o OUT           fill the white region of MASK
     psal colorize GRAY REFERENCE -o OUT      colour GRAY like the colour image REFERENCE
-    psal upscale IMAGE --scale 2 -o OUT      super-resolution from the image's own patches
+    psal upscale IMAGE --scale 2 -o OUT      super-resolution learnt from the image itself
     psal demo [--out out]                    all four on bundled pictures: gallery and metrics
+    psal serve [--port 8765]                 the four in a local web page (and an HTTP API)
+
+inpaint, upscale and colorize also take a folder of pictures (and inpaint a folder of masks named
+as the pictures) with ``-o OUT_DIR``: one progress bar, a summary, and every file that failed
+named, the others still written.
 
 Every subcommand reads ordinary image files (8/16-bit grayscale or RGB, opaque RGBA), writes its
 result atomically (a temporary file renamed into place) and never onto an input, takes ``--seed``
@@ -16,6 +21,7 @@ set ``PSAL_DEBUG=1`` to see the traceback instead.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -24,6 +30,7 @@ import torch
 
 from .io import (
     BYTES_PER_PIXEL,
+    WRITABLE,
     CLIError,
     available_memory,
     check_output,
@@ -31,18 +38,9 @@ from .io import (
     read_image_bits,
     write_image,
 )
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CLIError(f"--device: unknown device {name!r}; use cpu, cuda or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available here; use --device cpu")
-    return device
+from . import tasks
+from .tasks import UPSCALE_STEPS  # noqa: F401 - psal.cli.main.UPSCALE_STEPS, as before
+from .tasks import device_from_name as _device
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -58,61 +56,47 @@ def _progress(total: int, desc: str, quiet: bool):
 
 def _steps(desc: str, quiet: bool):
     """``(bar, progress)``: a bar as :func:`_progress` gives (or None) and a ``progress(done,
-    total)`` callback for the apps that moves it."""
+    total, loss=None)`` callback for the apps that moves it (and shows the training loss)."""
     bar = _progress(0, desc, quiet)
 
-    def progress(done, total):
+    def progress(done, total, loss=None):
         if bar is not None:
             bar.total = total
             bar.n = done
+            if loss is not None:
+                bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
             bar.refresh()
 
     return bar, progress
 
 
-def _same_channels(a: torch.Tensor, b: torch.Tensor):
-    """Grayscale beside colour: the grayscale one is repeated over three channels."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    return a.expand(1, 3, *a.shape[-2:]), b.expand(1, 3, *b.shape[-2:])
-
-
 def cmd_reconstruct(args) -> dict:
     """Every pixel of QUERY takes the colour that the best-matching patches of SOURCE give it."""
-    import psal
     from psal import images
+
+    from .tasks import reconstruct_images
 
     check_output(args.out, [args.query, args.source])
     query, bits = read_image_bits(args.query, "query")
     source = read_image(args.source, "source")
-    query, source = _same_channels(query, source)
     device = _device(args.device)
-    query, source = query.to(device), source.to(device)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
     t0 = time.perf_counter()
-    bar = _progress(args.iters, "search", args.quiet)
-    field = psal.patchmatch(query, source, patch_size=args.patch_size, num_neighbors=args.k, num_iters=0, generator=gen)
-    for _ in range(args.iters):  # one iteration per call, so that progress shows
-        field = psal.patchmatch(
-            query, source, patch_size=args.patch_size, num_neighbors=args.k, num_iters=1, init=field, generator=gen
-        )
+    bar, progress = _steps("search", args.quiet)
+    try:
+        out, field = reconstruct_images(
+            query, source, device=device, seed=args.seed, patch_size=args.patch_size, k=args.k, iters=args.iters,
+            aggregation=args.aggregation, temperature_scale=args.temperature_scale, progress=progress,
+        )  # fmt: skip
+    finally:
         if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
-    # Temperature: a tenth of the median best cost, so that clearly worse matches weigh little.
-    temperature = float(field.costs[:, :, 0].median().clamp_min(1e-6)) * args.temperature_scale
-    out = psal.attend(
-        query, source, source, field.indices, patch_size=args.patch_size, temperature=temperature,
-        aggregation=args.aggregation,
-    )  # fmt: skip
+            bar.close()
     seconds = time.perf_counter() - t0
     write_image(out, args.out, bits)
     return {
         "command": "reconstruct",
         "output": args.out,
         "size": list(query.shape[-2:]),
-        "psnr_vs_query_db": images.psnr(out.cpu(), query.cpu()),
+        "psnr_vs_query_db": images.psnr(out.cpu(), query.expand_as(out).cpu()),
         "mean_best_patch_cost": float(field.costs[:, :, 0].mean()),
         "seconds": seconds,
     }
@@ -121,19 +105,17 @@ def cmd_reconstruct(args) -> dict:
 def cmd_colorize(args) -> dict:
     """Colour a grayscale image like a colour reference: its luminance is kept, the chroma comes
     from the reference patches that match it best."""
-    from psal.apps.colorize import colorize
+    from .tasks import check_reference, colorize_image
 
     check_output(args.out, [args.gray, args.reference])
     gray = read_image(args.gray, "gray image")
     reference = read_image(args.reference, "reference")
-    if reference.shape[1] != 3:
-        raise CLIError(f"reference {args.reference!r} is grayscale; colorize needs a colour reference")
+    check_reference(reference, f"reference {args.reference!r}")
     device = _device(args.device)
     t0 = time.perf_counter()
-    out = colorize(
-        gray.to(device), reference.to(device), patch_size=args.patch_size, num_neighbors=args.k,
-        num_iters=args.iters, temperature_scale=args.temperature_scale, match_luminance=args.match_luminance,
-        generator=torch.Generator(device=device).manual_seed(args.seed),
+    out = colorize_image(
+        gray, reference, device=device, seed=args.seed, patch_size=args.patch_size, k=args.k, iters=args.iters,
+        temperature_scale=args.temperature_scale, match_luminance=args.match_luminance,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     write_image(out, args.out)
@@ -143,38 +125,26 @@ def cmd_colorize(args) -> dict:
 def cmd_inpaint(args) -> dict:
     """Fill the white region of MASK in IMAGE with patches of the rest of the image (coarse to
     fine, masked self-attention and patch voting); the other pixels are kept exactly."""
-    from psal.apps.inpaint import inpaint
     from psal.apps.inpaint_net import PRETRAINED_PATH
+
+    from .tasks import hole_from_mask, inpaint_image
 
     check_output(args.out, [args.image, args.mask] + ([args.checkpoint] if args.checkpoint else []))
     image, bits = read_image_bits(args.image, "image")
     mask_image = read_image(args.mask, "mask")
-    if mask_image.shape[-2:] != image.shape[-2:]:
-        raise CLIError(
-            f"mask {args.mask!r} is {mask_image.shape[-1]}x{mask_image.shape[-2]}, "
-            f"image {args.image!r} is {image.shape[-1]}x{image.shape[-2]}; they must be the same size"
-        )
-    hole = mask_image.mean(1, keepdim=True) > 0.5  # white (or light) = hole
-    if not hole.any():
-        raise CLIError(f"mask {args.mask!r} has no white pixel: nothing to fill")
-    if hole.all():
-        raise CLIError(f"mask {args.mask!r} is white everywhere: no known pixel to copy from")
+    hole = hole_from_mask(mask_image, image, f"mask {args.mask!r}", f"image {args.image!r}")
     device = _device(args.device)
+    model_path = args.checkpoint or (PRETRAINED_PATH if args.model else None)
     t0 = time.perf_counter()
-    if args.model or args.checkpoint:
-        model_path = args.checkpoint or PRETRAINED_PATH
-        out = _fill_with_model(model_path, image, hole, device, args.seed)
-    else:
-        model_path = None
-        bar, progress = _steps("inpaint", args.quiet)
-        try:
-            out = inpaint(
-                image.to(device), hole.to(device), patch_size=args.patch_size, num_iters=args.iters,
-                generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
-            )  # fmt: skip
-        finally:  # also on Ctrl-C or an error: the bar's line is cleared before the message
-            if bar is not None:
-                bar.close()
+    bar, progress = _steps("inpaint", args.quiet or model_path is not None)
+    try:
+        out = inpaint_image(
+            image, hole, device=device, seed=args.seed, patch_size=args.patch_size, iters=args.iters,
+            checkpoint=model_path, progress=progress,
+        )  # fmt: skip
+    finally:  # also on Ctrl-C or an error: the bar's line is cleared before the message
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     write_image(out, args.out, bits)
     report = {
@@ -189,24 +159,14 @@ def cmd_inpaint(args) -> dict:
     return report
 
 
-def _fill_with_model(path, image, hole, device, seed):
-    """``psal inpaint --model``/``--checkpoint``: one pass of the trained network."""
-    from psal.apps.inpaint_net import inpaint_with_model, load_pretrained
-
-    if not os.path.isfile(path):
-        raise CLIError(f"checkpoint {path!r}: no such file")
-    try:
-        model = load_pretrained(path, map_location=device)
-    except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"checkpoint {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
-    return inpaint_with_model(image.to(device), hole.to(device), model.to(device), seed=seed)
-
-
 def cmd_upscale(args) -> dict:
-    """Enlarge an image 2, 3 or 4 times with detail borrowed from its own patches at a lower scale,
-    then back-projected so that shrinking the result gives back the input."""
-    from psal.apps.upscale import downsample, upscale
+    """Enlarge an image 2, 3 or 4 times. The default method trains a small network on the image
+    itself (its own crops, shrunk and enlarged back, are the examples: psal.apps.internal_sr);
+    ``--method patch`` borrows detail from the image's own patches one scale lower instead, in a
+    few seconds. Both back-project, so that shrinking the result gives back the input."""
+    from psal.apps.upscale import downsample
+
+    from .tasks import upscale_image
 
     check_output(args.out, [args.image])
     image, bits = read_image_bits(args.image, "image")
@@ -218,9 +178,9 @@ def cmd_upscale(args) -> dict:
     t0 = time.perf_counter()
     bar, progress = _steps("upscale", args.quiet)
     try:
-        out = upscale(
-            image.to(device), args.scale, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters,
-            strength=args.strength, generator=torch.Generator(device=device).manual_seed(args.seed), progress=progress,
+        out = upscale_image(
+            image, args.scale, device=device, seed=args.seed, method=args.method, steps=args.steps,
+            patch_size=args.patch_size, k=args.k, iters=args.iters, strength=args.strength, progress=progress,
         )  # fmt: skip
     finally:  # also on Ctrl-C or an error: the bar's line is cleared before the message
         if bar is not None:
@@ -230,6 +190,7 @@ def cmd_upscale(args) -> dict:
     consistency = float((downsample(out, args.scale) - image.to(out)).abs().mean())
     return {
         "command": "upscale",
+        "method": args.method,
         "output": args.out,
         "size": [H * args.scale, W * args.scale],
         "mean_abs_error_after_shrinking": consistency,
@@ -313,6 +274,15 @@ def cmd_demo(args) -> dict:
     return report
 
 
+def cmd_serve(args) -> None:
+    """A local web page for the four tasks (open a picture, paint a mask, run, compare, download)
+    and the HTTP API behind it (psal.serve). Jobs run one at a time on the device; Ctrl+C stops.
+    Needs the serve extra: pip install psal[serve]."""
+    from psal.serve import run_server
+
+    run_server(host=args.host, port=args.port, device=args.device, max_pixels=args.max_pixels, quiet=args.quiet)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="psal", description=__doc__.split("\n\n")[0])
     ap.add_argument("--version", action="version", version=_version())
@@ -320,7 +290,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p, out: bool = True):
         if out:
-            p.add_argument("-o", "--out", required=True, help="output image (.png, .jpg, .tif, .bmp, .webp)")
+            p.add_argument("-o", "--out", required=True, help="output image (.png, .jpg, .tif, .bmp, .webp), or folder for a folder of pictures")
         p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
         p.add_argument("--report", metavar="FILE.json", help="write the metrics computed to this JSON file")
@@ -330,11 +300,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("query", help="the image to rebuild")
     p.add_argument("source", help="the image whose patches are used")
     common(p)
-    p.add_argument("--patch-size", type=int, default=7)
-    p.add_argument("--k", type=int, default=1, help="matches per pixel")
-    p.add_argument("--iters", type=int, default=5, help="PatchMatch iterations")
-    p.add_argument("--aggregation", choices=["center", "patch", "patch_mean"], default="center")
-    p.add_argument("--temperature-scale", type=float, default=0.1, help="temperature / median best patch cost")
+    d = functools.partial(tasks.default, tasks.reconstruct_images)  # the defaults the service uses too
+    p.add_argument("--patch-size", type=int, default=d("patch_size"))
+    p.add_argument("--k", type=int, default=d("k"), help="matches per pixel")
+    p.add_argument("--iters", type=int, default=d("iters"), help="PatchMatch iterations")
+    p.add_argument("--aggregation", choices=["center", "patch", "patch_mean"], default=d("aggregation"))
+    p.add_argument("--temperature-scale", type=float, default=d("temperature_scale"), help="temperature / median best patch cost")
     p.set_defaults(run=cmd_reconstruct)
 
     p = sub.add_parser("demo", help="all four tasks on bundled pictures: results, gallery, metrics", description=cmd_demo.__doc__)
@@ -344,36 +315,52 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("inpaint", help="fill the white region of a mask", description=cmd_inpaint.__doc__)
-    p.add_argument("image", help="the image to repair")
-    p.add_argument("mask", help="same size as IMAGE; white marks the pixels to fill")
+    p.add_argument("image", help="the image to repair (or a folder of them)")
+    p.add_argument("mask", help="same size as IMAGE; white marks the pixels to fill (a folder of masks named as the pictures, for a folder)")
     common(p)
-    p.add_argument("--patch-size", type=int, default=5)
-    p.add_argument("--iters", type=int, default=10, help="search and vote rounds per scale, at most")
+    d = functools.partial(tasks.default, tasks.inpaint_image)
+    p.add_argument("--patch-size", type=int, default=d("patch_size"))
+    p.add_argument("--iters", type=int, default=d("iters"), help="search and vote rounds per scale, at most")
     p.add_argument("--model", action="store_true", help="use the trained network shipped with psal instead of the zero-shot patch method")
     p.add_argument("--checkpoint", help="with the network of this checkpoint (python -m psal.examples.train_inpainting) instead")
     p.set_defaults(run=cmd_inpaint)
 
     p = sub.add_parser("colorize", help="colour a grayscale image like a colour reference", description=cmd_colorize.__doc__)
-    p.add_argument("gray", help="the image to colour (a colour image is read for its luminance)")
+    p.add_argument("gray", help="the image to colour (a colour image is read for its luminance; or a folder of them)")
     p.add_argument("reference", help="a colour image of similar content")
     common(p)
-    p.add_argument("--patch-size", type=int, default=5)
-    p.add_argument("--k", type=int, default=4, help="matches per pixel")
-    p.add_argument("--iters", type=int, default=6, help="PatchMatch iterations")
-    p.add_argument("--temperature-scale", type=float, default=0.5, help="temperature / median best patch cost")
+    d = functools.partial(tasks.default, tasks.colorize_image)
+    p.add_argument("--patch-size", type=int, default=d("patch_size"))
+    p.add_argument("--k", type=int, default=d("k"), help="matches per pixel")
+    p.add_argument("--iters", type=int, default=d("iters"), help="PatchMatch iterations")
+    p.add_argument("--temperature-scale", type=float, default=d("temperature_scale"), help="temperature / median best patch cost")
     p.add_argument("--match-luminance", action="store_true",
                    help="move the reference's brightness and contrast to the gray image's first (for a reference taken in other light)")
     p.set_defaults(run=cmd_colorize)
 
-    p = sub.add_parser("upscale", help="super-resolution from the image's own patches", description=cmd_upscale.__doc__)
-    p.add_argument("image", help="the image to enlarge")
-    p.add_argument("--scale", type=int, choices=[2, 3, 4], default=2)
+    p = sub.add_parser("upscale", help="super-resolution learnt from the image itself", description=cmd_upscale.__doc__)
+    p.add_argument("image", help="the image to enlarge (or a folder of them)")
+    d = functools.partial(tasks.default, tasks.upscale_image)
+    p.add_argument("--scale", type=int, choices=[2, 3, 4], default=d("scale"))
     common(p)
-    p.add_argument("--patch-size", type=int, default=7)
-    p.add_argument("--k", type=int, default=2, help="matches per pixel")
-    p.add_argument("--iters", type=int, default=3, help="PatchMatch iterations")
-    p.add_argument("--strength", type=float, default=0.5, help="how much of the borrowed detail is added")
+    p.add_argument("--method", choices=["network", "patch"], default=d("method"),
+                   help="network: train a small network on the image (about a minute); patch: borrow its own patches (seconds)")  # fmt: skip
+    p.add_argument("--fast", dest="method", action="store_const", const="patch", help="the same as --method patch")
+    p.add_argument("--steps", type=int, default=d("steps"), help="network: training steps per stage (x2 in one stage, x3 and x4 in two)")
+    p.add_argument("--patch-size", type=int, default=d("patch_size"), help="patch: side of the patches matched")
+    p.add_argument("--k", type=int, default=d("k"), help="patch: matches per pixel")
+    p.add_argument("--iters", type=int, default=d("iters"), help="patch: PatchMatch iterations")
+    p.add_argument("--strength", type=float, default=d("strength"), help="patch: how much of the borrowed detail is added")
     p.set_defaults(run=cmd_upscale)
+
+    p = sub.add_parser("serve", help="a local web page (and HTTP API) for the four tasks", description=cmd_serve.__doc__)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (0: any free port)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
+    p.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse pictures (and upscaled results) of more pixels (default: what the memory available allows)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no start-up line; errors only in the log")
+    p.set_defaults(run=cmd_serve, report=None)
     return ap
 
 
@@ -397,6 +384,69 @@ def _write_report(path: str, report: dict) -> None:
     write_json(path, report)
 
 
+# Folder mode: the argument that names the folder of pictures, and the one naming a folder of masks.
+_FOLDER_ARGS = {"inpaint": ("image", "mask"), "upscale": ("image", None), "colorize": ("gray", None)}
+
+
+def _pictures(folder: str) -> list[str]:
+    """The files of ``folder`` with an image extension, sorted by name."""
+    return sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in WRITABLE and os.path.isfile(os.path.join(folder, n)))
+
+
+def _run_folder(args) -> int:
+    """``psal inpaint DIR MASK_DIR -o OUT_DIR`` (masks matched by file name, any image extension),
+    ``psal upscale DIR -o OUT_DIR``, ``psal colorize DIR REFERENCE -o OUT_DIR``: each picture of
+    DIR through the one-file command, written to OUT_DIR under its own name, one progress bar over
+    the files. A file that fails is named on stderr and the others still run; the exit status is
+    1 if any failed (2 if the folders themselves are wrong)."""
+    what, masks_arg = _FOLDER_ARGS[args.command]
+    folder, out = getattr(args, what), args.out
+    if os.path.splitext(out)[1].lower() in WRITABLE or (os.path.exists(out) and not os.path.isdir(out)):
+        raise CLIError(f"-o {out!r}: with a folder of pictures, the output must be a folder")
+    if os.path.abspath(out) == os.path.abspath(folder) or (masks_arg and os.path.abspath(out) == os.path.abspath(getattr(args, masks_arg))):
+        raise CLIError(f"-o {out!r} is also an input folder; choose another folder")
+    names = _pictures(folder)
+    if not names:
+        raise CLIError(f"{what} folder {folder!r} holds no picture ({', '.join(sorted(WRITABLE))})")
+    masks = {}
+    if masks_arg:
+        mask_dir = getattr(args, masks_arg)
+        if not os.path.isdir(mask_dir):
+            raise CLIError(f"{masks_arg} {mask_dir!r}: with a folder of pictures, give a folder of masks (matched by file name)")
+        for n in _pictures(mask_dir):
+            masks.setdefault(os.path.splitext(n)[0], os.path.join(mask_dir, n))
+    if args.report:
+        raise CLIError("--report is for one picture; a folder run prints its summary instead")
+    os.makedirs(out, exist_ok=True)
+    failed, bar = [], _progress(len(names), args.command, args.quiet)
+    for name in names:
+        one = argparse.Namespace(**{**vars(args), "quiet": True, "report": None})
+        setattr(one, what, os.path.join(folder, name))
+        one.out = os.path.join(out, name)
+        try:
+            if masks_arg:
+                stem = os.path.splitext(name)[0]
+                if stem not in masks:
+                    raise CLIError(f"no mask named {stem}.* in {getattr(args, masks_arg)!r}")
+                setattr(one, masks_arg, masks[stem])
+            args.run(one)
+        except KeyboardInterrupt:
+            raise
+        except (MemoryError, torch.OutOfMemoryError):
+            failed.append((name, "out of memory"))
+        except Exception as exc:  # noqa: BLE001 - one line per file; the others go on
+            failed.append((name, str(exc) if isinstance(exc, (CLIError, ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    for name, why in failed:
+        print(f"psal {args.command}: failed: {name}: {why}", file=sys.stderr)
+    done = len(names) - len(failed)
+    print(f"psal {args.command}: {done} of {len(names)} pictures written to {out}" + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -407,6 +457,8 @@ def main(argv=None) -> int:
     try:
         if args.report and os.path.abspath(args.report) in {os.path.abspath(p) for p in _paths(args)}:
             raise CLIError(f"--report {args.report!r} is also the output or an input; choose another path")
+        if args.command in _FOLDER_ARGS and os.path.isdir(getattr(args, _FOLDER_ARGS[args.command][0])):
+            return _run_folder(args)
         report = args.run(args)
         if args.report:
             _write_report(args.report, report)
@@ -428,7 +480,7 @@ def main(argv=None) -> int:
             raise
         print(f"psal {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    if not args.quiet:
+    if not args.quiet and report is not None:
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
