@@ -86,6 +86,8 @@ def test_paint_inpaint_and_download_in_the_page(browser, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 760}, accept_downloads=True)
         errors = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        fetched = []  # every URL the page loads: all from this server (no CDN, works offline)
+        page.on("request", lambda request: fetched.append(request.url))
         page.goto(server.url + "/")
         page.wait_for_function("document.getElementById('server').textContent.includes('cpu')")
         page.set_input_files("#file", str(tmp_path / "astronaut.png"))
@@ -113,6 +115,7 @@ def test_paint_inpaint_and_download_in_the_page(browser, tmp_path):
 
         screenshot = page.screenshot()
         assert not errors, errors
+        assert fetched and all(u.startswith((server.url + "/", "blob:", "data:")) for u in fetched), fetched
         page.close()
     target = os.environ.get("PSAL_SCREENSHOT")
     if target:
