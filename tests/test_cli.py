@@ -347,6 +347,9 @@ def test_folders_in_folders_out_and_one_corrupt_file(tmp_path, capsys):
     code, err = _run(capsys, "upscale", str(pics), "-o", str(tmp_path / "up"), "--fast")
     assert code == 1 and "19 of 20" in err
     assert np.asarray(Image.open(tmp_path / "up" / "p00.png")).shape == (48, 40, 3)
+    code, err = _run(capsys, "colorize", str(few), str(pics / "p01.png"), "-o", str(tmp_path / "col"), "--device", "cpu")
+    assert code == 0 and "2 of 2 pictures written" in err  # one reference for the folder
+    assert sorted(p.name for p in (tmp_path / "col").iterdir()) == ["p00.png", "p03.png"]
     # wrong folders: one line, exit 2, nothing written
     _bad(capsys, ["upscale", str(pics), "-o", str(pics)], "is also an input folder")
     _bad(capsys, ["upscale", str(pics), "-o", str(tmp_path / "x.png")], "the output must be a folder")
