@@ -82,6 +82,21 @@ def test_x3_and_x4_climb_in_two_stages_to_the_exact_size():
         assert (shrink(out, (13, 11)) - low).abs().mean() < 0.01
 
 
+def test_each_stage_is_back_projected_onto_its_input_and_the_last_onto_the_original(monkeypatch):
+    low = _smooth(13, 11, 5)
+    targets = []
+    real = internal_sr.back_project
+
+    def spy(estimate, onto, *args, **kwargs):
+        targets.append((tuple(estimate.shape[-2:]), tuple(onto.shape[-2:]), onto.shape == low.shape and torch.equal(onto, low)))
+        return real(estimate, onto, *args, **kwargs)
+
+    monkeypatch.setattr(internal_sr, "back_project", spy)
+    internal_upscale(low, 4, steps=1, crop=8, channels=4, depth=3)
+    # stage 1: x2 onto the input; stage 2: x2 onto the stage-1 result, then onto the original
+    assert targets == [((26, 22), (13, 11), True), ((52, 44), (26, 22), False), ((52, 44), (13, 11), True)]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, words",
     [

@@ -35,7 +35,7 @@ from psal.serve.app import create_app  # noqa: E402
 from psal.serve.jobs import Busy, JobInUse, JobQueue, Stopping  # noqa: E402
 
 # Pictures of more pixels (and upscaled results) are refused: 80 x 80 is over, 32 x 32 x 4 too.
-MAX_PIXELS = 5000
+MAX_PIXELS = 12000
 
 
 def _rgb(seed: int, size=(32, 32)) -> np.ndarray:
@@ -156,11 +156,28 @@ def test_inpaint_keeps_the_pixels_outside_the_mask(server, inpaint_case):
     assert not np.array_equal(result[hole], picture[hole])
 
 
-def test_concurrent_requests_wait_and_run_one_at_a_time(server, inpaint_case):
+def test_concurrent_requests_wait_and_run_one_at_a_time(server, inpaint_case, monkeypatch):
     """Ten requests at once, queued behind a job that holds the worker: all answered with the
     command line's bytes, never two jobs running together, each job's progress visible."""
     client, app = server
     jobs = app.state.jobs
+    # Counted where the work happens, not by the queue: how many inpaintings run at once.
+    from psal.cli import tasks
+
+    real, lock, active = tasks.inpaint_image, threading.Lock(), {"now": 0, "max": 0}
+
+    def counted(*args, **kwargs):
+        with lock:
+            active["now"] += 1
+            active["max"] = max(active["max"], active["now"])
+        try:
+            time.sleep(0.02)  # long enough for a second worker, were there one, to overlap
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                active["now"] -= 1
+
+    monkeypatch.setattr(tasks, "inpaint_image", counted)
     gate = threading.Event()
     jobs.submit(lambda progress: gate.wait(60), "gate")
     before = jobs.stats()
@@ -184,6 +201,7 @@ def test_concurrent_requests_wait_and_run_one_at_a_time(server, inpaint_case):
     assert all(a.content == inpaint_case["cli"] for a in answers)
     stats = jobs.stats()
     assert stats["max_running"] == 1 and stats["max_waiting"] >= 10
+    assert active["max"] == 1  # never two at once
     assert stats["finished"] == before["finished"] + 11 and stats["running"] == stats["waiting"] == 0
     for i in range(10):
         status = client.get(f"/api/jobs/c{i}").json()
@@ -218,9 +236,9 @@ def _bad_inputs():
         ("colorize", {"image": image, "reference": gray}, {}, 400, "reference is grayscale"),
         ("colorize", {"image": image}, {}, 400, "missing field 'reference'"),
         ("reconstruct", {"image": image}, {}, 400, "missing field 'source'"),
-        ("inpaint", {"image": _png(_rgb(5, (80, 80))), "mask": _png(_box_mask((80, 80)))}, {}, 413, "6400 pixels, more than the 5000 allowed"),
-        ("upscale", {"image": _png(_rgb(5, (40, 40)))}, {"scale": "4"}, 413, "enlarged 4x is 25600 pixels"),
-        ("colorize", {"image": image, "reference": _png(_rgb(5, (100, 60)))}, {}, 413, "reference: 60x100"),
+        ("inpaint", {"image": _png(_rgb(5, (120, 120))), "mask": _png(_box_mask((120, 120)))}, {}, 413, "14400 pixels, more than the 12000 allowed"),
+        ("upscale", {"image": _png(_rgb(5, (40, 40)))}, {"scale": "4"}, 413, "enlarged 4x by the network method needs the memory of 64000 pixels"),
+        ("colorize", {"image": image, "reference": _png(_rgb(5, (100, 130)))}, {}, 413, "reference: 130x100"),
     ]
 
 

@@ -146,6 +146,8 @@ def _train(net, image, factor, steps, crop, lr, gen, search_gen, progress):
     """``steps`` steps of Adam on crops of ``image``'s fathers against their children for
     ``factor`` (module docstring, steps 1 and 3)."""
     crop = min(crop, *image.shape[-2:])
+    if factor == int(factor):  # a whole factor: a crop that it divides, so that the child is exact
+        crop -= crop % int(factor)
     small = max(1, round(crop / factor))
     fathers = _fathers(image, crop)
     areas = torch.tensor([float(f.shape[-2] * f.shape[-1]) for f in fathers])
@@ -201,15 +203,16 @@ def internal_upscale(
     Args:
         image: the low-resolution picture.
         scale: 2, 3 or 4.
-        steps: training steps (one crop each).
-        crop: side of the training crops (at most the
-            smallest side of the picture).
+        steps: training steps (one crop each) per stage: x3 and x4 train twice as many.
+        crop: side of the training crops (at most the smallest side of the stage's input, and
+            cut down to a multiple of a whole stage factor).
         channels, depth: width and number of convolutions of the network.
         psal_blocks: :class:`psal.PSALBlock` blocks in the middle of the network (0: the
             convolution-only network of ZSSR).
         lr: Adam's learning rate at the start.
         seed: fixes the network's initial weights and the training crops.
-        progress: called as ``progress(done, total, loss)`` after each training step.
+        progress: called as ``progress(done, total, loss)`` after each training step, ``total``
+            counting the steps of every stage.
     """
     _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, seed, progress)
     device, out_dtype = image.device, image.dtype

@@ -264,7 +264,10 @@ def run_upscale(args, gallery):
                 case = records[-len(methods) :]
                 print(f"  x{scale} {group} {name}: Y-PSNR " + ", ".join(f"{r['method']} {r['y_psnr']:.2f}" for r in case), file=sys.stderr)
                 if scale == args.scales[0] and sum(g[0].startswith("upscale") for g in gallery) < 2:
-                    gallery.append((f"upscale x{scale} {name} ({' | '.join(outs)})", [*outs.values(), truth]))
+                    # a quarter of the picture (its centre), so that the gallery shows pixels, not the whole
+                    h, w = truth.shape[-2:]
+                    zoom = lambda x, h=h, w=w: x[..., h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]  # noqa: E731
+                    gallery.append((f"upscale x{scale} {name}, centre ({' | '.join(outs)} | truth)", [zoom(x) for x in (*outs.values(), truth)]))
     rows = []
     for scale in args.scales:
         for group in ("photos", "textures"):

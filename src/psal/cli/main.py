@@ -29,10 +29,8 @@ import time
 import torch
 
 from .io import (
-    BYTES_PER_PIXEL,
     WRITABLE,
     CLIError,
-    available_memory,
     check_output,
     read_image,
     read_image_bits,
@@ -171,9 +169,7 @@ def cmd_upscale(args) -> dict:
     check_output(args.out, [args.image])
     image, bits = read_image_bits(args.image, "image")
     H, W = image.shape[-2:]
-    free = available_memory()
-    if free is not None and H * W * args.scale**2 * BYTES_PER_PIXEL > free:
-        raise CLIError(f"image {args.image!r}: {W}x{H} enlarged {args.scale}x does not fit in the memory available; resize it first")
+    tasks.check_upscale_fits(H, W, args.scale, args.method, tasks.memory_pixels(), f"image {args.image!r}")
     device = _device(args.device)
     t0 = time.perf_counter()
     bar, progress = _steps("upscale", args.quiet)
@@ -403,8 +399,17 @@ def _run_folder(args) -> int:
     folder, out = getattr(args, what), args.out
     if os.path.splitext(out)[1].lower() in WRITABLE or (os.path.exists(out) and not os.path.isdir(out)):
         raise CLIError(f"-o {out!r}: with a folder of pictures, the output must be a folder")
-    if os.path.abspath(out) == os.path.abspath(folder) or (masks_arg and os.path.abspath(out) == os.path.abspath(getattr(args, masks_arg))):
+    same = lambda a, b: os.path.realpath(a) == os.path.realpath(b)  # noqa: E731 - links resolved
+    if same(out, folder) or (masks_arg and same(out, getattr(args, masks_arg))):
         raise CLIError(f"-o {out!r} is also an input folder; choose another folder")
+    if masks_arg and same(folder, getattr(args, masks_arg)):
+        raise CLIError(f"{masks_arg} folder {getattr(args, masks_arg)!r} is the folder of pictures; keep the masks in a folder of their own")
+    # What every file would fail on alike, said once: the device, colorize's reference, a checkpoint.
+    _device(args.device)
+    if args.command == "colorize":
+        tasks.check_reference(read_image(args.reference, "reference"), f"reference {args.reference!r}")
+    if getattr(args, "checkpoint", None) and not os.path.isfile(args.checkpoint):
+        raise CLIError(f"checkpoint {args.checkpoint!r}: no such file")
     names = _pictures(folder)
     if not names:
         raise CLIError(f"{what} folder {folder!r} holds no picture ({', '.join(sorted(WRITABLE))})")
@@ -414,7 +419,10 @@ def _run_folder(args) -> int:
         if not os.path.isdir(mask_dir):
             raise CLIError(f"{masks_arg} {mask_dir!r}: with a folder of pictures, give a folder of masks (matched by file name)")
         for n in _pictures(mask_dir):
-            masks.setdefault(os.path.splitext(n)[0], os.path.join(mask_dir, n))
+            stem = os.path.splitext(n)[0]
+            if stem in masks:
+                raise CLIError(f"{masks_arg} folder {mask_dir!r} holds two masks named {stem}.*: {os.path.basename(masks[stem])} and {n}")
+            masks[stem] = os.path.join(mask_dir, n)
     if args.report:
         raise CLIError("--report is for one picture; a folder run prints its summary instead")
     os.makedirs(out, exist_ok=True)
@@ -440,6 +448,8 @@ def _run_folder(args) -> int:
             bar.update()
     if bar is not None:
         bar.close()
+    if len(failed) == len(names) > 1 and len({why for _, why in failed}) == 1:
+        raise CLIError(f"{failed[0][1]} (so for all {len(names)} pictures; nothing written)")  # an option, not a file
     for name, why in failed:
         print(f"psal {args.command}: failed: {name}: {why}", file=sys.stderr)
     done = len(names) - len(failed)

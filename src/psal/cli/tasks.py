@@ -17,11 +17,38 @@ import os
 
 import torch
 
-from .io import CLIError
+from .io import BYTES_PER_PIXEL, CLIError, TooLarge
 
 # psal upscale's default training steps per stage: about a minute for a 256 x 256 picture at x2 on
 # 2 CPU cores (BENCHMARKS.md, issue 17).
 UPSCALE_STEPS = 800
+
+
+# Working memory per pixel of the result of upscale_image, in units of BYTES_PER_PIXEL: the
+# network's prediction holds a few 64-channel float32 maps of the full result (measured: about
+# 1,000 bytes a result pixel at 1 MP), the patch method about BYTES_PER_PIXEL.
+_UPSCALE_WEIGHT = {"network": 2.5, "patch": 1.0}
+
+
+def check_upscale_fits(height: int, width: int, scale: int, method: str, max_pixels: int | None, name: str = "image") -> None:
+    """Refuse (:class:`TooLarge`) a picture whose enlargement by ``scale`` with ``method`` needs more
+    than ``max_pixels`` pixels' worth of working memory (``BYTES_PER_PIXEL`` each; ``None``: no
+    limit). The command line passes what the memory available allows, the service its limit."""
+    need = round(height * width * scale**2 * _UPSCALE_WEIGHT.get(method, 1.0))
+    if max_pixels is not None and need > max_pixels:
+        raise TooLarge(
+            f"{name}: {width}x{height} enlarged {scale}x by the {method} method needs the memory of {need} pixels, "
+            f"more than the {max_pixels} allowed here; resize it first"
+        )
+
+
+def memory_pixels() -> int | None:
+    """How many pixels the memory available now allows, at ``BYTES_PER_PIXEL`` each (``None``
+    where it cannot be read)."""
+    from .io import available_memory
+
+    free = available_memory()
+    return None if free is None else max(1, free // BYTES_PER_PIXEL)
 
 
 def device_from_name(name: str) -> torch.device:

@@ -44,7 +44,7 @@ from starlette.staticfiles import StaticFiles
 
 import psal
 from psal.cli import tasks
-from psal.cli.io import BYTES_PER_PIXEL, CLIError, TooLarge, available_memory, decode_image_bits, encode_png
+from psal.cli.io import CLIError, TooLarge, decode_image_bits, encode_png
 
 from .jobs import JOB_ID, Busy, JobInUse, JobQueue, Stopping
 
@@ -67,8 +67,7 @@ class BadRequest(Exception):
 def default_max_pixels() -> int | None:
     """The pixels a picture may have: what the memory available now allows, at the command
     line's :data:`~psal.cli.io.BYTES_PER_PIXEL` (``None`` where the memory cannot be read)."""
-    free = available_memory()
-    return None if free is None else max(1, free // BYTES_PER_PIXEL)
+    return tasks.memory_pixels()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,8 +194,7 @@ def _upscale(fields: _Fields, service: _Service):
     scale = options.pop("scale")
     image, bits = service.picture(fields, "image")
     H, W = image.shape[-2:]
-    if service.max_pixels is not None and H * W * scale**2 > service.max_pixels:
-        raise TooLarge(f"image: {W}x{H} enlarged {scale}x is {H * W * scale**2} pixels, more than the {service.max_pixels} allowed")
+    tasks.check_upscale_fits(H, W, scale, options.get("method", tasks.default(tasks.upscale_image, "method")), service.max_pixels)
 
     def job(progress):
         out = tasks.upscale_image(image, scale, device=service.device, progress=progress, **options)
