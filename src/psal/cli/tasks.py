@@ -19,9 +19,9 @@ import torch
 
 from .io import BYTES_PER_PIXEL, CLIError, TooLarge
 
-# psal upscale's default training steps per stage: about a minute for a 256 x 256 picture at x2 on
-# 2 CPU cores (BENCHMARKS.md, issue 17).
-UPSCALE_STEPS = 800
+# psal upscale's default training steps per stage: 49 s for a 256 x 256 picture at x2 on 2 CPU
+# cores, 2.6 min at x4 (BENCHMARKS.md, issue 17).
+UPSCALE_STEPS = 500
 
 
 # Working memory per pixel of the result of upscale_image, in units of BYTES_PER_PIXEL: the
