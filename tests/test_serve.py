@@ -275,6 +275,8 @@ def test_job_queue_limits_and_failures():
     _, failing = jobs.submit(lambda progress: 1 / 0, "failing")
     with pytest.raises(Busy, match="1 jobs are waiting"):
         jobs.submit(lambda progress: None)
+    with pytest.raises(Busy, match="1 jobs are waiting"):
+        jobs.check_room()  # asked before decoding
     with pytest.raises(JobInUse, match="'held'"):
         jobs.submit(lambda progress: None, "held")
     gate.set()
@@ -285,7 +287,10 @@ def test_job_queue_limits_and_failures():
     _, again = jobs.submit(lambda progress: progress(2, 2) or "ok", "held")  # a finished id may be reused
     assert again.result(timeout=10) == "ok" and jobs.status("held")["done"] == 2
     assert jobs.stats()["max_running"] == 1
+    jobs.check_room()  # room again
     jobs.close()
+    with pytest.raises(Stopping):
+        jobs.check_room()
     with pytest.raises(ValueError, match="max_waiting"):
         JobQueue(max_waiting=0)
 

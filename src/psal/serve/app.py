@@ -288,6 +288,7 @@ def create_app(device: str | torch.device = "auto", max_pixels: int | None = Non
         async def answer(request: Request) -> Response:
             try:
                 fields = await _read_form(request, endpoint, max_body)
+                jobs.check_room()  # a full queue: 503 before any picture is decoded
                 job_fn = await run_in_threadpool(endpoint.prepare, fields, service)
                 job, future = jobs.submit(job_fn, fields.job)
                 png = await asyncio.wrap_future(future)

@@ -102,6 +102,15 @@ class JobQueue:
         self._queue.put((job, fn, future))
         return job, future
 
+    def check_room(self) -> None:
+        """Raise :class:`Busy` (or :class:`Stopping`) now if :meth:`submit` would: the service asks
+        before it decodes a request's pictures, so that a full queue costs no decoding."""
+        with self._lock:
+            if self._stop.is_set():
+                raise Stopping("the server is stopping")
+            if self.waiting >= self.max_waiting_allowed:
+                raise Busy(f"{self.waiting} jobs are waiting already; try again later")
+
     def status(self, job_id: str) -> dict | None:
         """``{"id", "state", "done", "total", "ahead", "seconds"}`` of a job (``ahead``: the jobs
         to run before it), or ``None`` for an unknown id."""
