@@ -37,7 +37,6 @@ from .io import (
     write_image,
 )
 from . import tasks
-from .tasks import UPSCALE_STEPS  # noqa: F401 - psal.cli.main.UPSCALE_STEPS, as before
 from .tasks import device_from_name as _device
 
 

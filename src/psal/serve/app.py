@@ -64,12 +64,6 @@ class BadRequest(Exception):
         self.status = status
 
 
-def default_max_pixels() -> int | None:
-    """The pixels a picture may have: what the memory available now allows, at the command
-    line's :data:`~psal.cli.io.BYTES_PER_PIXEL` (``None`` where the memory cannot be read)."""
-    return tasks.memory_pixels()
-
-
 # ----------------------------------------------------------------------------------------------
 # Fields: the parsers of the text fields, and what each endpoint takes.
 
@@ -272,12 +266,12 @@ def _error_response(exc: BaseException) -> JSONResponse:
 
 def create_app(device: str | torch.device = "auto", max_pixels: int | None = None, *, max_waiting: int = 16) -> Starlette:
     """The application: ``device`` as ``psal --device`` takes it; pictures (and upscaled results)
-    of more than ``max_pixels`` pixels are refused with 413 (``None``: :func:`default_max_pixels`);
+    of more than ``max_pixels`` pixels are refused with 413 (``None``: what the memory available allows, :func:`psal.cli.tasks.memory_pixels`);
     at most ``max_waiting`` jobs wait, further requests get 503. ``app.state.jobs`` is the
     :class:`~psal.serve.jobs.JobQueue`."""
     device = device if isinstance(device, torch.device) else tasks.device_from_name(device)
     if max_pixels is None:
-        max_pixels = default_max_pixels()
+        max_pixels = tasks.memory_pixels()
     elif isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
         raise ValueError(f"create_app: max_pixels must be a positive int or None, got {max_pixels!r}")
     service = _Service(device, max_pixels)
