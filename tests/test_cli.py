@@ -214,6 +214,10 @@ def test_upscale_writes_the_enlarged_image(files, capsys, monkeypatch):
     assert json.load(open(tmp / "f.json"))["method"] == "patch"
     assert not np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(fast)))  # two methods
     _bad(capsys, ["upscale", q, "-o", str(tmp / "x.png"), "--steps", "0"], "steps must be")
+    # an option of the other method is refused, not ignored
+    _bad(capsys, ["upscale", q, "-o", str(tmp / "x.png"), "--fast", "--steps", "9"], "--steps is an option of --method network")
+    _bad(capsys, ["upscale", q, "-o", str(tmp / "x.png"), "--k", "3"], "--k is an option of --method patch")
+    assert not (tmp / "x.png").exists()
     pytest.importorskip("tqdm")
     assert main(["upscale", q, "-o", str(tmp / "bar.png"), "--steps", "3", "--device", "cpu"]) == 0
     assert "loss 0." in capsys.readouterr().err  # the bar shows the training loss

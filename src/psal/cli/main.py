@@ -156,6 +156,20 @@ def cmd_inpaint(args) -> dict:
     return report
 
 
+# upscale's options of each method (the attribute and the flag).
+_UPSCALE_OPTIONS = {"network": {"steps": "--steps"}, "patch": {"patch_size": "--patch-size", "k": "--k", "iters": "--iters", "strength": "--strength"}}
+
+
+def _upscale_options(args) -> dict:
+    """The options given for ``args.method``; one given for the other method is an error."""
+    for method, options in _UPSCALE_OPTIONS.items():
+        given = [flag for name, flag in options.items() if getattr(args, name) is not None]
+        if method != args.method and given:
+            chosen = "--method patch (or --fast)" if args.method == "patch" else "--method network"
+            raise CLIError(f"{given[0]} is an option of --method {method}; it does nothing with {chosen}")
+    return {name: getattr(args, name) for name in _UPSCALE_OPTIONS[args.method] if getattr(args, name) is not None}
+
+
 def cmd_upscale(args) -> dict:
     """Enlarge an image 2, 3 or 4 times. The default method trains a small network on the image
     itself (its own crops, shrunk and enlarged back, are the examples: psal.apps.internal_sr);
@@ -165,6 +179,7 @@ def cmd_upscale(args) -> dict:
 
     from .tasks import upscale_image
 
+    options = _upscale_options(args)
     check_output(args.out, [args.image])
     image, bits = read_image_bits(args.image, "image")
     H, W = image.shape[-2:]
@@ -173,10 +188,7 @@ def cmd_upscale(args) -> dict:
     t0 = time.perf_counter()
     bar, progress = _steps("upscale", args.quiet)
     try:
-        out = upscale_image(
-            image, args.scale, device=device, seed=args.seed, method=args.method, steps=args.steps,
-            patch_size=args.patch_size, k=args.k, iters=args.iters, strength=args.strength, progress=progress,
-        )  # fmt: skip
+        out = upscale_image(image, args.scale, device=device, seed=args.seed, method=args.method, progress=progress, **options)
     finally:  # also on Ctrl-C or an error: the bar's line is cleared before the message
         if bar is not None:
             bar.close()
@@ -341,11 +353,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["network", "patch"], default=d("method"),
                    help="network: train a small network on the image (about a minute); patch: borrow its own patches (seconds)")  # fmt: skip
     p.add_argument("--fast", dest="method", action="store_const", const="patch", help="the same as --method patch")
-    p.add_argument("--steps", type=int, default=d("steps"), help="network: training steps per stage (x2 in one stage, x3 and x4 in two)")
-    p.add_argument("--patch-size", type=int, default=d("patch_size"), help="patch: side of the patches matched")
-    p.add_argument("--k", type=int, default=d("k"), help="patch: matches per pixel")
-    p.add_argument("--iters", type=int, default=d("iters"), help="patch: PatchMatch iterations")
-    p.add_argument("--strength", type=float, default=d("strength"), help="patch: how much of the borrowed detail is added")
+    # Each method's options default to None, so that one given to the other method is an error
+    # (cmd_upscale), not silently ignored; the help shows the defaults of psal.cli.tasks.
+    p.add_argument("--steps", type=int, help=f"network: training steps per stage (x2 in one stage, x3 and x4 in two; default {d('steps')})")
+    p.add_argument("--patch-size", type=int, help=f"patch: side of the patches matched (default {d('patch_size')})")
+    p.add_argument("--k", type=int, help=f"patch: matches per pixel (default {d('k')})")
+    p.add_argument("--iters", type=int, help=f"patch: PatchMatch iterations (default {d('iters')})")
+    p.add_argument("--strength", type=float, help=f"patch: how much of the borrowed detail is added (default {d('strength')})")
     p.set_defaults(run=cmd_upscale)
 
     p = sub.add_parser("serve", help="a local web page (and HTTP API) for the four tasks", description=cmd_serve.__doc__)
