@@ -209,6 +209,46 @@ def test_concurrent_requests_wait_and_run_one_at_a_time(server, inpaint_case, mo
     assert client.get("/api/jobs/nobody").status_code == 404
 
 
+def test_a_client_that_goes_away_cancels_its_job(server, inpaint_case):
+    """A request whose client disconnects: its job never starts if it was waiting, or stops at its
+    next progress report if it was running, so that the queue does not work for nobody."""
+    client, app = server
+    jobs = app.state.jobs
+    gate = threading.Event()
+    jobs.submit(lambda progress: gate.wait(60), "gate-2")
+    url = httpx.URL(str(client.base_url))
+
+    def send(path, files, data):  # a whole request on a raw socket, left unread
+        req = httpx.Request("POST", url.join(path), files={k: (f"{k}.png", v) for k, v in files.items()}, data=data)
+        head = "".join(f"{k}: {v}\r\n" for k, v in req.headers.items())
+        sock = socket.create_connection((url.host, url.port))
+        sock.sendall(f"POST {path} HTTP/1.1\r\n{head}\r\n".encode() + req.read())
+        return sock
+
+    def state(job, want, done=0):
+        deadline = time.monotonic() + 20
+        while (got := client.get(f"/api/jobs/{job}").json()).get("state") != want or got["done"] < done:  # 404 until queued
+            assert time.monotonic() < deadline, got
+            time.sleep(0.05)
+        return got
+
+    long = send("/api/upscale", {"image": inpaint_case["image"]}, {"scale": "2", "steps": "100000", "job": "gone-running"})
+    waiting = send("/api/inpaint", {"image": inpaint_case["image"], "mask": inpaint_case["mask"]}, {"job": "gone-waiting"})
+    state("gone-waiting", "queued")
+    waiting.close()
+    state("gone-waiting", "cancelled")  # while the gate still holds the worker
+    gate.set()
+    assert state("gone-running", "running", done=1)["total"] == 100_000
+    long.close()
+    assert state("gone-running", "cancelled")["done"] < 100_000  # stopped part way
+    deadline = time.monotonic() + 20
+    while jobs.stats()["running"] or jobs.stats()["waiting"]:
+        assert time.monotonic() < deadline, jobs.stats()
+        time.sleep(0.05)
+    answer = _post(client, "inpaint", {"image": inpaint_case["image"], "mask": inpaint_case["mask"]}, {"seed": "3"})
+    assert answer.status_code == 200 and answer.content == inpaint_case["cli"]  # the queue goes on
+
+
 def _bad_inputs():
     picture, mask = _rgb(0), _box_mask()
     image, good_mask = _png(picture), _png(mask)

@@ -37,7 +37,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -50,6 +50,9 @@ from .jobs import JOB_ID, Busy, JobInUse, JobQueue, Stopping
 
 STATIC = pathlib.Path(__file__).with_name("static")
 log = logging.getLogger("psal.serve")
+
+# How often a request waiting for its job checks that its client is still there.
+_DISCONNECT_POLL_S = 0.5
 
 # A request body may hold two pictures of up to 8 bytes per pixel (16-bit RGBA, uncompressed),
 # plus this much for the multipart framing and the small fields.
@@ -240,6 +243,24 @@ def _one_line(message) -> str:
     return text[:400] or "error"
 
 
+class _ClientGone(Exception):
+    """The client went away before its answer was ready."""
+
+
+async def _result_while_connected(request: Request, jobs: JobQueue, job_id: str, future):
+    """The job's result; if the client disconnects first, the job is cancelled (it never starts,
+    or stops at its next progress report) and :class:`_ClientGone` is raised."""
+    waiting = asyncio.wrap_future(future)
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=_DISCONNECT_POLL_S)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            jobs.cancel(job_id)
+            waiting.cancel()
+            raise _ClientGone
+
+
 def _error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, BadRequest):
         status, message = exc.status, str(exc)
@@ -285,7 +306,9 @@ def create_app(device: str | torch.device = "auto", max_pixels: int | None = Non
                 jobs.check_room()  # a full queue: 503 before any picture is decoded
                 job_fn = await run_in_threadpool(endpoint.prepare, fields, service)
                 job, future = jobs.submit(job_fn, fields.job)
-                png = await asyncio.wrap_future(future)
+                png = await _result_while_connected(request, jobs, job.id, future)
+            except (ClientDisconnect, _ClientGone):  # nobody to answer: no error to log either
+                return Response(status_code=499)
             except Exception as exc:
                 return _error_response(exc)
             return Response(png, media_type="image/png", headers={"X-Psal-Job": job.id})

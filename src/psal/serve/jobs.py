@@ -7,7 +7,9 @@ waiting and running, and keeps the highest counts seen: ``max_running`` is the p
 never overlap (it stays 1), ``max_waiting`` that requests did arrive together.
 
 Closing the queue (the server stopping) fails the jobs still waiting at once and stops the
-running one at its next progress report, so that Ctrl+C does not wait for a long job.
+running one at its next progress report, so that Ctrl+C does not wait for a long job. Cancelling
+one job (its client went away) does the same to that job alone: it never starts, or it stops at
+its next progress report, so that the jobs behind it do not wait for a result nobody will read.
 """
 
 from __future__ import annotations
@@ -41,17 +43,21 @@ class Job:
 
     def __init__(self, job_id: str, stop: threading.Event):
         self.id = job_id
-        self.state = "queued"  # then "running", then "done" or "failed"
+        self.state = "queued"  # then "running", then "done", "failed" or "cancelled"
         self.done = 0
         self.total = 0
         self.seconds = None
         self._stop = stop
+        self.cancelled = threading.Event()
 
     def progress(self, done, total, loss=None) -> None:
         """The callback that the task calls (``loss``: the upscaler's training loss, unused);
-        raises :class:`Stopping` once the queue is closed, which ends the task there."""
+        raises :class:`Stopping` once the queue is closed or the job cancelled, which ends the
+        task there."""
         if self._stop.is_set():
             raise Stopping("the server is stopping")
+        if self.cancelled.is_set():
+            raise Stopping(f"job {self.id!r} was cancelled")
         self.done, self.total = int(done), int(total)
 
 
@@ -111,6 +117,19 @@ class JobQueue:
             if self.waiting >= self.max_waiting_allowed:
                 raise Busy(f"{self.waiting} jobs are waiting already; try again later")
 
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a waiting or running job: it never starts, or stops at its next progress report
+        (its future then fails with :class:`Stopping`); ``False`` if no such job waits or runs."""
+        with self._lock:
+            future = self._futures.get(job_id)
+            if future is None:
+                return False
+            job = self._jobs[job_id]
+            job.cancelled.set()
+            if future.cancel():  # it was waiting (a running job sees the flag instead)
+                job.state = "cancelled"
+            return True
+
     def status(self, job_id: str) -> dict | None:
         """``{"id", "state", "done", "total", "ahead", "seconds"}`` of a job (``ahead``: the jobs
         to run before it), or ``None`` for an unknown id."""
@@ -163,8 +182,8 @@ class JobQueue:
             job, fn, future = item
             with self._lock:
                 self.waiting -= 1
-                if future.done() or not future.set_running_or_notify_cancel():  # closed or given up
-                    job.state = "failed"
+                if future.done() or not future.set_running_or_notify_cancel():  # closed or cancelled
+                    job.state = "cancelled" if job.cancelled.is_set() else "failed"
                     self.finished += 1
                     self._futures.pop(job.id, None)
                     continue
@@ -178,7 +197,8 @@ class JobQueue:
             except BaseException as exc:  # handed to the request, which answers it in one line
                 error = exc
             with self._lock:  # counted before the request hears of it
-                job.state, job.seconds = ("failed" if error is not None else "done"), time.perf_counter() - t0
+                state = "done" if error is None else "cancelled" if job.cancelled.is_set() else "failed"
+                job.state, job.seconds = state, time.perf_counter() - t0
                 self.running -= 1
                 self.finished += 1
                 self._futures.pop(job.id, None)
