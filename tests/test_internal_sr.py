@@ -95,6 +95,15 @@ def test_each_stage_is_back_projected_onto_its_input_and_the_last_onto_the_origi
     internal_upscale(low, 4, steps=1, crop=8, channels=4, depth=3)
     # stage 1: x2 onto the input; stage 2: x2 onto the stage-1 result, then onto the original
     assert targets == [((26, 22), (13, 11), True), ((52, 44), (26, 22), False), ((52, 44), (13, 11), True)]
+    # The stage-1 result is clipped to [0, 1] before stage 2 trains on it: black and white pixels
+    # make bicubic enlargement and back-projection overshoot.
+    seen = []
+    monkeypatch.setattr(internal_sr, "back_project", lambda estimate, onto, *a, **k: seen.append((estimate, onto)) or real(estimate, onto, *a, **k))
+    sharp = (torch.rand(1, 3, 13, 11, generator=torch.Generator().manual_seed(0)) > 0.5).double()
+    internal_upscale(sharp, 4, steps=1, crop=8, channels=4, depth=3)
+    stage1 = real(*seen[0])
+    assert stage1.min() < -0.01 and stage1.max() > 1.01  # it does overshoot
+    assert torch.equal(seen[1][1], stage1.clamp(0, 1))  # stage 2 starts from it clipped
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,8 @@ Scheme, for a factor s:
    input back.
 5. Factors 3 and 4 climb in two equal stages of ``sqrt(s)`` (ZSSR's gradual configuration;
    patches recur better across small scale gaps): the same network trains ``steps`` more steps
-   on the first stage's result, and the second result is back-projected onto the original.
+   on the first stage's result (clipped to [0, 1]), and the second result is back-projected onto
+   the original.
 
 Everything follows the input's device and dtype (float16/bfloat16 are trained in float32); the
 ``seed`` fixes the network's start, the crops and the PSAL blocks' searches (without touching
@@ -233,5 +234,6 @@ def internal_upscale(
         report = None if progress is None else (lambda done, total, loss, i=i: progress(i * steps + done, len(stages) * steps, loss))
         _train(net, current, factor, steps, crop, lr, gen, search_gen, report)
         size = (h * scale, w * scale) if i == len(stages) - 1 else (round(current.shape[-2] * factor), round(current.shape[-1] * factor))
-        current = _predict(net, current, size, search_gen, low)
-    return current.clamp(0, 1).to(out_dtype)
+        # clipped to [0, 1] after every stage (as ZSSR does): the next stage trains on it as a picture
+        current = _predict(net, current, size, search_gen, low).clamp(0, 1)
+    return current.to(out_dtype)
