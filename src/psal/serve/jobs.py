@@ -89,12 +89,7 @@ class JobQueue:
         job_id = job_id or uuid.uuid4().hex
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._lock:
-            if self._stop.is_set():
-                raise Stopping("the server is stopping")
-            if job_id in self._futures:
-                raise JobInUse(f"job {job_id!r} is already waiting or running; use another id")
-            if self.waiting >= self.max_waiting_allowed:
-                raise Busy(f"{self.waiting} jobs are waiting already; try again later")
+            self._refuse(job_id)
             job = Job(job_id, self._stop)
             self._jobs.pop(job_id, None)  # a finished job's id may be used again
             self._jobs[job_id] = job
@@ -112,10 +107,17 @@ class JobQueue:
         """Raise :class:`Busy` (or :class:`Stopping`) now if :meth:`submit` would: the service asks
         before it decodes a request's pictures, so that a full queue costs no decoding."""
         with self._lock:
-            if self._stop.is_set():
-                raise Stopping("the server is stopping")
-            if self.waiting >= self.max_waiting_allowed:
-                raise Busy(f"{self.waiting} jobs are waiting already; try again later")
+            self._refuse()
+
+    def _refuse(self, job_id: str | None = None) -> None:
+        """What :meth:`submit` refuses, in this order (called holding the lock): :class:`Stopping`
+        once closed, :class:`JobInUse` for an id waiting or running, :class:`Busy` when full."""
+        if self._stop.is_set():
+            raise Stopping("the server is stopping")
+        if job_id is not None and job_id in self._futures:
+            raise JobInUse(f"job {job_id!r} is already waiting or running; use another id")
+        if self.waiting >= self.max_waiting_allowed:
+            raise Busy(f"{self.waiting} jobs are waiting already; try again later")
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a waiting or running job: it never starts, or stops at its next progress report
