@@ -5,6 +5,11 @@ Triton's interpreter (``TRITON_INTERPRET=1``, set before anything defines the ke
 executes every program in Python: sizes stay small. The references are ``check_field`` (the
 contract, costs recomputed by the pure-PyTorch backend), ``psal.exact_knn`` (brute force) and the
 inputs' own structure (crops, single allowed keys).
+
+Both kernel families run here (the ``family`` fixture): ``lanes`` (the default) and ``tiles``.
+They must return the same field (``test_lanes_and_tiles_give_the_same_field``); the lanes
+kernels' GPU code path (a row of scalar loads, unrolled) is run through the interpreter too,
+against the row tiles the interpreter takes by default.
 """
 
 from __future__ import annotations
@@ -29,9 +34,24 @@ from hypothesis import strategies as st  # noqa: E402
 
 import psal  # noqa: E402
 from psal.backends.triton import search as triton_search  # noqa: E402
+from psal.backends.triton import search_lanes, search_tiles  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+FAMILIES = {"lanes": "lanes-pad-32x1", "tiles": "tiles-16x16x2"}
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def family(request, monkeypatch):
+    """Runs the test with each kernel family (through ``PSAL_TRITON_SEARCH``)."""
+    monkeypatch.setenv("PSAL_TRITON_SEARCH", FAMILIES[request.param])
+    return request.param
+
+
+@contextlib.contextmanager
+def using(name: str):
+    with mock.patch.dict(os.environ, {"PSAL_TRITON_SEARCH": name}):
+        yield
 
 def search(query, key, **kwargs):
     kwargs.setdefault("generator", gen(0))
@@ -73,6 +93,7 @@ def problems(draw):
         # Patches read in chunks of 16 values, as on a GPU (the interpreter's default block holds
         # these small patches whole); only for small patches, each chunk costs interpreter time.
         chunked=draw(st.booleans()) and p * p * C <= 100,
+        variant=draw(st.sampled_from(["lanes-pad-32x1", "lanes-clamp-32x1", "tiles-16x16x2"])),
         seed=seed,
     )
 
@@ -80,16 +101,16 @@ def problems(draw):
 @settings(max_examples=14)
 @given(problem=problems())
 def test_field_contract(problem):
-    seed, warm, chunked = problem.pop("seed"), problem.pop("warm"), problem.pop("chunked")
+    seed, warm, chunked, variant = problem.pop("seed"), problem.pop("warm"), problem.pop("chunked"), problem.pop("variant")
     q, k, mask = problem["query"], problem["key"], problem["key_mask"]
     opts = {name: problem[name] for name in ("patch_size", "num_heads", "similarity")}
     init = None
     if warm:
         init = psal.patchmatch(q, k, num_neighbors=warm, num_iters=0, key_mask=mask, generator=gen(seed + 1), backend="torch", **opts)
         init = psal.KNNField(init.indices.to(DEVICE), init.costs.to(DEVICE))
-    config = triton_search.launch_config
-    small_chunks = mock.patch.object(triton_search, "launch_config", lambda *args: dict(config(*args), CB=16))
-    with small_chunks if chunked else contextlib.nullcontext():
+    config = search_tiles.launch_config
+    small_chunks = mock.patch.object(search_tiles, "launch_config", lambda *args: dict(config(*args), CB=16))
+    with small_chunks if chunked else contextlib.nullcontext(), using(variant):
         field = search(
             q, k, num_neighbors=problem["num_neighbors"], num_iters=problem["num_iters"],
             key_mask=None if mask is None else mask.to(DEVICE), init=init, generator=gen(seed), **opts,
@@ -106,7 +127,7 @@ def smooth_noise(seed: int, size: int = 32) -> torch.Tensor:
     return F.conv2d(x, torch.ones(3, 1, 5, 5) / 25, groups=3).contiguous() * 3
 
 
-def test_mean_cost_within_two_percent_of_exact():
+def test_mean_cost_within_two_percent_of_exact(family):
     """32x32 RGB smooth noise, p = 5, k = 3, default 5 iterations. Measured (interpreter, seeds
     0-2): 1.011, 1.013, 1.016 at worst (torch backend 1.018, 1.022, 1.028; numba 1.011, 1.014,
     1.018). Kernels broken on purpose failed: no propagation 1.17-1.20; propagating only the best
@@ -140,26 +161,105 @@ def assert_nearly_same(a: psal.KNNField, b: psal.KNNField):
 
 
 def test_result_does_not_depend_on_the_block_size(monkeypatch):
-    """Patches in chunks of 8 values (the path a GPU takes; the interpreter's default block holds
-    small patches whole), then also blocks of 16 pixels: several programs per map and some across
-    two maps (30 pixels each). Jacobi updates and per-pixel random streams make the two fields the
-    same: bitwise under the interpreter; on a GPU the tile shape also sets the summation order
-    inside ``tl.sum``."""
+    """Tiles: patches in chunks of 8 values (the path a GPU takes; the interpreter's default block
+    holds small patches whole), then also blocks of 16 pixels: several programs per map and some
+    across two maps (30 pixels each). Lanes: blocks of 16 pixels. Jacobi updates and per-pixel
+    random streams make the fields the same: bitwise under the interpreter; on a GPU the tiles'
+    shape also sets the summation order inside ``tl.sum`` (a lane sums its own patch in order)."""
     q, k = rand(3, 2, 5, 6, seed=7), rand(3, 2, 8, 7, seed=8)
     mask = rand(3, 8, 7, seed=9) < 0.7
     opts = dict(patch_size=3, num_neighbors=3, num_iters=1, key_mask=mask.to(DEVICE))
+    monkeypatch.setenv("PSAL_TRITON_SEARCH", FAMILIES["tiles"])
     whole = search(q, k, generator=gen(4), **opts)
-    config = triton_search.launch_config
-    monkeypatch.setattr(triton_search, "launch_config", lambda *args: dict(config(*args), CB=8))
+    config = search_tiles.launch_config
+    monkeypatch.setattr(search_tiles, "launch_config", lambda *args: dict(config(*args), CB=8))
     chunked = search(q, k, generator=gen(4), **opts)
     check_field(on_cpu(chunked), q, k, patch_size=3, num_neighbors=3, key_mask=mask)
     assert_nearly_same(whole, chunked)
-    monkeypatch.setattr(triton_search, "launch_config", lambda *args: dict(config(*args), CB=8, BLOCK=16))
+    monkeypatch.setattr(search_tiles, "launch_config", lambda *args: dict(config(*args), CB=8, BLOCK=16))
     small = search(q, k, generator=gen(4), **opts)
     if ON_GPU:
         assert_nearly_same(chunked, small)
     else:
         assert torch.equal(chunked.indices, small.indices) and torch.equal(chunked.costs, small.costs)
+    monkeypatch.setenv("PSAL_TRITON_SEARCH", FAMILIES["lanes"])
+    lanes = search(q, k, generator=gen(4), **opts)
+    lanes_config = search_lanes.config
+    monkeypatch.setattr(search_lanes, "config", lambda *args: dict(lanes_config(*args), BLOCK=16))
+    lanes_small = search(q, k, generator=gen(4), **opts)
+    assert torch.equal(lanes.indices, lanes_small.indices) and torch.equal(lanes.costs, lanes_small.costs)
+    assert_nearly_same(lanes, chunked)
+
+
+def lanes_and_tiles_problems():
+    """Problems for the comparison of the two families: masks, warm starts, sparse queries, both
+    similarities, odd sizes, k from 1 to 5, p from 1 to 7, heads."""
+    g = gen(71)
+    out = []
+    for B, C, H, W, Hk, Wk, p, K, sim, masked, warm, sparse in (
+        (2, 3, 9, 11, 10, 7, 3, 3, "l2", False, False, False),
+        (1, 4, 7, 6, 8, 9, 5, 2, "dot", True, False, False),
+        (3, 2, 5, 13, 6, 6, 1, 4, "l2", True, True, False),
+        (2, 3, 12, 10, 11, 9, 7, 1, "l2", False, True, True),
+        (1, 6, 8, 8, 9, 7, 3, 5, "dot", False, False, True),
+    ):
+        q, k = torch.randn(B, C, H, W, generator=g), torch.randn(B, C, Hk, Wk, generator=g)
+        opts = dict(patch_size=p, num_neighbors=K, similarity=sim, num_iters=2)
+        if masked:
+            opts["key_mask"] = random_key_mask(B, Hk, Wk, K, 0.5, g)
+        if sparse:
+            opts["positions"] = torch.randperm(H * W, generator=g)[: H * W // 3].sort().values
+        if warm:
+            opts["init"] = psal.patchmatch(q, k, num_iters=0, generator=gen(3), backend="torch", **{n: v for n, v in opts.items() if n != "num_iters"})
+        out.append((q, k, opts))
+    return out
+
+
+def _on(device, opts):
+    moved = dict(opts)
+    for name in ("key_mask", "positions"):
+        if moved.get(name) is not None:
+            moved[name] = moved[name].to(device)
+    if moved.get("init") is not None:
+        moved["init"] = psal.KNNField(moved["init"].indices.to(device), moved["init"].costs.to(device))
+    return moved
+
+
+@pytest.mark.parametrize("case", [1, 2, 3, 4])
+def test_lanes_and_tiles_give_the_same_field(case):
+    """The two families draw the same candidates from the same random streams and keep lists the
+    same way: their fields agree, indices exactly (but for rare near-ties), costs to rounding."""
+    q, k, opts = lanes_and_tiles_problems()[case]
+    fields = {}
+    for variant in ("tiles-16x16x2", "lanes-pad-32x1", "lanes-clamp-32x1"):
+        with using(variant):
+            fields[variant] = on_cpu(search(q, k, generator=gen(9), **_on(DEVICE, opts)))
+    if opts.get("positions") is None:  # test_sparse.py checks the sparse contract
+        check_field(fields["lanes-pad-32x1"], q, k, **{n: opts.get(n) for n in ("patch_size", "num_neighbors", "similarity", "key_mask")})
+    assert_nearly_same(fields["tiles-16x16x2"], fields["lanes-pad-32x1"])
+    assert_nearly_same(fields["tiles-16x16x2"], fields["lanes-clamp-32x1"])
+
+
+@pytest.mark.skipif(ON_GPU, reason="on a GPU the unrolled rows are what runs everywhere")
+@pytest.mark.parametrize("pad, sim", [(True, "l2"), (False, "dot"), (False, "l2")], ids=["pad-l2", "clamp-dot", "clamp-l2"])
+def test_lanes_unrolled_rows_match_the_interpreters_tiles(monkeypatch, pad, sim):
+    """The code a GPU runs (a patch row as ``CU * P`` scalar loads, a run-time row loop with the
+    early exit after each row, channels in chunks of ``CU``) through the interpreter, against the
+    whole-patch tiles the interpreter runs by default: 6 channels in 3 chunks of 2, k = 3, p = 3,
+    a mask, a warm start."""
+    g = gen(81)
+    q, k = torch.randn(2, 6, 7, 6, generator=g), torch.randn(2, 6, 6, 7, generator=g)
+    mask = random_key_mask(2, 6, 7, 3, 0.6, g)
+    name = f"lanes-{'pad' if pad else 'clamp'}-32x1"
+    opts = dict(patch_size=3, num_neighbors=3, similarity=sim, num_iters=1, key_mask=mask)
+    warm = psal.patchmatch(q, k, num_iters=0, generator=gen(2), backend="torch", **{n: v for n, v in opts.items() if n != "num_iters"})
+    with using(name):
+        tiles = on_cpu(search(q, k, init=warm, generator=gen(5), **opts))
+        monkeypatch.setattr(search_lanes, "INTERPRETER_TILE", False)
+        monkeypatch.setattr(search_lanes, "CU_MAX", 2)
+        rows = on_cpu(search(q, k, init=warm, generator=gen(5), **opts))
+    check_field(rows, q, k, patch_size=3, num_neighbors=3, similarity=sim, key_mask=mask)
+    assert_nearly_same(tiles, rows)
 
 
 @pytest.mark.parametrize("similarity", ["l2", "dot"])
@@ -273,7 +373,7 @@ def test_float64_is_summed_in_float64():
     [(7, 3, (9, 10), (8, 9), 2, 1.05), (2, 1, (9, 8), (7, 6), 5, 1.6), (3, 11, (5, 4), (4, 6), 2, 1.05)],
     ids=["k7", "p1", "p-larger-than-the-maps"],
 )
-def test_other_k_and_patch_sizes(K, p, size, key_size, iters, limit):
+def test_other_k_and_patch_sizes(K, p, size, key_size, iters, limit, family):
     """Measured mean cost ratios to exact: k = 7: 1.005-1.013; p = 1 on noise (no coherence to
     exploit): 1.37, 1.47 (the torch backend: 1.58, 1.72); p = 11: 1.001-1.003."""
     q, k = rand(2, 2, *size, seed=61), rand(2, 2, *key_size, seed=62)
@@ -284,56 +384,65 @@ def test_other_k_and_patch_sizes(K, p, size, key_size, iters, limit):
     assert (ratio >= 1 - 1e-4).all() and (ratio <= limit).all(), ratio.tolist()
 
 
+def _compiled(kernels) -> int:
+    return sum(len(cache[0]) for kern in kernels for cache in kern.device_caches.values())
+
+
 @pytest.mark.skipif(not ON_GPU, reason="kernel caches exist only for compiled kernels (CUDA)")
-def test_new_sizes_do_not_recompile():
-    """Sizes, k within one power-of-two bucket, patch sizes with p * p * C above the chunk, masks,
-    warm starts and seeds are run-time arguments: after a first search, none compiles again."""
-    kernels = (triton_search._init_kernel, triton_search._propagate_kernel, triton_search._random_kernel)
-
-    def compiled():
-        return sum(len(cache[0]) for kern in kernels for cache in kern.device_caches.values())
-
+def test_new_sizes_do_not_recompile(monkeypatch):
+    """Tiles: sizes, k within one power-of-two bucket, patch sizes with p * p * C above the chunk,
+    masks, warm starts and seeds are run-time arguments: after a first search, none compiles
+    again. Lanes: the patch size, k and the channel unroll are compile-time (the patch loops are
+    unrolled); sizes, masks, warm starts, seeds and channel counts with the same unroll are not."""
+    monkeypatch.setenv("PSAL_TRITON_SEARCH", FAMILIES["tiles"])
+    kernels = (search_tiles._init_kernel, search_tiles._propagate_kernel, search_tiles._random_kernel)
     search(rand(1, 3, 20, 17, seed=1), rand(1, 3, 15, 22, seed=2), patch_size=3, num_neighbors=3)
-    before = compiled()
+    before = _compiled(kernels)
     q, k = rand(2, 5, 31, 26, seed=3), rand(2, 5, 12, 40, seed=4)
     mask = (rand(2, 12, 40, seed=5) < 0.5).to(DEVICE)
     warm = search(q, k, patch_size=5, num_neighbors=4, key_mask=mask, generator=gen(7))
     search(q, k, patch_size=5, num_neighbors=4, key_mask=mask, init=warm, generator=gen(8))
     search(rand(3, 3, 7, 70, seed=6), rand(3, 3, 64, 1, seed=7), patch_size=7, num_neighbors=3, num_iters=2)
-    assert compiled() == before
+    assert _compiled(kernels) == before
+    monkeypatch.setenv("PSAL_TRITON_SEARCH", FAMILIES["lanes"])
+    lanes = (search_lanes._init_kernel, search_lanes._iterate_kernel)
+    q, k = rand(2, 6, 31, 26, seed=3), rand(2, 6, 12, 40, seed=4)
+    search(q, k, patch_size=5, num_neighbors=4, generator=gen(1))
+    search(q, k, patch_size=5, num_neighbors=4, key_mask=mask, generator=gen(1))
+    before = _compiled(lanes)
+    warm = search(rand(1, 6, 9, 50, seed=8), k[:1], patch_size=5, num_neighbors=4, key_mask=mask[:1], generator=gen(7))
+    search(rand(1, 6, 9, 50, seed=8), k[:1], patch_size=5, num_neighbors=4, init=warm, generator=gen(8))
+    search(rand(3, 12, 7, 70, seed=6), rand(3, 12, 64, 1, seed=7), patch_size=5, num_neighbors=4, num_iters=2)  # C = 12: unroll 6
+    assert _compiled(lanes) == before
 
 
 _COMPILE_FOR_HOPPER = """
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from psal.backends.triton import search as ts
-
-features = {"q_ptr": "*@DTYPE@", "k_ptr": "*@DTYPE@", "mask_ptr": "*u8", "table_ptr": "*i32",
-            "nallowed_ptr": "*i32", "init_ptr": "*i64", "src_idx": "*i64", "src_cost": "*fp32",
-            "dst_idx": "*i64", "dst_cost": "*fp32", "qpos_ptr": "*i64", "nbr_ptr": "*i64"}
-block, cb, warps = ts._GPU_SMALL  # the shapes a GPU launches
-consts = dict(DOT=@DOT@, ACC=tl.@ACC@, BLOCK=block, KB=4, CB=cb, ONE_CHUNK=@ONE@, SPARSE=@SPARSE@)
-for kern in (ts._init_kernel, ts._propagate_kernel, ts._random_kernel):
-    sig = {n: "constexpr" if n in consts else features.get(n, "i32") for n in kern.arg_names}
-    triton.compile(ASTSource(fn=kern, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options=dict(num_warps=warps))
+from psal.bench import kernels
+for variant, dtype, C, P, K, dot, sparse in @CASES@:
+    for role, fn, sig, consts, warps, _, _ in kernels.search_specs(variant, dtype, C, P, K, dot, sparse):
+        k = kernels.compile_triton(fn, sig, consts, warps)
+        assert kernels.local_memory_in_loops(k.sass) == 0 or variant.startswith("tiles") or dtype == "fp64", (variant, role)
 print("ok")
 """
 
 
 @pytest.mark.skipif(ON_GPU, reason="on a GPU the other tests compile and run the kernels")
 @pytest.mark.parametrize(
-    "dtype, acc, dot, one, sparse",
-    [("fp32", "float32", False, False, True), ("bf16", "float32", True, True, False), ("fp64", "float64", False, True, False)],
+    "cases",
+    [
+        [("lanes-pad-32x1", "fp32", 3, 7, 3, False, False), ("tiles-16x16x2", "fp32", 3, 7, 3, False, True)],
+        [("lanes-clamp-64x2", "bf16", 16, 3, 4, True, True), ("tiles-16x64x4", "bf16", 16, 3, 4, True, False)],
+        [("lanes-pad-128x4", "fp64", 2, 5, 2, False, True), ("tiles-8x256x4", "fp64", 2, 5, 2, False, False)],
+    ],
+    ids=["fp32-l2", "bf16-dot-sparse", "fp64-sparse"],
 )
-def test_kernels_compile_for_hopper(dtype, acc, dot, one, sparse):
-    """Without a GPU the interpreter never compiles the kernels: compile them for sm_90 (H100/H200)
-    down to a cubin with Triton's own ptxas, in a process where the interpreter is off."""
+def test_kernels_compile_for_hopper(cases):
+    """Without a GPU the interpreter never compiles the kernels: compile both families for sm_90
+    (H100/H200) down to a cubin with Triton's own ptxas, in a process where the interpreter is
+    off (the kernel report's compiler, ``python -m psal.bench kernels``); the lanes kernels
+    without spills inside loops."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    code = _COMPILE_FOR_HOPPER
-    for name, value in (("@DTYPE@", dtype), ("@ACC@", acc), ("@DOT@", str(dot)), ("@ONE@", str(one)), ("@SPARSE@", str(sparse))):
-        code = code.replace(name, value)
+    code = _COMPILE_FOR_HOPPER.replace("@CASES@", repr(cases))
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -1,10 +1,10 @@
-"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu."""
+"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu, kernels."""
 
 from __future__ import annotations
 
 import sys
 
-SUITES = {"knn": "psal.bench.knn", "sparse": "psal.bench.sparse", "attention": "psal.bench.attention", "apps": "psal.bench.apps", "photos": "psal.bench.photos", "training": "psal.bench.training", "gpu": "psal.bench.gpu"}
+SUITES = {"knn": "psal.bench.knn", "sparse": "psal.bench.sparse", "attention": "psal.bench.attention", "apps": "psal.bench.apps", "photos": "psal.bench.photos", "training": "psal.bench.training", "gpu": "psal.bench.gpu", "kernels": "psal.bench.kernels"}
 
 
 def main(argv=None) -> int:

@@ -1,419 +1,172 @@
-"""Triton PatchMatch for CUDA tensors (and CPU tensors through Triton's interpreter, for tests).
+"""Triton PatchMatch for CUDA tensors (and CPU tensors through Triton's interpreter, for tests):
+the backend's entry point, the preparation every kernel family shares, and the rule that picks a
+variant.
 
 Same folded contract as :func:`psal.backends.torch.search.patchmatch`: query ``(N, C, H, W)``, key
 ``(N, C, Hk, Wk)``, an optional allowed-key mask ``(N, Hk * Wk)``, warm-start candidates
-``(N, K0, H, W)``; the heads are already in the batch.
+``(N, K0, H, W)``, sparse query ``positions`` ``(M,)``; the heads are already in the batch.
 
-Scheme: Jacobi updates. Every launch reads the whole field from one buffer and writes the next
-field into another (ping-pong), so no program reads what another writes: the result does not
-depend on the launch order, and no atomics are used, so a search is bitwise reproducible. Nor does
-it depend on how pixels are grouped into programs, except that on a GPU the tile shape sets the
-summation order inside ``tl.sum`` (the last bits of a cost); the block sizes are fixed constants.
+Two kernel families compute the same field: the same candidates (jump-flood propagation of all
+``K`` matches at steps 8, 4, 2, 1, random search around each match), the same counter-based random
+streams (:mod:`.counters`), Jacobi updates (every launch reads one buffer and writes another, so
+the result depends neither on the launch order nor on how pixels are grouped into programs). They
+differ in how a candidate's patch cost is computed, and so in speed:
 
-- ``_init_kernel``: ``K`` distinct random allowed positions per query pixel (ranks drawn without
-  replacement among the allowed positions, mapped through ``layout.allowed_table``), then the
-  warm-start candidates, offered like any other.
-- ``_propagate_kernel``: one jump-flood step (8, 4, 2, 1 in each iteration; a step that reaches
-  past the query map is skipped): the neighbour ``x + e`` at that distance in each of the four
-  directions matched ``y``, which suggests ``y - e`` for ``x``; all ``K`` matches of every
-  neighbour are offered (``4K`` candidates).
-- ``_random_kernel``: one uniform candidate in each window of radius ``max(Hk, Wk) / 2^i`` (down
-  to 1), clamped to the key map, around each of the ``K`` matches the launch starts from.
+- ``lanes`` (:mod:`.search_lanes`): one query pixel per lane, compile-time patch loops, int32
+  offsets; ``pad``: replicate-padded copies of the maps and no clamps, ``clamp``: the maps read
+  in place, every column clamped (no copy). ``BLOCK x warps`` pixels per program.
+- ``tiles`` (:mod:`.search_tiles`): the first design, ``BLOCK`` pixels times ``CB`` patch values
+  per program; int64 throughout, so it also runs the problems ``lanes`` cannot (``k`` above
+  :data:`LANES_MAX_K`, ``C`` times a padded map at or above 2**31 elements).
 
-Each program holds the k-best lists of ``BLOCK`` query pixels (one lane each; a block may span
-several maps) as ``(BLOCK, KB)`` register tiles of indices and costs, ``KB`` the power of two at or
-above ``K``, the extra columns empty, kept sorted. A candidate enters if it is allowed, not in the
-list yet, and better than the worst kept one; it is inserted by shifting the tail one column
-(``tl.gather``). Empty slots (index -1, cost +inf) rank after every real one, +inf costs included.
-A patch is read as one run of ``p * p * C`` values per lane, ``CB`` at a time; an l2 cost stops
-once no lane of the block can still beat its list's worst (partial sums only grow), a dot cost
-has no such bound. NaN costs read as +inf.
-
-Random numbers are counter based: a 32-bit integer hash of (global pixel, draw) under a
-per-launch key derived from the caller's seed, so a pixel's draws depend neither on which
-program runs it nor when. (Triton's Philox, ``tl.randint``, would do as well; the hash is a
-fraction of its operations, which matters under the interpreter.)
-
-Sparse queries (``positions``, ``(M,)`` ascending flat query pixels): lanes are the listed pixels,
-fields ``(N, K, M)``; a lane draws its random numbers from its pixel's counters, as in a dense
-search, and propagates from the neighbours that are listed (per-step tables of their list slots).
-
-Layouts: query and key are made channel-last, ``(N, H, W, C)``, in their own dtype, so that the
-``p * C`` values of one patch row are contiguous; they are summed in float32 (float64 for float64
-inputs). Fields are ``(N, K, H * W)`` int64/float32, the layout of the result. Positions outside a
-map are clamped (replicate padding). Offsets and positions are int64; only divisions, by map
-widths, are done in int32 (a map of 2^31 pixels is out of reach anyway).
-
-Only the block sizes, ``KB``, the patch chunk ``CB`` (and whether one chunk holds the whole
-patch), the accumulation dtype and the similarity are compile-time constants; sizes, ``K``, the
-patch size and the seeds are run-time arguments excluded from specialisation, so a new image size
-never triggers a recompile.
-
-Interpreter notes (triton 3.6): every op costs tens of microseconds of Python whatever the tile
-size, int32 ``+ - *`` cost about six ops each (the interpreter checks them for overflow; 64-bit
-ones are not checked), and every call of a ``@triton.jit`` function, ``tl.sum``/``tl.max``
-included, costs about half a millisecond (it re-patches ``triton.language``). Hence int64 index
-arithmetic, one big block, and per-program precomputation of what does not change per candidate.
+A variant is named ``lanes-pad-32x1``, ``lanes-clamp-64x2`` (block x warps) or ``tiles-16x16x2``
+(block x chunk x warps). Which one runs (:func:`variant_for`): ``PSAL_TRITON_SEARCH`` when set,
+else the one :func:`set_variant` chose in this process (``python -m psal.bench gpu`` times them
+all and keeps the fastest of each problem class), else :data:`TUNED`, the fastest measured on a
+GPU by the last such check, for patches of at most :data:`SMALL_PATCH` values (``p * p * C``)
+and for larger ones; a variant that cannot run a problem gives way to ``tiles``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+
 import torch
-import triton
 import triton.language as tl
 
-from ..device import cuda_device_of, triton_interpreted
-from .. import rng
-from ..layout import allowed_table, channel_last, compute_dtype, neighbour_table
+from ..device import triton_interpreted
+from ..layout import allowed_table, compute_dtype, neighbour_table
+from . import search_lanes, search_tiles
 
-# Jump-flood steps of one iteration's propagation launches, longest first (as in the pure-PyTorch backend).
-_JUMPS = (8, 4, 2, 1)
-# GPU: (BLOCK pixels, CB patch values per chunk, warps), for patches of at most _GPU_SMALL_PATCH
-# values and for larger ones. Timed on an H200 (2026-11-27, `python -m psal.bench gpu --tune`,
-# 12 shapes): 16 x 16 on 2 warps was the fastest on both problems, 512² RGB p = 7 k = 3 10 iterations
-# (157 ms; 32 x 16 on 4 warps 172, 8 x 256 on 4 warps 214, 64 x 64 on 8 warps 287) and 512²
-# 64 channels p = 3 k = 4 5 iterations (372 ms; 16 x 64 on 4 warps 389, 32 x 16 on 4 warps 531).
-# Small blocks keep the early exits fine-grained; wide chunks did not pay. Interpreter: programs
-# run one after another and every op costs Python overhead whatever its size, so one big block and
-# one big patch chunk per op win; the chunk is capped so that a tile stays a few MiB.
-_GPU_SMALL_PATCH = 256
-_GPU_SMALL = (16, 16, 2)
-_GPU_LARGE = (16, 16, 2)
-_INTERP_BLOCK_MAX, _INTERP_TILE = 4096, 1 << 18
-
-_RUNTIME = ["N", "H", "W", "Hk", "Wk", "C", "K", "P", "M", "has_mask", "key_lo", "key_hi"]
-
-
-@triton.jit
-def _mix32(x):
-    """lowbias32 (C. Wellons): a bijective hash of 32-bit values held in int64. Wrapping 64-bit
-    products keep the low 32 bits exact, and 64-bit arithmetic carries no overflow check."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
+# Jump-flood steps of one iteration's propagation, longest first (as in the pure-PyTorch backend).
+JUMPS = (8, 4, 2, 1)
+SMALL_PATCH = 256
+LANES_MAX_K = 16
+_INT32 = 2**31
+# The fastest variant of each class on a GPU. Until a GPU check has timed the lanes kernels these
+# are their expected best (docs/gpu, BENCHMARKS.md "GPU"); the tiles' best was 16x16x2 (2026-11-27).
+TUNED = {"small": "lanes-pad-32x1", "large": "lanes-pad-32x1"}
+# The variants a GPU check times.
+VARIANTS = (
+    "lanes-pad-32x1", "lanes-pad-64x1", "lanes-pad-64x2", "lanes-pad-128x4",
+    "lanes-clamp-32x1", "lanes-clamp-64x1", "lanes-clamp-64x2", "lanes-clamp-128x4",
+    "tiles-16x16x2", "tiles-32x16x4", "tiles-16x64x4", "tiles-8x256x4",
+)  # fmt: skip
+_chosen: dict = {}
 
 
-@triton.jit
-def _uniform(key_lo, key_hi, ctr, n):
-    """A uniform int64 in ``[0, n)`` (``1 <= n < 2^31``) for the int64 counter ``ctr``
-    (``< 2^62``) under the launch key ``(key_lo, key_hi)`` (31 bits each)."""
-    h = _mix32(_mix32((ctr & 0xFFFFFFFF) ^ key_lo) ^ (ctr >> 32) ^ key_hi)
-    return (h * n.to(tl.int64)) >> 32
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kernel: str  # "lanes" or "tiles"
+    pad: bool = True  # lanes: padded copies, or the maps in place with clamps
+    block: int = 32  # pixels per program
+    chunk: int = 16  # tiles: patch values per chunk
+    warps: int = 1
+
+    @property
+    def name(self) -> str:
+        if self.kernel == "lanes":
+            return f"lanes-{'pad' if self.pad else 'clamp'}-{self.block}x{self.warps}"
+        return f"tiles-{self.block}x{self.chunk}x{self.warps}"
 
 
-@triton.jit
-def _chunk(f0, PC, PPC, C, CB: tl.constexpr):
-    """Row, column and channel ``(1, CB)`` of the flat patch indices ``f0 .. f0 + CB``, and which
-    are inside the patch (``PC = p * C`` values per row, ``PPC`` in all)."""
-    f = (f0 + tl.arange(0, CB)).to(tl.int32)
-    di = f // PC
-    rem = f - di * PC
-    dj = rem // C
-    return di[None, :], dj[None, :], (rem - dj * C)[None, :], (f < PPC)[None, :]
-
-
-@triton.jit
-def _offsets(base, i0, j0, di, dj, ch, Hm, Wm, Wd, C):
-    """Element offsets ``(BLOCK, CB)`` int64 of patch values in a channel-last map: ``base``
-    first row of the lane's map, ``(i0, j0)`` patch corners, clamped to ``[0, Hm] x [0, Wm]``."""
-    return ((base + tl.minimum(tl.maximum(i0 + di, 0), Hm)) * Wd + tl.minimum(tl.maximum(j0 + dj, 0), Wm)) * C + ch
-
-
-@triton.jit
-def _patch_cost(
-    q_ptr, k_ptr, ctx, ki, kj, live, worst,
-    DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ONE_CHUNK: tl.constexpr,
-):  # fmt: skip
-    """Patch costs between the lanes' query patches and the key patches centred on ``(ki, kj)``
-    (int64), on the lanes ``live`` (0 elsewhere). ``ctx``: see ``_setup``."""
-    Hm, Wm, Hkm, Wkm, W, Wk, C, R, PC, PPC, qbase, kbase, qi0, qj0, q1, di1, dj1, ch1, in1 = ctx
-    ki0 = (ki - R)[:, None]
-    kj0 = (kj - R)[:, None]
-    acc = tl.zeros([BLOCK], ACC)
-    if DOT:
-        # No early exit for a dot cost: products are summed over the tile and reduced once.
-        acc2 = tl.zeros([BLOCK, CB], ACC)
-    go = tl.max(live.to(tl.int32), axis=0) > 0
-    f0 = tl.zeros([], tl.int64)  # 64-bit: no overflow check under the interpreter
-    while (f0 < PPC) & go:
-        if ONE_CHUNK:
-            # The whole patch in one chunk: its query offsets were computed once per program.
-            di = di1
-            dj = dj1
-            ch = ch1
-            on = live[:, None] & in1
-            qo = q1
-        else:
-            di, dj, ch, inside = _chunk(f0, PC, PPC, C, CB)
-            on = live[:, None] & inside
-            qo = _offsets(qbase, qi0, qj0, di, dj, ch, Hm, Wm, W, C)
-        ko = _offsets(kbase, ki0, kj0, di, dj, ch, Hkm, Wkm, Wk, C)
-        a = tl.load(q_ptr + qo, mask=on, other=0.0).to(ACC)
-        b = tl.load(k_ptr + ko, mask=on, other=0.0).to(ACC)
-        if DOT:
-            acc2 -= a * b
-        else:
-            d = a - b
-            acc += tl.sum(d * d, axis=1)
-            # Partial l2 sums only grow: a lane stops once it cannot beat its list's worst (NaN
-            # partial sums stop too: the cost is NaN, read as +inf, whatever follows).
-            live = live & (acc < worst)
-            go = tl.max(live.to(tl.int32), axis=0) > 0
-        f0 += CB
-    if DOT:
-        acc = tl.sum(acc2, axis=1)
-    return acc
-
-
-@triton.jit
-def _offer(
-    lidx, lcost, ki, kj, ok, lst, q_ptr, k_ptr, mask_ptr, mbase, has_mask, ctx,
-    DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ONE_CHUNK: tl.constexpr,
-):  # fmt: skip
-    """The sorted lists ``(lidx, lcost)`` after offering key position ``(ki, kj)`` (int64) to the
-    lanes ``ok``, where it must lie inside the key map. Masked and duplicate candidates are
-    dropped. ``lst``: column masks and shift index of the list tiles (see ``_setup``)."""
-    col, inlist, last, shift, K = lst
-    Wk = ctx[5]
-    cand = tl.where(ok, ki * Wk + kj, -1)
-    # Without a mask the load is switched off entirely.
-    allowed = tl.load(mask_ptr + (mbase + cand), mask=ok & (has_mask != 0), other=1)
-    ok = ok & (allowed != 0) & (tl.max((lidx == cand[:, None]).to(tl.int32), axis=1) == 0)
-    # Blocks where no lane has anything new (common once the field is coherent) skip the rest.
-    if tl.max(ok.to(tl.int32), axis=0) > 0:
-        # Empty slots hold +inf, so a list that is not full has no bound.
-        worst = tl.sum(tl.where(last, lcost, 0.0), axis=1)
-        c = _patch_cost(q_ptr, k_ptr, ctx, ki, kj, ok, worst, DOT, ACC, BLOCK, CB, ONE_CHUNK).to(tl.float32)
-        c = tl.where(c != c, float("inf"), c)  # NaN -> +inf
-        pos = tl.sum(((lidx >= 0) & (lcost <= c[:, None])).to(tl.int32), axis=1)[:, None]
-        take = ok[:, None] & (pos < K) & inlist
-        nidx = tl.where(col < pos, lidx, tl.where(col == pos, cand[:, None], tl.gather(lidx, shift, axis=1)))
-        ncost = tl.where(col < pos, lcost, tl.where(col == pos, c[:, None], tl.gather(lcost, shift, axis=1)))
-        lidx = tl.where(take, nidx, lidx)
-        lcost = tl.where(take, ncost, lcost)
-    return lidx, lcost
-
-
-@triton.jit
-def _setup(
-    src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M,
-    BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr, ONE_CHUNK: tl.constexpr, LOAD: tl.constexpr,
-    SPARSE: tl.constexpr,
-):  # fmt: skip
-    """What a program computes once: its lanes (one searched query pixel each, of any map, so
-    that small maps leave no lane idle), their list slot ``m``, global pixel ``g = n * L + pix``
-    (what random counters are keyed on, so that a listed pixel draws what it draws in a dense
-    search) and coordinates, the patch context ``ctx`` that ``_patch_cost`` reads, the list-tile
-    helpers ``lst``, the field offsets and (``LOAD``) the lists themselves. ``M`` searched pixels
-    per map: all ``L = H * W``, or (``SPARSE``) the flat positions at ``qpos_ptr``."""
-    s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # searched slot n * M + m
-    L = H * W
-    lane = s < N.to(tl.int64) * M
-    n = s // M
-    m = s - n * M
-    if SPARSE:
-        pix = tl.load(qpos_ptr + m, mask=lane, other=0).to(tl.int32)
-    else:
-        pix = m.to(tl.int32)
-    g = n * L + pix
-    qi = pix // W
-    qj = pix - qi * W
-    qi = qi.to(tl.int64)
-    qj = qj.to(tl.int64)
-    R = P // 2
-    qi0 = (qi - R)[:, None]
-    qj0 = (qj - R)[:, None]
-    qbase = (n * H)[:, None]
-    kbase = (n * Hk)[:, None]
-    PC = P * C
-    PPC = PC * P
-    if ONE_CHUNK:
-        di1, dj1, ch1, in1 = _chunk(0, PC, PPC, C, CB)
-        q1 = _offsets(qbase, qi0, qj0, di1, dj1, ch1, H - 1, W - 1, W, C)
-    else:
-        di1 = 0
-        dj1 = 0
-        ch1 = 0
-        in1 = 0
-        q1 = 0
-    ctx = (H - 1, W - 1, Hk - 1, Wk - 1, W, Wk, C, R, PC, PPC, qbase, kbase, qi0, qj0, q1, di1, dj1, ch1, in1)
-    col = tl.arange(0, KB)[None, :]
-    # Gather index that shifts a list tile one column to the right.
-    shift = tl.maximum(col - 1, 0) + tl.zeros([BLOCK, KB], tl.int32)
-    lst = (col, col < K, col == K - 1, shift, K)
-    fbase = n * K * M + m  # list slot 0 of each lane; slot j is j * M further
-    at = fbase[:, None] + col.to(tl.int64) * M
-    on = lane[:, None] & (col < K)
-    if LOAD:
-        lidx = tl.load(src_idx + at, mask=on, other=-1)
-        lcost = tl.load(src_cost + at, mask=on, other=float("inf"))
-    else:
-        lidx = tl.full([BLOCK, KB], -1, tl.int64)
-        lcost = tl.full([BLOCK, KB], float("inf"), tl.float32)
-    return g, n, m, lane, qi, qj, ctx, lst, at, on, lidx, lcost
-
-
-@triton.jit(do_not_specialize=_RUNTIME + ["K0"])
-def _init_kernel(
-    q_ptr, k_ptr, mask_ptr, table_ptr, nallowed_ptr, init_ptr, dst_idx, dst_cost, qpos_ptr,
-    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, K0,
-    DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
-):  # fmt: skip
-    g, n, slot, lane, _, _, ctx, lst, at, on, lidx, lcost = _setup(
-        dst_idx, dst_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, False, SPARSE
+def parse_variant(name: str) -> Variant:
+    """``"lanes-pad-32x1"`` -> :class:`Variant`; ``ValueError`` naming the forms otherwise."""
+    parts = str(name).split("-")
+    try:
+        if parts[0] == "lanes" and len(parts) == 3 and parts[1] in ("pad", "clamp"):
+            block, warps = map(int, parts[2].split("x"))
+            return Variant("lanes", pad=parts[1] == "pad", block=block, warps=warps)
+        if parts[0] == "tiles" and len(parts) == 2:
+            block, chunk, warps = map(int, parts[1].split("x"))
+            return Variant("tiles", block=block, chunk=chunk, warps=warps)
+    except ValueError:
+        pass
+    raise ValueError(
+        f"a Triton search variant is 'lanes-pad-BxW', 'lanes-clamp-BxW' or 'tiles-BxCxW' (powers of two), got {name!r}"
     )
-    col = lst[0]
-    shift = lst[3]
-    Nk = Hk * Wk
-    mbase = n * Nk
-    nal = tl.load(nallowed_ptr + n, mask=lane, other=Nk)
-    # K distinct ranks among the allowed positions, kept sorted: the m-th is drawn below the
-    # count not taken yet, then stepped past every taken rank at or below it, in ascending order.
-    taken = tl.full([BLOCK, KB], 2147483647, tl.int64)
-    for m in range(K):
-        r = _uniform(key_lo, key_hi, g * K + m, nal - m)
-        for s in range(m):
-            r += (r >= tl.sum(tl.where(col == s, taken, 0), axis=1)).to(tl.int64)
-        pos = tl.sum((taken < r[:, None]).to(tl.int32), axis=1)[:, None]
-        taken = tl.where(col < pos, taken, tl.where(col == pos, r[:, None], tl.gather(taken, shift, axis=1)))
-    for m in range(K):
-        r = tl.sum(tl.where(col == m, taken, 0), axis=1)
-        y = tl.load(table_ptr + (mbase + r), mask=lane & (has_mask != 0), other=0).to(tl.int64)
-        y = tl.where(has_mask != 0, y, r)
-        ki = (y.to(tl.int32) // Wk).to(tl.int64)
-        # Allowed by construction: no mask lookup (has_mask = 0).
-        lidx, lcost = _offer(
-            lidx, lcost, ki, y - ki * Wk, lane, lst, q_ptr, k_ptr, mask_ptr, mbase, 0, ctx,
-            DOT, ACC, BLOCK, CB, ONE_CHUNK,
-        )  # fmt: skip
-    for m in range(K0):
-        y = tl.load(init_ptr + ((n * K0 + m) * M + slot), mask=lane, other=-1)
-        ok = lane & (y >= 0) & (y < Nk)
-        y = tl.where(ok, y, 0)
-        ki = (y.to(tl.int32) // Wk).to(tl.int64)
-        lidx, lcost = _offer(
-            lidx, lcost, ki, y - ki * Wk, ok, lst, q_ptr, k_ptr, mask_ptr, mbase, has_mask, ctx,
-            DOT, ACC, BLOCK, CB, ONE_CHUNK,
-        )  # fmt: skip
-    tl.store(dst_idx + at, lidx, mask=on)
-    tl.store(dst_cost + at, lcost, mask=on)
 
 
-@triton.jit(do_not_specialize=_RUNTIME + ["step"])
-def _propagate_kernel(
-    q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost, qpos_ptr, nbr_ptr,
-    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, step,
-    DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
-):  # fmt: skip
-    """``SPARSE``: ``nbr_ptr`` holds, for each direction ``d`` and listed pixel, the list slot of
-    its neighbour at this step (-1: not listed), ``(4, M)``."""
-    _, n, slot, lane, qi, qj, ctx, lst, at, on, lidx, lcost = _setup(
-        src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, True, SPARSE
-    )
-    mbase = n * Hk * Wk
-    for d in range(4):
-        # d = 0, 1: the neighbours at (0, +step), (0, -step); d = 2, 3: (+step, 0), (-step, 0).
-        sign = 1 - 2 * (d % 2)
-        dy = sign * step * (d // 2)
-        dx = sign * step * (1 - d // 2)
-        if SPARSE:
-            nslot = tl.load(nbr_ptr + (d * M + slot), mask=lane, other=-1)
-            near = lane & (nslot >= 0)
-        else:
-            ni = qi + dy
-            nj = qj + dx
-            near = lane & (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
-            nslot = ni * W + nj
-        nat = n * K * M + nslot
-        for m in range(K):
-            y = tl.load(src_idx + (nat + m * M), mask=near, other=0)
-            ki = (y.to(tl.int32) // Wk).to(tl.int64)
-            kj = y - ki * Wk - dx
-            ki -= dy
-            ok = near & (ki >= 0) & (ki < Hk) & (kj >= 0) & (kj < Wk)
-            lidx, lcost = _offer(
-                lidx, lcost, ki, kj, ok, lst, q_ptr, k_ptr, mask_ptr, mbase, has_mask, ctx,
-                DOT, ACC, BLOCK, CB, ONE_CHUNK,
-            )  # fmt: skip
-    tl.store(dst_idx + at, lidx, mask=on)
-    tl.store(dst_cost + at, lcost, mask=on)
+def set_variant(size_class: str, name: str | None) -> None:
+    """Use variant ``name`` for the problems of ``size_class`` (``"small"``, ``"large"``) in this
+    process (``None``: back to :data:`TUNED`)."""
+    if size_class not in TUNED:
+        raise ValueError(f"size_class must be one of {sorted(TUNED)}, got {size_class!r}")
+    if name is None:
+        _chosen.pop(size_class, None)
+    else:
+        _chosen[size_class] = parse_variant(name).name
 
 
-@triton.jit(do_not_specialize=_RUNTIME + ["num_radii"])
-def _random_kernel(
-    q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost, qpos_ptr,
-    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, num_radii,
-    DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
-):  # fmt: skip
-    g, n, _, lane, _, _, ctx, lst, at, on, lidx, lcost = _setup(
-        src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, True, SPARSE
-    )
-    col = lst[0]
-    mbase = n * Hk * Wk
-    start = lidx
-    Rmax = tl.maximum(Hk, Wk)
-    ctr = g * (2 * K * num_radii)  # two draws (row, column) per window
-    for a in range(K):
-        # Windows around the a-th match the launch started from: the list shifts as it improves.
-        y = tl.sum(tl.where(col == a, start, 0), axis=1)
-        br = (y.to(tl.int32) // Wk).to(tl.int64)
-        bc = y - br * Wk
-        for s in range(num_radii):
-            R = Rmax >> s
-            lo_r = tl.maximum(br - R, 0)
-            lo_c = tl.maximum(bc - R, 0)
-            c0 = ctr + 2 * (a * num_radii + s)
-            ki = lo_r + _uniform(key_lo, key_hi, c0, tl.minimum(br + R, Hk - 1) - lo_r + 1)
-            kj = lo_c + _uniform(key_lo, key_hi, c0 + 1, tl.minimum(bc + R, Wk - 1) - lo_c + 1)
-            lidx, lcost = _offer(
-                lidx, lcost, ki, kj, lane, lst, q_ptr, k_ptr, mask_ptr, mbase, has_mask, ctx,
-                DOT, ACC, BLOCK, CB, ONE_CHUNK,
-            )  # fmt: skip
-    tl.store(dst_idx + at, lidx, mask=on)
-    tl.store(dst_cost + at, lcost, mask=on)
+def size_class(patch_size: int, channels: int) -> str:
+    return "small" if patch_size * patch_size * channels <= SMALL_PATCH else "large"
 
 
-def _launch_key(seed: int, tag: int) -> tuple[int, int]:
-    """A per-launch hash key from the caller's seed (``rng.stream``): two 31-bit halves, so that
-    they are always int32 arguments and the seed's value never changes the kernels' signature."""
-    z = rng.stream(seed, tag)
-    return z & 0x7FFFFFFF, (z >> 31) & 0x7FFFFFFF
+def lanes_can_run(pb) -> str | None:
+    """Why the lanes kernels cannot run the prepared problem ``pb`` (``None``: they can)."""
+    r = pb.P // 2
+    plane = max((pb.H + 2 * r) * (pb.W + 2 * r), (pb.Hk + 2 * r) * (pb.Wk + 2 * r))
+    if pb.K > LANES_MAX_K:
+        return f"k = {pb.K} is above {LANES_MAX_K}"
+    if pb.C * plane >= _INT32:
+        return f"C * padded map = {pb.C * plane} elements reaches 2**31"
+    return None
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(int(x) - 1, 0).bit_length()
+def variant_for(pb) -> Variant:
+    """The variant that runs the prepared problem ``pb`` (see the module's docstring)."""
+    cls = size_class(pb.P, pb.C)
+    name = os.environ.get("PSAL_TRITON_SEARCH") or _chosen.get(cls) or TUNED[cls]
+    v = parse_variant(name)
+    if v.kernel == "lanes" and lanes_can_run(pb) is not None:
+        return parse_variant("tiles-16x16x2")
+    return v
 
 
-def launch_config(N: int, C: int, H: int, W: int, patch_size: int, interpreted: bool) -> dict:
-    """Block sizes of a search: ``BLOCK`` pixels per program and ``CB`` patch values per chunk."""
-    ppc = patch_size * patch_size * C
-    if interpreted:
-        block = min(max(_next_pow2(N * H * W), 16), _INTERP_BLOCK_MAX)
-        return dict(BLOCK=block, CB=min(_next_pow2(ppc), max(_INTERP_TILE // block, 16)))
-    block, cb, warps = _GPU_SMALL if ppc <= _GPU_SMALL_PATCH else _GPU_LARGE
-    return dict(BLOCK=block, CB=min(_next_pow2(ppc), cb), num_warps=warps)
+@dataclasses.dataclass
+class Problem:
+    """A search, prepared once for whichever kernels run it: sizes, the features, the mask's
+    tables, the warm start, the sparse positions and their neighbour tables."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    N: int
+    C: int
+    H: int
+    W: int
+    Hk: int
+    Wk: int
+    K: int
+    P: int
+    M: int
+    dot: bool
+    acc: object  # tl.float32 or tl.float64
+    dtype: torch.dtype  # what the features are read as when they must be copied
+    device: torch.device
+    interpreted: bool
+    has_mask: int
+    mask_u8: torch.Tensor
+    table: torch.Tensor
+    n_allowed: torch.Tensor
+    K0: int
+    init: torch.Tensor
+    sparse: bool
+    qpos: torch.Tensor
+    seed: int
+    num_iters: int
+    num_radii: int
+    steps: tuple
+    tables: dict
 
 
-def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
-    """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CUDA tensors (or CPU
-    tensors through Triton's interpreter), sparse ``positions`` included."""
+def prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions=None) -> Problem:
     N, C, H, W = query.shape
     Hk, Wk = key.shape[-2:]
-    K, P, L, Nk = num_neighbors, patch_size, H * W, Hk * Wk
+    K, P, Nk = num_neighbors, patch_size, Hk * Wk
     sparse = positions is not None
-    M = positions.numel() if sparse else L
+    M = positions.numel() if sparse else H * W
     dev = query.device
-    interpreted = dev.type == "cpu" or triton_interpreted()
-    # Features are read in their own dtype; mixed dtypes are read in the compute dtype.
-    dtype = query.dtype if query.dtype == key.dtype else compute_dtype(query.dtype)
-    acc = tl.float64 if compute_dtype(query.dtype) == torch.float64 else tl.float32
-    q = channel_last(query, dtype)
-    k = channel_last(key, dtype)
     if mask is None:
         has_mask = 0
         mask_u8 = torch.ones(1, dtype=torch.uint8, device=dev)
@@ -430,33 +183,41 @@ def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters:
     else:
         K0, init = init_idx.shape[1], init_idx.contiguous()
     qpos = positions.contiguous() if sparse else torch.zeros(1, dtype=torch.int64, device=dev)
+    steps = tuple(s for s in JUMPS if s < max(H, W)) if num_iters else ()
 
     def neighbours(step):
-        """``(4, M)`` list slots of the neighbours at ``step`` in the kernel's four directions."""
+        """``(4, M)`` list slots of the neighbours at ``step`` in the kernels' four directions."""
         if not sparse:
             return qpos
         moves = ((0, step), (0, -step), (step, 0), (-step, 0))
         return torch.stack([neighbour_table(positions, H, W, dy, dx) for dy, dx in moves]).contiguous()
 
-    cfg = launch_config(N, C, 1, M, P, interpreted)
-    cfg.update(DOT=similarity == "dot", ACC=acc, KB=max(_next_pow2(K), 2), ONE_CHUNK=P * P * C <= cfg["CB"], SPARSE=sparse)
-    grid = (triton.cdiv(N * M, cfg["BLOCK"]),)
-    sizes = (N, H, W, Hk, Wk, C, K, P, M, has_mask)
+    return Problem(
+        query=query, key=key, N=N, C=C, H=H, W=W, Hk=Hk, Wk=Wk, K=K, P=P, M=M,
+        dot=similarity == "dot",
+        acc=tl.float64 if compute_dtype(query.dtype) == torch.float64 else tl.float32,
+        dtype=query.dtype if query.dtype == key.dtype else compute_dtype(query.dtype),
+        device=dev, interpreted=dev.type == "cpu" or triton_interpreted(),
+        has_mask=has_mask, mask_u8=mask_u8, table=table, n_allowed=n_allowed, K0=K0, init=init,
+        sparse=sparse, qpos=qpos, seed=seed, num_iters=num_iters,
+        num_radii=max(Hk, Wk).bit_length(),  # the radii max(Hk, Wk) >> s, s < num_radii, are >= 1
+        steps=steps, tables={s: neighbours(s) for s in steps},
+    )  # fmt: skip
 
-    idx = torch.empty(N, K, M, dtype=torch.int64, device=dev)
-    cost = torch.empty(N, K, M, dtype=torch.float32, device=dev)
-    spare_idx, spare_cost = torch.empty_like(idx), torch.empty_like(cost)
-    num_radii = max(Hk, Wk).bit_length()  # the radii max(Hk, Wk) >> s, s < num_radii, are >= 1
-    tables = {step: neighbours(step) for step in _JUMPS if step < max(H, W)} if num_iters else {}
-    with cuda_device_of(query):
-        _init_kernel[grid](q, k, mask_u8, table, n_allowed, init, idx, cost, qpos, *sizes, *_launch_key(seed, -1), K0, **cfg)
-        for it in range(num_iters):
-            for step in _JUMPS:
-                if step >= max(H, W):
-                    continue
-                _propagate_kernel[grid](q, k, mask_u8, idx, cost, spare_idx, spare_cost, qpos, tables[step], *sizes, 0, 0, step, **cfg)
-                idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
-            key_lo, key_hi = _launch_key(seed, it)
-            _random_kernel[grid](q, k, mask_u8, idx, cost, spare_idx, spare_cost, qpos, *sizes, key_lo, key_hi, num_radii, **cfg)
-            idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
-    return (idx.view(N, K, H, W), cost.view(N, K, H, W)) if not sparse else (idx, cost)
+
+def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None, variant=None):
+    """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CUDA tensors (or CPU
+    tensors through Triton's interpreter), sparse ``positions`` included. ``variant``: a name
+    (see the module's docstring) to run instead of :func:`variant_for`'s choice."""
+    pb = prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions)
+    v = parse_variant(variant) if variant is not None else variant_for(pb)
+    if v.kernel == "lanes":
+        why = lanes_can_run(pb)
+        if why is not None:
+            raise ValueError(f"Triton search variant {v.name!r} cannot run this problem: {why}")
+        idx, cost = search_lanes.run(pb, pad=v.pad, block=v.block, warps=v.warps)
+        idx = idx.long()
+    else:
+        idx, cost = search_tiles.run(pb, (v.block, v.chunk, v.warps))
+    N, K = pb.N, pb.K
+    return (idx.view(N, K, pb.H, pb.W), cost.view(N, K, pb.H, pb.W)) if not pb.sparse else (idx, cost)
