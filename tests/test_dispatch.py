@@ -49,7 +49,7 @@ def test_auto_falls_back_when_a_problem_is_too_large_for_triton():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a legitimate fallback, not a missing package: no warning
         assert _dispatch.choose("f", "attend", "auto", cuda, big).__name__ == "psal.backends.torch.attend"
-    with pytest.raises(ValueError, match=r"psal.attend: backend 'triton' needs k \* H \* W and the padded map sizes below 2\*\*31"):
+    with pytest.raises(ValueError, match=r"psal.attend: backend 'triton' needs k \* H \* W, the padded map sizes and C \* H \* W below 2\*\*31"):
         _dispatch.choose("psal.attend", "attend", "triton", cuda, big)
     # the padded key map counts too
     assert _dispatch.positions(1, 4, 4, 1 << 16, 1 << 15, 3) >= 2**31

@@ -154,7 +154,7 @@ def attend(**kw):
         (dict(similarity="cosine"), ValueError, r"similarity must be one of 'l2', 'dot', got 'cosine'"),
         (dict(indices=torch.zeros(2, 3, 8, 9, dtype=torch.int64)), ValueError, r"indices must have shape \(B, heads, k, H, W\) = \(2, 1, k, 8, 9\), got \(2, 3, 8, 9\)"),
         (dict(indices=torch.zeros(2, 1, 3, 9, 8, dtype=torch.int64)), ValueError, r"indices must have shape .* got \(2, 1, 3, 9, 8\)"),
-        (dict(indices=IDX.int()), TypeError, r"indices must have dtype torch.int64, got torch.int32"),
+        (dict(indices=IDX.float()), TypeError, r"indices must have dtype torch.int64 or torch.int32, got torch.float32"),
         (dict(indices=IDX + 42), ValueError, r"indices must hold flat key positions in \[0, 42\) for a 7x6 key map, got values in \[42, 42\]"),
         (dict(indices=IDX - 1), ValueError, r"indices must hold flat key positions in \[0, 42\).*got values in \[-1, -1\]"),
         (dict(patch_size=2), ValueError, r"patch_size must be an odd int >= 1, got 2"),

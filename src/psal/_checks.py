@@ -169,13 +169,17 @@ def check_mask_allows_a_key(fn: str, key_mask, shapes: MapShapes) -> None:
         raise ValueError(f"{fn}: key_mask {_shape(key_mask)} allows no key position in batch element {b}")
 
 
-def check_field_indices(fn: str, name: str, indices, shapes: MapShapes, device: torch.device, k=None, positions=None):
+def check_field_indices(
+    fn: str, name: str, indices, shapes: MapShapes, device: torch.device, k=None, positions=None, dtypes=(torch.int64,)
+):
     """Indices ``(B, heads, k, H, W)`` (``(B, heads, k, M)`` with ``M`` sparse query
-    ``positions``), int64, flat key positions in ``[0, Hk * Wk)``."""
+    ``positions``), of one of ``dtypes`` (int64; the attention also takes int32), flat key
+    positions in ``[0, Hk * Wk)``."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(indices).__name__}")
-    if indices.dtype != torch.int64:
-        raise TypeError(f"{fn}: {name} must have dtype torch.int64, got {indices.dtype}")
+    if indices.dtype not in dtypes:
+        allowed = " or ".join(str(d) for d in dtypes)
+        raise TypeError(f"{fn}: {name} must have dtype {allowed}, got {indices.dtype}")
     B, h = shapes.batch, shapes.num_heads
     spatial = (shapes.height, shapes.width) if positions is None else (positions.numel(),)
     if (

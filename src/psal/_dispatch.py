@@ -25,8 +25,8 @@ logger = logging.getLogger("psal")
 BACKENDS = ("auto", "numba", "triton", "torch")
 ORDER = ("numba", "triton", "torch")
 _TRITON_MIN_CAPABILITY = (7, 5)  # Triton 3's NVIDIA backend (Turing and newer)
-# Triton kernels divide positions within a map in int32: k * H * W and the padded map sizes must
-# stay below this.
+# Triton kernels divide positions within a map in int32: k * H * W, the padded map sizes and (for
+# the attention, which reads channel-first maps in place) channels times a map must stay below this.
 TRITON_MAX_POSITIONS = 2**31
 
 
@@ -58,7 +58,7 @@ def can_run_triton(device: torch.device, positions: int = 0, raise_error: bool =
         return _fail(f"backend 'triton' runs on CUDA tensors, got tensors on {device}", raise_error)
     if positions >= TRITON_MAX_POSITIONS:
         return _fail(
-            f"backend 'triton' needs k * H * W and the padded map sizes below 2**31, got {positions}", raise_error
+            f"backend 'triton' needs k * H * W, the padded map sizes and C * H * W below 2**31, got {positions}", raise_error
         )
     try:
         importlib.import_module("triton")
@@ -91,13 +91,15 @@ def _sparse_ok(name: str, op: str, sparse: bool, raise_error: bool = False) -> b
     return _fail(f"backend {name!r} has no sparse-query {what} (positions=) yet; use 'torch' or 'auto'", raise_error)
 
 
-def positions(num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: int, searched: int | None = None) -> int:
+def positions(
+    num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: int, searched: int | None = None, channels: int = 1
+) -> int:
     """The largest per-map position count of a problem (matches ``k * L`` of the ``L`` searched
-    pixels, all ``H * W`` by default; padded maps): what the size limits of a backend are checked
-    against."""
+    pixels, all ``H * W`` by default; padded maps; with ``channels``, the elements of a map):
+    what the size limits of a backend are checked against."""
     r = patch_size // 2
     L = H * W if searched is None else searched
-    return max(num_neighbors * L, (H + 2 * r) * (W + 2 * r), (Hk + 2 * r) * (Wk + 2 * r))
+    return max(num_neighbors * L, (H + 2 * r) * (W + 2 * r), (Hk + 2 * r) * (Wk + 2 * r), channels * max(H * W, Hk * Wk))
 
 
 def available_backends(device="cpu") -> dict:

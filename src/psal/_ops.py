@@ -90,7 +90,8 @@ def attend(
     statistic ``(N, M)``."""
     if indices.numel() == 0:
         return _attend_empty(query, value, indices, query_positions)
-    impl, opts = _attend_impl(query, key, indices, patch_size, backend, query_positions)
+    impl, opts = _attend_impl(query, key, value, indices, patch_size, backend, query_positions)
+    indices = _index_dtype(impl, indices)
     out, stat = impl.attend_forward(
         *_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity, **opts
     )
@@ -98,12 +99,17 @@ def attend(
     return out.to(value.dtype).contiguous(), stat.to(compute_dtype(query.dtype)).contiguous()
 
 
-def _attend_impl(query, key, indices, patch_size, backend, query_positions, op="attend"):
+def _index_dtype(impl, indices):
+    """int32 indices for the backends that read them (``INDEX_DTYPES``), int64 for the others."""
+    return indices if indices.dtype in getattr(impl, "INDEX_DTYPES", (torch.int64,)) else indices.long()
+
+
+def _attend_impl(query, key, value, indices, patch_size, backend, query_positions, op="attend"):
     """The attention backend module of ``op`` (``"attend"``, ``"attend_backward"``) for a
     non-empty problem, and the keyword arguments it takes (the sparse query positions, if any)."""
     K, L = indices.shape[1], indices[0, 0].numel()
     H, W = query.shape[-2:]
-    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L)
+    size = positions(K, H, W, key.shape[-2], key.shape[-1], patch_size, L, channels=max(query.shape[1], value.shape[1]))
     impl = choose("psal.attend", op, backend, query.device, size, sparse=query_positions is not None)
     return impl, ({} if query_positions is None else {"positions": query_positions.contiguous()})
 
@@ -139,7 +145,8 @@ def attend_backward(
     """Gradients of ``psal::attend`` for query, key, value and temperature, in their dtypes."""
     if indices.numel() == 0:
         return _backward_empty(query, key, value, temperature)
-    impl, opts = _attend_impl(query, key, indices, patch_size, backend, query_positions, "attend_backward")
+    impl, opts = _attend_impl(query, key, value, indices, patch_size, backend, query_positions, "attend_backward")
+    indices = _index_dtype(impl, indices)
     gq, gk, gv, gt = impl.attend_backward(
         *_contiguous(grad, query, key, value, indices, temperature, out, stat),
         patch_size,

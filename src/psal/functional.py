@@ -242,7 +242,8 @@ def attend(
         query: ``Tensor[B, C, H, W]``.
         key: ``Tensor[B, C, Hk, Wk]``, same dtype and device.
         value: ``Tensor[B, Cv, Hk, Wk]``, same dtype and device; ``Cv`` divisible by ``num_heads``.
-        indices: ``Tensor[B, heads, k, H, W]`` int64 flat key positions, e.g. a field's indices.
+        indices: ``Tensor[B, heads, k, H, W]`` int64 (or int32: half the memory a backward keeps)
+            flat key positions, e.g. a field's indices.
         patch_size: odd ``p >= 1``.
         temperature: a number ``> 0``, or a one-element floating tensor (may require grad; its
             value is not checked, which would cost a device sync).
@@ -275,7 +276,9 @@ def attend(
     fn = "psal.attend"
     shapes = checks.check_query_key(fn, query, key, num_heads)
     positions = checks.check_positions(fn, positions, shapes, query.device)
-    indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device, positions=positions)
+    indices = checks.check_field_indices(
+        fn, "indices", indices, shapes, query.device, positions=positions, dtypes=(torch.int64, torch.int32)
+    )
     return _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend, positions)
 
 
@@ -344,7 +347,9 @@ def ps_attention(
     key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
     k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
     field = _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend)
-    out = _attend(fn, query, key, value, field.indices, shapes, patch_size, temperature, aggregation, similarity, backend)
+    # What the backward keeps: int32 indices, half the memory (the int64 field is dropped unless returned).
+    idx = field.indices.int() if shapes.num_keys < 2**31 else field.indices
+    out = _attend(fn, query, key, value, idx, shapes, patch_size, temperature, aggregation, similarity, backend)
     return (out, field) if return_field else out
 
 

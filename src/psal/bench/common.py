@@ -46,8 +46,9 @@ def environment_dict() -> dict:
     return env
 
 
-def environment() -> str:
-    env = environment_dict()
+def environment(env: dict | None = None) -> str:
+    """The environment line of this machine (or of ``env``, an earlier :func:`environment_dict`)."""
+    env = environment_dict() if env is None else env
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     threads = f"torch threads {env['torch_threads']}" + (f", numba threads {env['numba_threads']}" if "numba_threads" in env else "")
     gpu = f"; GPU: {env['gpu']}" if "gpu" in env else ""
@@ -114,6 +115,31 @@ class PeakMemory:
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() // 1024 - self.rest
         return peak_kib() - self.rest
+
+
+def tensor_peak_bytes(step) -> int:
+    """Peak bytes of the tensors PyTorch allocates on the CPU during a second call of ``step``,
+    over the level before it: the accounting of :class:`PeakMemory` on a GPU (the first call's
+    results, which the second frees as it runs, are credited), measured with the profiler's
+    memory events. What Triton's interpreter allocates for itself is not counted: on a CPU this
+    measures what a GPU would allocate for the same Triton launches."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        with record_function("psal.second_call"):
+            pass
+        step()
+    events = list(prof.profiler.kineto_results.events())
+    mark = next(e.start_ns() for e in events if e.name() == "psal.second_call")
+    current, level, peak = 0, None, 0
+    for e in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        if level is None and e.start_ns() >= mark:
+            level = current
+        current += e.nbytes()
+        if level is not None:
+            peak = max(peak, current - level)
+    return peak
 
 
 def write_json(path, args, results) -> None:

@@ -1,30 +1,41 @@
 """Triton attention over a k-NN field: forward and backward, for CUDA tensors.
 
 Same folded contract as ``psal.backends.torch.attend`` (read its docstring for the notation): query
-``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, value ``(N, Cv, Hk, Wk)``, indices ``(N, K, H, W)``,
-a 0-dim temperature; the heads are already in the batch. On CPU tensors the kernels run through
-Triton's interpreter (``TRITON_INTERPRET=1``), which is how the test suite checks them without a GPU.
+``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, value ``(N, Cv, Hk, Wk)``, indices ``(N, K, H, W)``
+(int64 or int32), a 0-dim temperature; the heads are already in the batch. On CPU tensors the
+kernels run through Triton's interpreter (``TRITON_INTERPRET=1``), which is how the test suite
+checks them without a GPU.
 
-Scheme. The heavy loops (``C * p * p * K`` per pixel) are Triton kernels; what is ``O(N * K * L)``
-(softmax statistics, the temperature gradient) is left to PyTorch, which fuses it well enough.
+Memory first. The features are read where they are, channel-first, in their own dtype: no
+channel-last, padded or float32 copies. Every gradient is accumulated in float32 registers and
+stored once, in its tensor's dtype, on the unpadded map: the replicate padding's adjoint (a
+border pixel receives what every clamped read of it contributed) is folded inside the kernels.
+What is ``O(N * K * L)`` (scores, weights, the softmax's backward, the temperature gradient) is
+left to PyTorch: a few float32 values per match.
 
-- ``_costs``: the patch cost of every match, recomputed from the indices.
-- ``_votes``: each output pixel ``z`` gathers its own votes (all offsets ``d`` and matches ``j`` of
-  the query patches ``x = z - d`` that cover it), so the forward pass writes without atomics.
+- ``_costs``: the patch cost of every match, recomputed from the indices (one lane per match).
+- ``_votes``: each output pixel ``z`` gathers its own votes (all offsets ``d`` and matches ``j``
+  of the query patches ``x = z - d`` that cover it), so the forward pass writes without atomics.
 - ``_score_grad``: ``d loss / d score`` of every match, again by gathering.
-- ``_query_grad``: the query gradient on the replicate-padded query map, gathered per padded pixel;
-  PyTorch folds the padding back (``replicate_pad_adjoint``).
-- Key and value gradients receive from many queries. The default path scatters with float32 (or
-  float64) atomics into zero-initialised buffers (``_scatter``); under
-  ``torch.use_deterministic_algorithms(True)`` it gathers instead (``_gather``): the matches are
-  sorted by key position once (a stable sort, so the summation order is fixed) and every padded key
-  position sums its own list.
+- ``_query_grad``: the query gradient, one lane per query pixel ``u``, gathering over the
+  patches whose clamped reads land on ``u`` (one per offset inside the map; up to ``r + 1`` per
+  axis on its border).
+- Key and value gradients receive from many queries. ``_gather`` (the default on a GPU,
+  deterministic):
+  the matches are sorted by key position once (stable), and every key pixel sums, in a fixed
+  order, the contributions of the matches whose clamped reads land on it. ``_scatter``
+  (``PSAL_TRITON_KEY_GRAD=atomic``, never under ``torch.use_deterministic_algorithms(True)``):
+  float32 atomics into zero-initialised float32 maps, then a cast: two float32 copies of the
+  key side, which is the memory the gather saves.
 
-Layouts: features are made channel-last (``(N, H, W, C)``), so that one gathered key or value
-position is ``C`` contiguous values; per-match tensors are ``(N, K, H * W)``. Positions within a
-map are int32 (cheaper division on GPUs; dispatch sends only problems with ``K * H * W < 2**31``
-here); memory offsets are int64. Positions outside a map are clamped (replicate padding). Everything accumulates in float32 (float64 for float64
-inputs); float16/bfloat16 inputs are read as they are.
+Tiles are ``(BLOCK, CB)``, lanes by channels. Their gathers have no provable contiguity on
+either axis, and Triton's coalescing then orders threads along the first: a warp's threads hold
+neighbouring pixels (coalesced loads from channel-first maps) and each thread its own pixel's
+``CB`` channels, so that sums over channels stay inside a thread (``python -m psal.bench kernels``
+shows it: no shuffles in the loops). Positions within a map are int32 (the dispatcher sends only problems whose channels
+times map fit in 2**31 here) above per-lane map base offsets in int64; under the interpreter,
+which checks every int32 operation for overflow, they are int64. Everything accumulates in
+float32 (float64 for float64 inputs).
 
 Sparse queries (``positions``, the pure-PyTorch backend's contract): the forward only. ``_costs``
 takes its lanes from the list, and ``_votes`` gives one lane to each listed pixel, reading the list
@@ -40,6 +51,7 @@ specialisation, so a new image size or patch size never triggers a recompile.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +59,11 @@ import triton
 import triton.language as tl
 
 from ..device import cuda_device_of, triton_interpreted
-from ..layout import channel_last, compute_dtype, offset_tables, replicate_pad_adjoint, vote_counts
+from ..layout import compute_dtype, offset_tables
 
 _SIZES = ["C", "H", "W", "Hk", "Wk", "K", "P", "N", "M"]
+# The indices these kernels read as they are.
+INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 @triton.jit
@@ -57,10 +71,28 @@ def _clamp(x, n):
     return tl.minimum(tl.maximum(x, 0), n - 1)
 
 
+@triton.jit
+def _covering(zi, zj, H, W, r):
+    """How many query patches of radius ``r`` cover pixel ``(zi, zj)`` (``layout.vote_counts``)."""
+    rows = tl.minimum(zi + r, H - 1) - tl.maximum(zi - r, 0) + 1
+    cols = tl.minimum(zj + r, W - 1) - tl.maximum(zj - r, 0) + 1
+    return (rows * cols).to(tl.float32)
+
+
+@triton.jit
+def _fold_range(u, n, d):
+    """The positions ``x`` of a map of ``n`` whose read at offset ``d``, clamped, lands on ``u``:
+    ``[lo, lo + count)`` (one inside the map, up to ``|d| + 1`` on its border, none past it)."""
+    lo = tl.maximum(tl.where(u == 0, 0, u - d), 0)
+    hi = tl.minimum(tl.where(u == n - 1, n - 1, u - d), n - 1)
+    return lo, tl.maximum(hi - lo + 1, 0)
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _costs(
     q, k, idx, cost, listed, C, H, W, Hk, Wk, K, P, N, M,
     DOT: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    IDX: tl.constexpr,
 ):  # fmt: skip
     """cost[n, j, x] for a block of the flat (n, j, x) lanes (``x``: the ``M`` listed pixels
     ``listed`` when ``SPARSE``, else every pixel)."""
@@ -68,26 +100,28 @@ def _costs(
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N.to(tl.int64) * K * L  # int64: sizes arrive as int32, their product may not fit
     n = f // (K * L)
-    x = (f % L).to(tl.int32)
+    x = (f % L).to(IDX)
     if SPARSE:
-        x = tl.load(listed + x, mask=on, other=0).to(tl.int32)
+        x = tl.load(listed + x, mask=on, other=0).to(IDX)
     xi, xj = x // W, x % W
-    y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
+    y = tl.load(idx + f, mask=on, other=0).to(IDX)
     yi, yj = y // Wk, y % Wk
-    cc = tl.arange(0, CB)
+    qb = q + n * C * H * W
+    kb = k + n * C * Hk * Wk
+    cc = tl.arange(0, CB)[None, :]
     r = P // 2
     acc = tl.zeros([BLOCK], ACC)
     for a in range(P):
-        qrow = (n * H + _clamp(xi + a - r, H)) * W
-        krow = (n * Hk + _clamp(yi + a - r, Hk)) * Wk
+        qrow = _clamp(xi + a - r, H) * W
+        krow = _clamp(yi + a - r, Hk) * Wk
         for b in range(P):
-            qpos = (qrow + _clamp(xj + b - r, W)) * C
-            kpos = (krow + _clamp(yj + b - r, Wk)) * C
+            qpos = (qrow + _clamp(xj + b - r, W))[:, None]
+            kpos = (krow + _clamp(yj + b - r, Wk))[:, None]
             for c0 in range(0, C, CB):
                 ch = c0 + cc
-                m = on[:, None] & (ch < C)[None, :]
-                u = tl.load(q + qpos[:, None] + ch[None, :], mask=m, other=0.0).to(ACC)
-                v = tl.load(k + kpos[:, None] + ch[None, :], mask=m, other=0.0).to(ACC)
+                m = on[:, None] & (ch < C)
+                u = tl.load(qb[:, None] + (ch * (H * W) + qpos), mask=m, other=0.0).to(ACC)
+                v = tl.load(kb[:, None] + (ch * (Hk * Wk) + kpos), mask=m, other=0.0).to(ACC)
                 if DOT:
                     acc -= tl.sum(u * v, axis=1)
                 else:
@@ -100,23 +134,26 @@ def _costs(
 def _votes(
     v, idx, logw, shift, out, den_out, listed, tab, C, H, W, Hk, Wk, K, P, N, M,
     PATCH: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    IDX: tl.constexpr,
 ):  # fmt: skip
-    """out[n, z, c] = sum over offsets d and matches j of the patch x = z - d (on the map) of
-    exp(logw[n, j, x] - shift[n, z]) * v[n, y_j(x) + d, c], divided by the sum of those weights
+    """out[n, c, z] = sum over offsets d and matches j of the patch x = z - d (on the map) of
+    exp(logw[n, j, x] - shift[n, z]) * v[n, c, y_j(x) + d], divided by the sum of those weights
     ("patch": shift is the per-pixel max) or by the number of patches covering z (otherwise).
     ``SPARSE``: lanes are the ``M`` listed pixels ``listed``, and only listed patches vote: the list
-    slot of ``x = z - d`` is ``tab[d, lane]`` (-1: not listed), per-match tensors are ``(N, K, M)``."""
+    slot of ``x = z - d`` is ``tab[d, lane]`` (-1: not listed), per-match tensors are ``(N, K, M)``.
+    ``out`` is ``(N, C, H * W)`` (``(N, C, M)``) in its own dtype."""
     L = M if SPARSE else H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N.to(tl.int64) * L
-    n, lane = f // L, (f % L).to(tl.int32)
+    n, lane = f // L, (f % L).to(IDX)
     if SPARSE:
-        z = tl.load(listed + lane, mask=on, other=0).to(tl.int32)
+        z = tl.load(listed + lane, mask=on, other=0).to(IDX)
     else:
         z = lane
     zi, zj = z // W, z % W
-    ch = tl.program_id(1) * CB + tl.arange(0, CB)
+    ch = tl.program_id(1) * CB + tl.arange(0, CB)[None, :]
     cm = ch < C
+    vb = v + n * C * Hk * Wk
     if PATCH:
         zs = tl.load(shift + n * L + lane, mask=on, other=0.0)
     else:
@@ -132,25 +169,25 @@ def _votes(
             if SPARSE:
                 slot = tl.load(tab + (a * P + b) * M + lane, mask=on, other=-1)
                 real = on & (slot >= 0)
-                x = tl.where(real, slot, 0).to(tl.int32)
+                x = tl.where(real, slot, 0).to(IDX)
             else:
                 real = on & (xi >= 0) & (xi < H) & (xj >= 0) & (xj < W)
                 x = tl.where(real, xi * W + xj, 0)
             count += tl.where(real, 1.0, 0.0)
             for j in range(K):
                 row = (n * K + j) * L + x
-                y = tl.load(idx + row, mask=real, other=0).to(tl.int32)
+                y = tl.load(idx + row, mask=real, other=0).to(IDX)
                 w = tl.exp(tl.load(logw + row, mask=real, other=float("-inf")) - zs)
                 w = tl.where(real, w, 0.0)
-                kpos = ((n * Hk + _clamp(y // Wk + a - r, Hk)) * Wk + _clamp(y % Wk + b - r, Wk)) * C
-                val = tl.load(v + kpos[:, None] + ch[None, :], mask=real[:, None] & cm[None, :], other=0.0)
+                kpos = _clamp(y // Wk + a - r, Hk) * Wk + _clamp(y % Wk + b - r, Wk)
+                val = tl.load(vb[:, None] + (ch * (Hk * Wk) + kpos[:, None]), mask=real[:, None] & cm, other=0.0)
                 acc += w[:, None] * val.to(ACC)
                 den += w
     if not PATCH:
         # the number of (listed) query patches covering z, each contributing weights that sum to one
         den = count
     den = tl.where(on, den, 1.0)
-    tl.store(out + (n * L + lane)[:, None] * C + ch[None, :], acc / den[:, None], mask=on[:, None] & cm[None, :])
+    tl.store(out + (n * C * L + lane)[:, None] + ch * L, acc / den[:, None], mask=on[:, None] & cm)
     if PATCH:
         tl.store(den_out + n * L + lane, den, mask=on & (tl.program_id(1) == 0))
 
@@ -158,42 +195,48 @@ def _votes(
 @triton.jit(do_not_specialize=_SIZES)
 def _score_grad(
     g, v, idx, logw, shift, g0, out, C, H, W, Hk, Wk, K, P, N,
-    WEIGHTED: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    WEIGHTED: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    IDX: tl.constexpr,
 ):  # fmt: skip
     """out[n, j, x] = sum over offsets d with z = x + d on the map of
-    <g[n, z], v[n, y_j(x) + d]> (unweighted), or of exp(logw[n, j, x] - shift[n, z]) *
-    (<g[n, z], v[n, y_j(x) + d]> - g0[n, z]) (weighted, the "patch" aggregation)."""
+    <g[n, :, z], v[n, :, y_j(x) + d]> (unweighted; ``MEAN``: each divided by the number of patches
+    covering z, the "patch_mean" aggregation), or of exp(logw[n, j, x] - shift[n, z]) *
+    (<g[n, :, z], v[n, :, y_j(x) + d]> - g0[n, z]) (weighted, the "patch" aggregation)."""
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N.to(tl.int64) * K * L
-    n, x = f // (K * L), (f % L).to(tl.int32)
+    n, x = f // (K * L), (f % L).to(IDX)
     xi, xj = x // W, x % W
-    y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
+    y = tl.load(idx + f, mask=on, other=0).to(IDX)
     yi, yj = y // Wk, y % Wk
+    gb = g + n * C * L
+    vb = v + n * C * Hk * Wk
     if WEIGHTED:
         lw = tl.load(logw + f, mask=on, other=0.0)
-    cc = tl.arange(0, CB)
+    cc = tl.arange(0, CB)[None, :]
     r = P // 2
     acc = tl.zeros([BLOCK], ACC)
     for a in range(P):
         zi = xi + a - r
-        krow = (n * Hk + _clamp(yi + a - r, Hk)) * Wk
+        krow = _clamp(yi + a - r, Hk) * Wk
         for b in range(P):
             zj = xj + b - r
             real = on & (zi >= 0) & (zi < H) & (zj >= 0) & (zj < W)
             z = tl.where(real, zi * W + zj, 0)
-            kpos = (krow + _clamp(yj + b - r, Wk)) * C
+            kpos = krow + _clamp(yj + b - r, Wk)
             dot = tl.zeros([BLOCK], ACC)
             for c0 in range(0, C, CB):
                 ch = c0 + cc
-                m = real[:, None] & (ch < C)[None, :]
-                gz = tl.load(g + (n * L + z)[:, None] * C + ch[None, :], mask=m, other=0.0).to(ACC)
-                val = tl.load(v + kpos[:, None] + ch[None, :], mask=m, other=0.0).to(ACC)
+                m = real[:, None] & (ch < C)
+                gz = tl.load(gb[:, None] + (ch * L + z[:, None]), mask=m, other=0.0).to(ACC)
+                val = tl.load(vb[:, None] + (ch * (Hk * Wk) + kpos[:, None]), mask=m, other=0.0).to(ACC)
                 dot += tl.sum(gz * val, axis=1)
             if WEIGHTED:
                 zs = tl.load(shift + n * L + z, mask=real, other=0.0)
                 go = tl.load(g0 + n * L + z, mask=real, other=0.0)
                 acc += tl.where(real, tl.exp(lw - zs) * (dot - go), 0.0)
+            elif MEAN:
+                acc += dot / _covering(zi, zj, H, W, r)
             else:
                 acc += dot
     tl.store(out + f, acc, mask=on)
@@ -202,56 +245,62 @@ def _score_grad(
 @triton.jit(do_not_specialize=_SIZES)
 def _query_grad(
     q, k, idx, gcost, out, C, H, W, Hk, Wk, K, P, N,
-    DOT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    DOT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
-    """The gradient of sum(gcost * cost) for the replicate-padded query map: out[n, u, c] for the
-    padded pixel u gathers, over offsets and matches of the patches x = u - d that read it,
-    2 gcost (q - k) ("l2") or -gcost k ("dot")."""
+    """The gradient of sum(gcost * cost) for the query map, stored in ``out``'s dtype: the query
+    pixel u gathers, over offsets d and the patches x whose read at d, clamped, is u, and their
+    matches j, 2 gcost (q[u] - k[clamp(y_j(x) + d)]) ("l2") or -gcost k[...] ("dot")."""
     r = P // 2
-    Hp, Wp = H + 2 * r, W + 2 * r
     L = H * W
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N.to(tl.int64) * Hp * Wp
-    n, u = f // (Hp * Wp), (f % (Hp * Wp)).to(tl.int32)
-    ui, uj = u // Wp, u % Wp
-    ch = tl.program_id(1) * CB + tl.arange(0, CB)
+    on = f < N.to(tl.int64) * L
+    n, u = f // L, (f % L).to(IDX)
+    ui, uj = u // W, u % W
+    ch = tl.program_id(1) * CB + tl.arange(0, CB)[None, :]
     cm = ch < C
+    kb = k + n * C * Hk * Wk
     acc = tl.zeros([BLOCK, CB], ACC)
     sg = tl.zeros([BLOCK], ACC)
     for a in range(P):
-        xi = ui - a
+        lo_i, n_i = _fold_range(ui, H, a - r)
         for b in range(P):
-            xj = uj - b
-            real = on & (xi >= 0) & (xi < H) & (xj >= 0) & (xj < W)
-            x = tl.where(real, xi * W + xj, 0)
-            for j in range(K):
-                row = (n * K + j) * L + x
-                y = tl.load(idx + row, mask=real, other=0).to(tl.int32)
-                gc = tl.load(gcost + row, mask=real, other=0.0)
-                kpos = ((n * Hk + _clamp(y // Wk + a - r, Hk)) * Wk + _clamp(y % Wk + b - r, Wk)) * C
-                kv = tl.load(k + kpos[:, None] + ch[None, :], mask=real[:, None] & cm[None, :], other=0.0).to(ACC)
-                if DOT:
-                    acc -= gc[:, None] * kv
-                else:
-                    acc -= 2 * gc[:, None] * kv
-                    sg += gc
+            lo_j, n_j = _fold_range(uj, W, b - r)
+            cnt = tl.where(on, n_i * n_j, 0)
+            # One patch per offset inside the map; the block runs to its longest border list.
+            for t in range(0, tl.max(cnt, axis=0)):
+                real = t < cnt
+                ti = t // tl.maximum(n_j, 1)
+                x = (lo_i + ti) * W + lo_j + (t - ti * n_j)
+                x = tl.where(real, x, 0)
+                for j in range(K):
+                    row = (n * K + j) * L + x
+                    y = tl.load(idx + row, mask=real, other=0).to(IDX)
+                    gc = tl.load(gcost + row, mask=real, other=0.0)
+                    kpos = _clamp(y // Wk + a - r, Hk) * Wk + _clamp(y % Wk + b - r, Wk)
+                    kv = tl.load(kb[:, None] + (ch * (Hk * Wk) + kpos[:, None]), mask=real[:, None] & cm, other=0.0).to(ACC)
+                    if DOT:
+                        acc -= gc[:, None] * kv
+                    else:
+                        acc -= 2 * gc[:, None] * kv
+                        sg += gc
+    at = (n * C * L + u)[:, None] + ch * L
     if not DOT:
-        qpos = ((n * H + _clamp(ui - r, H)) * W + _clamp(uj - r, W)) * C
-        qv = tl.load(q + qpos[:, None] + ch[None, :], mask=on[:, None] & cm[None, :], other=0.0).to(ACC)
+        qv = tl.load(q + at, mask=on[:, None] & cm, other=0.0).to(ACC)
         acc += 2 * sg[:, None] * qv
-    tl.store(out + f[:, None] * C + ch[None, :], acc, mask=on[:, None] & cm[None, :])
+    tl.store(out + at, acc, mask=on[:, None] & cm)
 
 
 @triton.jit
 def _contribution(
-    src, kf, logw, shift, coef, n, j, x, xi, xj, kpos, ok, a, b, r, ch, cm, C, H, W, K, L,
-    MODE: tl.constexpr, SHIFT: tl.constexpr, ACC: tl.constexpr,
+    src, kf, logw, shift, coef, n, j, x, xi, xj, y_here, ok, a, b, r, ch, cm, C, H, W, K, L, Nk,
+    MODE: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
     """What the match j of query pixels x gives, through the offset (a - r, b - r), to the key-side
-    gradient at the flat key position kpos (a block of lanes, ``ok`` masks them).
+    gradient at the key pixel ``y_here`` (a block of lanes, ``ok`` masks them), ``(CB, BLOCK)``.
 
-    MODE 0 (value): exp(logw[j, x] - shift[z]) * src[z], z = x + d, nothing when z is off the map.
-    MODE 1 (key, "l2"): -2 coef[j, x] (src[clamped z] - kf[kpos]), src the query.
+    MODE 0 (value): exp(logw[j, x] - shift[z]) * src[z], z = x + d, nothing when z is off the map
+    (``MEAN``: divided by the number of patches covering z).
+    MODE 1 (key, "l2"): -2 coef[j, x] (src[clamped z] - kf[y_here]), src the query.
     MODE 2 (key, "dot"): -coef[j, x] * src[clamped z].
     """
     row = (n * K + j) * L + x
@@ -264,15 +313,17 @@ def _contribution(
         if SHIFT:
             w -= tl.load(shift + n * L + z, mask=ok, other=0.0)
         w = tl.where(ok, tl.exp(w), 0.0)
+        if MEAN:
+            w = w / _covering(zi, zj, H, W, r)
     else:
         z = _clamp(xi + a - r, H) * W + _clamp(xj + b - r, W)
         w = tl.load(coef + row, mask=ok, other=0.0)
-    m = ok[:, None] & cm[None, :]
-    s = tl.load(src + (n * L + z)[:, None] * C + ch[None, :], mask=m, other=0.0).to(ACC)
+    m = ok[:, None] & cm
+    s = tl.load(src + (n * C * L + z)[:, None] + ch * L, mask=m, other=0.0).to(ACC)
     if MODE == 0:
         return w[:, None] * s
     elif MODE == 1:
-        kv = tl.load(kf + kpos[:, None] * C + ch[None, :], mask=m, other=0.0).to(ACC)
+        kv = tl.load(kf + (n * C * Nk + y_here)[:, None] + ch * Nk, mask=m, other=0.0).to(ACC)
         return -2 * w[:, None] * (s - kv)
     else:
         return -w[:, None] * s
@@ -281,66 +332,74 @@ def _contribution(
 @triton.jit(do_not_specialize=_SIZES)
 def _scatter(
     src, kf, idx, logw, shift, coef, dst, C, H, W, Hk, Wk, K, P, N,
-    MODE: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    MODE: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr,
+    ACC: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
-    """Key-side gradient by atomics: every (x, j, d) adds its contribution at its clamped key position."""
+    """Key-side gradient by atomics: every (x, j, d) adds its contribution at its clamped key
+    position of the float32 map ``dst`` ``(N, C, Hk * Wk)``."""
     L = H * W
+    Nk = Hk * Wk
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     on = f < N.to(tl.int64) * K * L
-    n, j, x = f // (K * L), ((f // L) % K).to(tl.int32), (f % L).to(tl.int32)
+    n, j, x = f // (K * L), ((f // L) % K).to(IDX), (f % L).to(IDX)
     xi, xj = x // W, x % W
-    y = tl.load(idx + f, mask=on, other=0).to(tl.int32)
+    y = tl.load(idx + f, mask=on, other=0).to(IDX)
     yi, yj = y // Wk, y % Wk
-    ch = tl.program_id(1) * CB + tl.arange(0, CB)
+    ch = tl.program_id(1) * CB + tl.arange(0, CB)[None, :]
     cm = ch < C
     r = P // 2
     for a in range(P):
-        krow = (n * Hk + _clamp(yi + a - r, Hk)) * Wk
+        krow = _clamp(yi + a - r, Hk) * Wk
         for b in range(P):
             kpos = krow + _clamp(yj + b - r, Wk)
-            val = _contribution(src, kf, logw, shift, coef, n, j, x, xi, xj, kpos, on, a, b, r, ch, cm, C, H, W, K, L, MODE, SHIFT, ACC)
-            tl.atomic_add(dst + kpos[:, None] * C + ch[None, :], val, mask=on[:, None] & cm[None, :], sem="relaxed")
+            val = _contribution(
+                src, kf, logw, shift, coef, n, j, x, xi, xj, kpos, on, a, b, r, ch, cm, C, H, W, K, L, Nk, MODE, SHIFT, MEAN, ACC
+            )
+            tl.atomic_add(dst + (n * C * Nk + kpos)[:, None] + ch * Nk, val, mask=on[:, None] & cm, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=_SIZES)
 def _gather(
     src, kf, rowptr, order, logw, shift, coef, dst, C, H, W, Hk, Wk, K, P, N,
-    MODE: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr, ACC: tl.constexpr,
+    MODE: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, BLOCK: tl.constexpr, CB: tl.constexpr,
+    ACC: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
-    """Key-side gradient without atomics, on the padded key map: the padded position u sums, for
-    every offset d, the contributions of the matches of key position y = u - d - r, read from the
-    list of such matches (``order[rowptr[y]:rowptr[y + 1]]``, sorted, so the order is fixed)."""
+    """Key-side gradient without atomics, stored in ``dst``'s dtype ``(N, C, Hk * Wk)``: the key
+    pixel u sums, for every offset d and every key position y whose read at d, clamped, is u, the
+    contributions of the matches of y, read from the list of such matches
+    (``order[rowptr[y]:rowptr[y + 1]]``, sorted, so the order is fixed)."""
     r = P // 2
-    Hp, Wp = Hk + 2 * r, Wk + 2 * r
     L = H * W
     Nk = Hk * Wk
     f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N.to(tl.int64) * Hp * Wp
-    n, u = f // (Hp * Wp), (f % (Hp * Wp)).to(tl.int32)
-    ui, uj = u // Wp, u % Wp
-    kpos = n * Nk + _clamp(ui - r, Hk) * Wk + _clamp(uj - r, Wk)
-    ch = tl.program_id(1) * CB + tl.arange(0, CB)
+    on = f < N.to(tl.int64) * Nk
+    n, u = f // Nk, (f % Nk).to(IDX)
+    ui, uj = u // Wk, u % Wk
+    ch = tl.program_id(1) * CB + tl.arange(0, CB)[None, :]
     cm = ch < C
     acc = tl.zeros([BLOCK, CB], ACC)
     for a in range(P):
-        yi = ui - a
+        lo_i, n_i = _fold_range(ui, Hk, a - r)
         for b in range(P):
-            yj = uj - b
-            has = on & (yi >= 0) & (yi < Hk) & (yj >= 0) & (yj < Wk)
-            y = n * Nk + tl.where(has, yi * Wk + yj, 0)
-            start = tl.load(rowptr + y, mask=has, other=0)
-            count = tl.load(rowptr + y + 1, mask=has, other=0) - start
-            # Each program runs to the longest list among its own lanes, not the map's longest.
-            longest = tl.max(count, axis=0)
-            for t in range(0, longest):
-                ok = has & (t < count)
-                e = tl.load(order + start + t, mask=ok, other=0).to(tl.int32)
-                j = e // L
-                x = e % L
-                acc += _contribution(
-                    src, kf, logw, shift, coef, n, j, x, x // W, x % W, kpos, ok, a, b, r, ch, cm, C, H, W, K, L, MODE, SHIFT, ACC
-                )
-    tl.store(dst + f[:, None] * C + ch[None, :], acc, mask=on[:, None] & cm[None, :])
+            lo_j, n_j = _fold_range(uj, Wk, b - r)
+            cnt = tl.where(on, n_i * n_j, 0)
+            for t in range(0, tl.max(cnt, axis=0)):
+                has = t < cnt
+                ti = t // tl.maximum(n_j, 1)
+                y = n * Nk + tl.where(has, (lo_i + ti) * Wk + lo_j + (t - ti * n_j), 0)
+                start = tl.load(rowptr + y, mask=has, other=0)
+                count = tl.load(rowptr + y + 1, mask=has, other=0) - start
+                # Each program runs to the longest list among its own lanes, not the map's longest.
+                for s in range(0, tl.max(count, axis=0)):
+                    ok = has & (s < count)
+                    e = tl.load(order + start + s, mask=ok, other=0).to(IDX)
+                    j = e // L
+                    x = e % L
+                    acc += _contribution(
+                        src, kf, logw, shift, coef, n, j, x, x // W, x % W, u, ok, a, b, r, ch, cm, C, H, W, K, L, Nk,
+                        MODE, SHIFT, MEAN, ACC,
+                    )  # fmt: skip
+    tl.store(dst + (n * C * Nk + u)[:, None] + ch * Nk, acc, mask=on[:, None] & cm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,31 +410,43 @@ def _acc(dt: torch.dtype):
     return tl.float64 if dt == torch.float64 else tl.float32
 
 
-def _tiles(lanes: int, channels: int) -> dict:
-    """``BLOCK`` lanes x ``CB`` channels per program, and the warps to run them.
+def _tiles(lanes: int, channels: int, cb_max: int = 16) -> dict:
+    """``BLOCK`` lanes x ``CB`` channels per program, the warps to run them, and the position dtype.
 
-    GPU: about two tile elements per thread. ptxas (sm_90a, Triton 3.6) needs roughly 28 registers
-    per tile element per thread in these kernels: a 64 x 64 tile on 4 warps used all 255 and
-    spilled kilobytes, 16 x 64 on 16 warps uses 64-83 and spills at most 20 bytes (compiled here,
-    not yet timed on a device). Interpreter: programs run one after another and every op costs
-    Python overhead whatever its size, so one large block does all the work.
+    GPU: one lane a thread (``BLOCK = 32 x warps``), each thread holding its pixel's ``CB``
+    channels. ptxas (sm_90a, Triton 3.6): at 32 channels most kernels used 128-255 registers
+    and spilled; at 16 they use 56-91, and the key-side gather still spilled inside its loops,
+    which it does not at 8 (``cb_max``). Interpreter: programs run one after another and
+    every op costs Python overhead whatever its size, so one large block does all the work, with
+    int64 positions (its int32 arithmetic is checked for overflow, op by op).
     """
     cb = triton.next_power_of_2(max(channels, 1))
     if triton_interpreted():
-        return dict(BLOCK=min(triton.next_power_of_2(max(lanes, 1)), 8192), CB=min(cb, 256))
-    cb = min(cb, 64)
-    block = max(16, min(128, 1024 // cb))
-    return dict(BLOCK=block, CB=cb, num_warps=max(1, min(16, block * cb // 64)))
+        return dict(BLOCK=min(triton.next_power_of_2(max(lanes, 1)), 8192), CB=min(cb, 256), IDX=tl.int64)
+    return dict(BLOCK=128, CB=min(cb, cb_max), num_warps=4, IDX=tl.int32)
 
 
-def _first(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """Channel-last ``(N, H * W * C)``-shaped storage -> ``(N, C, H, W)``."""
-    N = x.shape[0]
-    return x.view(N, H, W, -1).permute(0, 3, 1, 2)
+def _stored(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels store a result of ``dtype`` in: its own on a GPU (rounded to nearest);
+    float32 for bfloat16 under the interpreter, which truncates on that conversion (the caller
+    then rounds with PyTorch, as the GPU would)."""
+    return torch.float32 if dtype == torch.bfloat16 and triton_interpreted() else dtype
+
+
+def key_grad_path() -> str:
+    """How the key and value gradients are summed: ``"gather"`` (deterministic; the default on a
+    GPU) or ``"atomic"`` (``PSAL_TRITON_KEY_GRAD=atomic``, never in deterministic mode). Under the
+    interpreter the default is ``"atomic"``: programs run one after another, so it is
+    deterministic there too, and the gather's loops over each key's matches cost minutes of
+    Python in the test suite (``test_triton_attend.py`` runs both paths)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "gather"
+    default = "atomic" if triton_interpreted() else "gather"
+    return "atomic" if os.environ.get("PSAL_TRITON_KEY_GRAD", default) == "atomic" else "gather"
 
 
 class _Call:
-    """Shapes, layouts and the costs of one forward or backward call."""
+    """Shapes and the costs of one forward or backward call."""
 
     def __init__(self, query, key, value, indices, temperature, patch_size, similarity, positions=None):
         self.dt = compute_dtype(query.dtype)
@@ -389,8 +460,8 @@ class _Call:
         self.Hk, self.Wk = key.shape[-2:]
         self.p, self.r = patch_size, patch_size // 2
         self.dot = similarity == "dot"
-        self.q, self.k, self.v = channel_last(query), channel_last(key), channel_last(value)
-        self.idx = indices.reshape(self.N, self.K, self.L).contiguous()
+        self.q, self.k, self.v = query, key, value  # channel-first, read in place
+        self.idx = indices.reshape(self.N, self.K, self.L)
         self.T = temperature.to(self.dt)
         self.lanes = self.N * self.K * self.L  # one lane per match
         self.cost = torch.empty(self.N, self.K, self.L, device=query.device, dtype=self.dt)
@@ -416,22 +487,23 @@ class _Call:
         return offset_tables(self.positions, self.H, self.W, moves).contiguous()
 
     def votes(self, logw, shift, p: int, patch: bool, tab=None):
-        """``_votes`` -> out ``(N, Cv, H, W)`` (``(N, Cv, M)`` with the sparse ``tab`` of
-        :meth:`listed_tables`) and, for "patch", the weight sums ``(N, L)``."""
+        """``_votes`` -> out ``(N, Cv, H, W)`` in the value's dtype (``(N, Cv, M)`` with the
+        sparse ``tab`` of :meth:`listed_tables`) and, for "patch", the weight sums ``(N, L)``."""
         N, L, Cv = self.N, self.L, self.Cv
-        out = torch.empty(N, L, Cv, device=logw.device, dtype=self.dt)
-        den = torch.empty(N, L, device=logw.device, dtype=self.dt) if patch else out
+        out = torch.empty(N, Cv, L, device=logw.device, dtype=_stored(self.v.dtype))
+        den = torch.empty(N, L, device=logw.device, dtype=self.dt) if patch else logw
         t = _tiles(N * L, Cv)
         _votes[(triton.cdiv(N * L, t["BLOCK"]), triton.cdiv(Cv, t["CB"]))](
             # one lane per output pixel
             self.v, self.idx, logw, logw if shift is None else shift, out, den, self.qpos, self.qpos if tab is None else tab,
             *self.sizes_m(Cv, p), PATCH=patch, SPARSE=tab is not None, ACC=self.acc, **t,
         )  # fmt: skip
+        out = out.to(self.v.dtype)
         if tab is not None:
-            return out.transpose(1, 2), den
-        return _first(out, self.H, self.W), den
+            return out, den
+        return out.view(N, Cv, self.H, self.W), den
 
-    def score_grad(self, g, p: int, logw=None, shift=None, g0=None):
+    def score_grad(self, g, p: int, logw=None, shift=None, g0=None, mean=False):
         out = torch.empty_like(self.cost)
         weighted = logw is not None
         dummy = self.cost
@@ -439,46 +511,50 @@ class _Call:
         _score_grad[(triton.cdiv(self.lanes, t["BLOCK"]),)](
             g, self.v, self.idx, dummy if logw is None else logw, dummy if shift is None else shift,
             dummy if g0 is None else g0, out, *self.sizes(self.Cv, p),
-            WEIGHTED=weighted, ACC=self.acc, **t,
+            WEIGHTED=weighted, MEAN=mean, ACC=self.acc, **t,
         )  # fmt: skip
         return out
 
     @functools.cached_property
     def matches_by_key(self):
-        """``(rowptr, order)``, the deterministic path's inverse field, computed once per call.
+        """``(rowptr, order)``, the gather path's inverse field, computed once per call.
 
         The matches of each map sorted by key position (stable: ties keep their (j, x) order),
         and where each key position's list starts; the value and key gradients share them.
+        int32 where they fit (half the memory of the sort's own int64 indices).
         """
         N, Hk, Wk, K, L = self.N, self.Hk, self.Wk, self.K, self.L
         keys = (self.idx + torch.arange(N, device=self.idx.device).view(N, 1, 1) * (Hk * Wk)).reshape(-1)
-        sorted_keys, order = torch.sort(keys, stable=True)
+        small = N * Hk * Wk < 2**31 and K * L < 2**31
+        sorted_keys, order = torch.sort(keys.int() if small else keys, stable=True)
         bounds = torch.arange(N * Hk * Wk + 1, device=keys.device, dtype=sorted_keys.dtype)
-        return torch.searchsorted(sorted_keys, bounds), order % (K * L)
+        rowptr = torch.searchsorted(sorted_keys, bounds)
+        del sorted_keys
+        order = order % (K * L)
+        return (rowptr.int(), order.int()) if small else (rowptr, order)
 
-    def key_side(self, src, p: int, mode: int, logw=None, shift=None, coef=None):
-        """Gradient for the key map (mode 1, 2) or the value map (mode 0), ``(N, C, Hk, Wk)``."""
+    def key_side(self, src, p: int, mode: int, out_dtype, logw=None, shift=None, coef=None, mean=False):
+        """Gradient for the key map (mode 1, 2) or the value map (mode 0), ``(N, C, Hk, Wk)`` in
+        ``out_dtype``."""
         N, Hk, Wk = self.N, self.Hk, self.Wk
-        C = src.shape[-1]
+        C = src.shape[1]
         dummy = self.cost
         args = (dummy if logw is None else logw, dummy if shift is None else shift, dummy if coef is None else coef)
-        flags = dict(MODE=mode, SHIFT=shift is not None, ACC=self.acc)
-        if not torch.are_deterministic_algorithms_enabled():
-            dst = torch.zeros(N, Hk * Wk, C, device=src.device, dtype=self.dt)
+        flags = dict(MODE=mode, SHIFT=shift is not None, MEAN=mean, ACC=self.acc)
+        if key_grad_path() == "atomic":
+            dst = torch.zeros(N, C, Hk * Wk, device=src.device, dtype=self.dt)
             t = _tiles(self.lanes, C)
             _scatter[(triton.cdiv(self.lanes, t["BLOCK"]), triton.cdiv(C, t["CB"]))](
                 src, self.k, self.idx, *args, dst, *self.sizes(C, p), **flags, **t
             )
-            return _first(dst, Hk, Wk)
+            return dst.view(N, C, Hk, Wk).to(out_dtype)
         rowptr, order = self.matches_by_key
-        r = p // 2
-        Hp, Wp = Hk + 2 * r, Wk + 2 * r
-        dst = torch.empty(N, Hp * Wp, C, device=src.device, dtype=self.dt)
-        t = _tiles(N * Hp * Wp, C)
-        _gather[(triton.cdiv(N * Hp * Wp, t["BLOCK"]), triton.cdiv(C, t["CB"]))](
+        dst = torch.empty(N, C, Hk * Wk, device=src.device, dtype=_stored(out_dtype))
+        t = _tiles(N * Hk * Wk, C, cb_max=8)
+        _gather[(triton.cdiv(N * Hk * Wk, t["BLOCK"]), triton.cdiv(C, t["CB"]))](
             src, self.k, rowptr, order, *args, dst, *self.sizes(C, p), **flags, **t
         )
-        return replicate_pad_adjoint(_first(dst, Hp, Wp), r)
+        return dst.view(N, C, Hk, Wk).to(out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,9 +562,10 @@ class _Call:
 
 
 def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str, positions=None):
-    """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype (``(N,
-    Cv, M)`` and ``(N, M)`` for sparse ``positions (M,)``: the pure-PyTorch backend's sparse
-    contract; their backward is the pure-PyTorch one, ``psal._dispatch.SPARSE_BACKWARD``)."""
+    """``out (N, Cv, H, W)`` in the value's dtype and the statistic ``(N, H, W)`` in the compute
+    dtype (``(N, Cv, M)`` and ``(N, M)`` for sparse ``positions (M,)``: the pure-PyTorch
+    backend's sparse contract; their backward is the pure-PyTorch one,
+    ``psal._dispatch.SPARSE_BACKWARD``)."""
     with cuda_device_of(query):
         if positions is not None:
             return _sparse_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity, positions)
@@ -525,8 +602,18 @@ def _attend_forward(query, key, value, indices, temperature, patch_size, aggrega
     return out, lse.view(N, H, W)
 
 
+def _channel_dot(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype, chunk: int = 8) -> torch.Tensor:
+    """``(a * b).sum(1)`` in ``dt`` over ``(N, C, H, W)`` maps, a few channels at a time: no
+    ``dt`` copy of the whole maps."""
+    out = torch.zeros(a.shape[0], *a.shape[2:], device=a.device, dtype=dt)
+    for c in range(0, a.shape[1], chunk):
+        out += (a[:, c : c + chunk].to(dt) * b[:, c : c + chunk].to(dt)).sum(1)
+    return out
+
+
 def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str):
-    """Gradients ``(query, key, value, temperature)``, in the compute dtype."""
+    """Gradients ``(query, key, value, temperature)``: the first three in their tensors' dtypes,
+    the temperature's in the compute dtype."""
     with cuda_device_of(query):
         return _attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity)
 
@@ -537,32 +624,30 @@ def _attend_backward(grad, query, key, value, indices, temperature, out, stat, p
     dt = f.dt
     stat = stat.to(dt).reshape(N, L)
     if aggregation == "patch":
-        g = channel_last(grad)
-        g0 = (grad.to(dt) * out.to(dt)).sum(1).reshape(N, L).contiguous()
+        g = grad.contiguous()
+        g0 = _channel_dot(grad, out, dt).reshape(N, L).contiguous()
         s, log_den = f.s.contiguous(), stat.contiguous()
         gs = f.score_grad(g, f.p, logw=s, shift=log_den, g0=g0)
-        gv = f.key_side(g, f.p, 0, logw=s, shift=log_den)
+        gv = f.key_side(g, f.p, 0, value.dtype, logw=s, shift=log_den)
     else:
         p = 1 if aggregation == "center" else f.p
-        g = grad.to(dt)
-        if aggregation == "patch_mean":
-            g = g / vote_counts(H, W, p, g.device, dt)
-        g = channel_last(g)
+        # "patch_mean": the incoming gradient divided by the votes of each pixel, inside the kernels.
+        mean = aggregation == "patch_mean"
+        g = grad.contiguous()
         logw = (f.s - stat[:, None]).contiguous()
         w = torch.exp(logw)
-        dots = f.score_grad(g, p)
+        dots = f.score_grad(g, p, mean=mean)
         gs = w * (dots - (w * dots).sum(1, keepdim=True))
-        gv = f.key_side(g, p, 0, logw=logw)
+        del w, dots
+        gv = f.key_side(g, p, 0, value.dtype, logw=logw, mean=mean)
     # s = -cost / T: d s / d cost = -1 / T and d s / d T = cost / T^2.
     gT = (gs * f.cost).sum() / f.T.square()
     gcost = (-gs / f.T).contiguous()
-    r = f.r
-    Hp, Wp = H + 2 * r, W + 2 * r
-    gq = torch.empty(N, Hp * Wp, f.C, device=gcost.device, dtype=dt)
-    t = _tiles(N * Hp * Wp, f.C)
-    _query_grad[(triton.cdiv(N * Hp * Wp, t["BLOCK"]), triton.cdiv(f.C, t["CB"]))](
+    del gs
+    gq = torch.empty(query.shape, device=query.device, dtype=_stored(query.dtype))
+    t = _tiles(N * L, f.C)
+    _query_grad[(triton.cdiv(N * L, t["BLOCK"]), triton.cdiv(f.C, t["CB"]))](
         f.q, f.k, f.idx, gcost, gq, *f.sizes(f.C), DOT=f.dot, ACC=f.acc, **t
     )
-    gq = replicate_pad_adjoint(_first(gq, Hp, Wp), r)
-    gk = f.key_side(f.q, f.p, 2 if f.dot else 1, coef=gcost)
-    return gq, gk, gv, gT
+    gk = f.key_side(f.q, f.p, 2 if f.dot else 1, key.dtype, coef=gcost)
+    return gq.to(query.dtype), gk, gv, gT
