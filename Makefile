@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test bench bench-knn bench-attention gpu-check clean
+.PHONY: setup demo test bench bench-knn bench-attention gpu-check kernels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,14 +34,20 @@ bench-knn: $(VENV)/.installed-bench
 bench-attention: $(VENV)/.installed-bench
 	$(BIN)/python -m psal.bench attention --sizes 64 128 256 --repeats 3
 
-# On a CUDA machine, from the checkout, nothing installed: the CUDA tests, search and layer timings
-# against SDPA, half-precision errors, repeated backward passes and, when peers/ncherel-psal holds a
-# copy of ../shared/peers/ncherel-psal (git-ignored), the authors' CUDA extension. GPU_ARGS=--tune
-# also times other tile shapes.
+# On a CUDA machine, from the checkout, nothing installed (at most 6 minutes): the CUDA tests, every
+# search variant and key-side path timed and the fastest kept, search and layer timings against
+# SDPA, half-precision errors, repeated backward passes and, when peers/ncherel-psal holds a copy of
+# ../shared/peers/ncherel-psal (git-ignored), the authors' CUDA extension.
 GPU_OUT ?= out/gpu-check
 gpu-check:
 	@if [ -d ../shared/peers/ncherel-psal ] && [ ! -d peers/ncherel-psal ]; then mkdir -p peers && cp -r ../shared/peers/ncherel-psal peers/; fi
 	PYTHONPATH=src $(PYTHON) -m psal.bench gpu $(GPU_OUT) $(GPU_ARGS)
+
+# Anywhere (no GPU): every Triton kernel compiled for sm_90 and read (registers, spills, the cost
+# loop's instructions per patch value), beside the authors' kernels when nvcc is installed
+# (pip install ".[kernels]") and ../shared/peers/ncherel-psal is there.
+kernels: $(VENV)/.installed-test
+	$(BIN)/python -m psal.bench kernels
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .hypothesis

@@ -176,8 +176,15 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert "**Search**" in printed and "**Layer forward + backward**" in printed
     assert (tmp_path / "gpu_check.md").read_text().strip() in printed
     sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
-    assert set(sections) == {"tests", "search", "layer", "precision", "race", "peer"}
+    assert set(sections) == {"tests", "variants", "search", "layer", "precision", "race", "peer"}
     assert sections["tests"]["exit"] == 0 and "collected" in sections["tests"]["summary"]
+    # The variants through Triton's interpreter (small patches only, for time): both families give
+    # the reference's field, and the rule keeps one of them (the timings mean nothing here).
+    variants = sections["variants"]
+    rows = variants["search"]["small"]["rows"]
+    assert [r["name"] for r in rows] == ["lanes-pad-32x1", "tiles-16x16x2"] and all(r["same"] for r in rows)
+    assert variants["chosen"]["small"] in ("lanes-pad-32x1", "tiles-16x16x2")
+    assert variants["chosen"]["key_grad"] in ("gather", "atomic") and "TUNED = {" in variants["tuned_line"]
     search = sections["search"]
     assert [r["iters"] for r in search["runs"]] == [1, 2]
     for r in search["runs"]:  # no search beats the exact one; the costs are real
@@ -190,6 +197,9 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     race = sections["race"]["fields"]
     assert len(race) == 4 and all(r["deterministic_equal"] == 3 for r in race.values())
     assert "skipped" in sections["peer"]
+    # The report is made from the saved results alone.
+    assert gpu.main(["--render", str(tmp_path / "gpu_check.json")]) == 0
+    assert capsys.readouterr().out.strip() == (tmp_path / "gpu_check.md").read_text().strip()
 
 
 @pytest.mark.parametrize("peer", ["pypatchmatch", "resynthesizer", "opencv-fsr-fast", "opencv-telea", "biharmonic"])
