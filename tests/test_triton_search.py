@@ -446,3 +446,20 @@ def test_kernels_compile_for_hopper(cases):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_cheaper_candidate_schemes_keep_the_contract():
+    """The lanes kernels' cheaper schemes for the GPU check (the first ``prop_k`` matches of each
+    neighbour propagated, random search around the first ``rand_k``): valid fields; the full
+    scheme is the default's field; the tiles kernels refuse a reduced one."""
+    q, k = rand(2, 3, 9, 8, seed=91), rand(2, 3, 10, 7, seed=92)
+    args = (q.to(DEVICE), k.to(DEVICE), None, 3, 3, 2, "l2", None, 5)
+    full = triton_search.patchmatch(*args, variant="lanes-pad-32x1")
+    same = triton_search.patchmatch(*args, variant="lanes-pad-32x1", scheme=(3, 3))
+    assert torch.equal(full[0], same[0]) and torch.equal(full[1], same[1])
+    for scheme in ((1, 1), (1, 3), (2, 1)):
+        idx, cost = triton_search.patchmatch(*args, variant="lanes-clamp-32x1", scheme=scheme)
+        check_field(on_cpu(psal.KNNField(idx[:, None], cost[:, None])), q, k, patch_size=3, num_neighbors=3)
+        torch.testing.assert_close(cost.cpu(), psal.patch_costs(q, k, idx[:, None].cpu(), patch_size=3)[:, 0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="runs only the full scheme"):
+        triton_search.patchmatch(*args, variant="tiles-16x16x2", scheme=(1, 1))

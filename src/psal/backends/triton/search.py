@@ -205,19 +205,27 @@ def prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, 
     )  # fmt: skip
 
 
-def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None, variant=None):
+def patchmatch(
+    query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int,
+    positions=None, variant=None, scheme=None,
+):
     """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CUDA tensors (or CPU
     tensors through Triton's interpreter), sparse ``positions`` included. ``variant``: a name
-    (see the module's docstring) to run instead of :func:`variant_for`'s choice."""
+    (see the module's docstring) to run instead of :func:`variant_for`'s choice. ``scheme``:
+    ``(prop_k, rand_k)``, the lanes kernels' cheaper candidate schemes for the GPU check (see
+    :func:`.search_lanes.run`); the default, all ``k`` and ``k``, is every backend's."""
     pb = prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions)
     v = parse_variant(variant) if variant is not None else variant_for(pb)
     if v.kernel == "lanes":
         why = lanes_can_run(pb)
         if why is not None:
             raise ValueError(f"Triton search variant {v.name!r} cannot run this problem: {why}")
-        idx, cost = search_lanes.run(pb, pad=v.pad, block=v.block, warps=v.warps)
+        prop_k, rand_k = scheme or (None, None)
+        idx, cost = search_lanes.run(pb, pad=v.pad, block=v.block, warps=v.warps, prop_k=prop_k, rand_k=rand_k)
         idx = idx.long()
     else:
+        if scheme is not None and tuple(scheme) != (pb.K, pb.K):
+            raise ValueError(f"Triton search variant {v.name!r} runs only the full scheme ({pb.K}, {pb.K}), got {scheme!r}")
         idx, cost = search_tiles.run(pb, (v.block, v.chunk, v.warps))
     N, K = pb.N, pb.K
     return (idx.view(N, K, pb.H, pb.W), cost.view(N, K, pb.H, pb.W)) if not pb.sparse else (idx, cost)

@@ -303,24 +303,26 @@ def _init_kernel(
     _store_list(L, dst_idx, dst_cost, n, slot, lane, M, K)
 
 
-@triton.jit(do_not_specialize=_SIZES + ["step", "num_radii"])
+@triton.jit(do_not_specialize=_SIZES + ["step", "num_radii", "prop_k", "rand_k"])
 def _iterate_kernel(
     q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost, qpos_ptr, nbr_ptr,
-    N, H, W, Hk, Wk, C, M, QW, QS, KW, KS, has_mask, key_lo, key_hi, step, num_radii,
+    N, H, W, Hk, Wk, C, M, QW, QS, KW, KS, has_mask, key_lo, key_hi, step, num_radii, prop_k, rand_k,
     P: tl.constexpr, K: tl.constexpr, CU: tl.constexpr, PAD: tl.constexpr, TILE: tl.constexpr,
     DOT: tl.constexpr, ACC: tl.constexpr, SPARSE: tl.constexpr, BLOCK: tl.constexpr,
     CU2: tl.constexpr, PW: tl.constexpr, IDX: tl.constexpr,
 ):  # fmt: skip
-    """One jump-flood step at distance ``step`` (0: none), then, when ``num_radii > 0``, the
-    random search. ``SPARSE``: ``nbr_ptr`` holds, for each direction and listed pixel, the list
-    slot of its neighbour at this step (-1: not listed), ``(4, M)``."""
+    """One jump-flood step at distance ``step`` (0: none), offering the first ``prop_k`` matches
+    of each neighbour, then, when ``num_radii > 0``, the random search around the first
+    ``rand_k`` matches (``K`` and ``K`` by default; fewer is the authors' cheaper scheme).
+    ``SPARSE``: ``nbr_ptr`` holds, for each direction and listed pixel, the list slot of its
+    neighbour at this step (-1: not listed), ``(4, M)``."""
     _, lane, n, slot, g, qi, qj, qb, kb = _lanes(q_ptr, k_ptr, qpos_ptr, N, H, W, Hk, Wk, C, M, QW, QS, KW, KS, PAD, SPARSE, BLOCK, IDX)
     L = _load_list(src_idx, src_cost, n, slot, lane, M, K, True, BLOCK)
     mbase = n * Hk * Wk
     if step > 0:
-        for t in range(4 * K):
-            # t // K = 0, 1: the neighbours at (0, +step), (0, -step); 2, 3: (+step, 0), (-step, 0).
-            d = t // K
+        for t in range(4 * prop_k):
+            # d = 0, 1: the neighbours at (0, +step), (0, -step); 2, 3: (+step, 0), (-step, 0).
+            d = t // prop_k
             sign = 1 - 2 * (d % 2)
             dy = sign * step * (d // 2)
             dx = sign * step * (1 - d // 2)
@@ -332,7 +334,7 @@ def _iterate_kernel(
                 nj = qj + dx
                 near = lane & (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
                 nslot = ni * W + nj
-            y = tl.load(src_idx + (n * K * M + nslot + (t - d * K) * M), mask=near, other=0).to(IDX)
+            y = tl.load(src_idx + (n * K * M + nslot + (t - d * prop_k) * M), mask=near, other=0).to(IDX)
             ki = y // Wk
             kj = y - ki * Wk - dx
             ki -= dy
@@ -345,7 +347,7 @@ def _iterate_kernel(
     start = L
     Rmax = tl.maximum(Hk, Wk)
     ctr = g * (2 * K * num_radii)  # two draws (row, column) per window
-    for t in range(K * num_radii):
+    for t in range(rand_k * num_radii):
         a = t // num_radii
         s = t - a * num_radii
         y = start[0]
@@ -402,9 +404,12 @@ def config(pb, pad: bool = True, block: int = 32, warps: int = 1) -> dict:
     return cfg
 
 
-def run(pb, pad: bool = True, block: int = 32, warps: int = 1):
+def run(pb, pad: bool = True, block: int = 32, warps: int = 1, prop_k: int | None = None, rand_k: int | None = None):
     """The search of the prepared problem ``pb`` (:class:`.search.Problem`) with these kernels:
-    fields ``(N, K, M)`` int32 and float32."""
+    fields ``(N, K, M)`` int32 and float32. ``prop_k``/``rand_k``: how many of a neighbour's
+    matches are propagated and around how many of its own a pixel searches (default ``K``)."""
+    prop_k = pb.K if prop_k is None else max(1, min(int(prop_k), pb.K))
+    rand_k = pb.K if rand_k is None else max(1, min(int(rand_k), pb.K))
     N, C, H, W, Hk, Wk, K, P, M = pb.N, pb.C, pb.H, pb.W, pb.Hk, pb.Wk, pb.K, pb.P, pb.M
     r = P // 2
     if pad:
@@ -432,7 +437,7 @@ def run(pb, pad: bool = True, block: int = 32, warps: int = 1):
                 radii = pb.num_radii if i == len(steps) - 1 else 0
                 nbr = pb.tables[step] if step else pb.qpos
                 _iterate_kernel[grid](
-                    q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, nbr, *sizes, key_lo, key_hi, step, radii, **cfg
+                    q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, nbr, *sizes, key_lo, key_hi, step, radii, prop_k, rand_k, **cfg
                 )
                 idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
     return idx, cost

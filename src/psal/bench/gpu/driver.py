@@ -46,7 +46,7 @@ def parse(argv):
     ap.add_argument("--variants-iters", type=int, default=5)
     ap.add_argument("--variants-classes", nargs="+", default=["small", "large"], choices=["small", "large"])
     ap.add_argument("--search-size", type=int, default=512)
-    ap.add_argument("--search-iters", type=int, nargs="+", default=[1, 2, 5, 10])
+    ap.add_argument("--search-iters", type=int, nargs="+", default=[1, 2, 3, 4, 5, 10])
     ap.add_argument("--layer-sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
     ap.add_argument("--layer-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--sdpa-max", type=int, default=1024, help="largest size at which SDPA is measured; above, extrapolated")

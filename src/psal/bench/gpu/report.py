@@ -35,6 +35,20 @@ def variants(res: dict) -> str:
             f"kept: **{res['chosen'].get(cls)}**\n\n"
             + common.markdown_table(["variant", "median ms", "mean cost", "indices as ref.", "same", "error"], rows)
         )
+    if res.get("schemes"):
+        sc = res["schemes"]
+        rows = [[f"({r['prop_k']}, {r['rand_k']})", r["iters"], fmt(r.get("ms"), 4), fmt(r.get("ratio"), 4), (r.get("error") or "")[:60]] for r in sc["rows"]]
+        best = sc.get("fastest_at_target")
+        line = (
+            f"fastest at or below the authors' 10-iteration quality ({sc['target_ratio']} x exact): scheme "
+            f"({best['prop_k']}, {best['rand_k']}), {best['iters']} iterations, {best['ms']:.3g} ms, {best['ratio']:.3f} x exact"
+            if best else "no scheme reached the authors' 10-iteration quality"
+        )
+        parts.append(
+            f"**Candidate schemes** ({sc['variant']}, rgb {sc['size']}²; scheme = (neighbour matches propagated, matches searched "
+            f"around), (3, 3) is every backend's): {line}\n\n"
+            + common.markdown_table(["scheme", "iterations", "median ms", "mean / exact", "error"], rows)
+        )
     if res.get("attend"):
         rows = [
             [r["name"], fmt(r.get("ms"), 4), fmt(r.get("peak_mib"), 4), fmt(r.get("sdpa_flash_peak_mib"), 4),
