@@ -20,13 +20,12 @@ left to PyTorch: a few float32 values per match.
 - ``_query_grad``: the query gradient, one lane per query pixel ``u``, gathering over the
   patches whose clamped reads land on ``u`` (one per offset inside the map; up to ``r + 1`` per
   axis on its border).
-- Key and value gradients receive from many queries. ``_gather`` (the default on a GPU,
-  deterministic):
+- Key and value gradients receive from many queries. ``_gather`` (deterministic: the path of
+  ``torch.use_deterministic_algorithms(True)``):
   the matches are sorted by key position once (stable), and every key pixel sums, in a fixed
-  order, the contributions of the matches whose clamped reads land on it. ``_scatter``
-  (``PSAL_TRITON_KEY_GRAD=atomic``, never under ``torch.use_deterministic_algorithms(True)``):
-  float32 atomics into zero-initialised float32 maps, then a cast: two float32 copies of the
-  key side, which is the memory the gather saves.
+  order, the contributions of the matches whose clamped reads land on it. ``_scatter`` (the
+  default, :func:`key_grad_path`): float32 atomics into a zero-initialised float32 map, then a
+  cast; one such map at a time, below the backward's peak.
 
 Tiles are ``(BLOCK, CB)``, lanes by channels. Their gathers have no provable contiguity on
 either axis, and Triton's coalescing then orders threads along the first: a warp's threads hold
@@ -434,15 +433,15 @@ def _stored(dtype: torch.dtype) -> torch.dtype:
 
 
 def key_grad_path() -> str:
-    """How the key and value gradients are summed: ``"gather"`` (deterministic; the default on a
-    GPU) or ``"atomic"`` (``PSAL_TRITON_KEY_GRAD=atomic``, never in deterministic mode). Under the
-    interpreter the default is ``"atomic"``: programs run one after another, so it is
-    deterministic there too, and the gather's loops over each key's matches cost minutes of
-    Python in the test suite (``test_triton_attend.py`` runs both paths)."""
+    """How the key and value gradients are summed: ``"atomic"`` (the default) or ``"gather"``
+    (deterministic: what ``torch.use_deterministic_algorithms(True)`` takes, or
+    ``PSAL_TRITON_KEY_GRAD=gather``). Both keep the layer's memory under SDPA's (measured through
+    the interpreter: 1.3 and 1.4 x the bf16 features); the gather can be much slower where a few
+    keys collect thousands of matches (a program runs to its longest list), which the GPU check
+    times (``python -m psal.bench gpu``, section variants)."""
     if torch.are_deterministic_algorithms_enabled():
         return "gather"
-    default = "atomic" if triton_interpreted() else "gather"
-    return "atomic" if os.environ.get("PSAL_TRITON_KEY_GRAD", default) == "atomic" else "gather"
+    return "gather" if os.environ.get("PSAL_TRITON_KEY_GRAD", "atomic") == "gather" else "atomic"
 
 
 class _Call:

@@ -26,8 +26,8 @@ prints last). Sections, in the order they run:
   as N) and marked so.
 - ``precision``: float16/bfloat16 errors (output and every gradient) of the Triton backend against
   float64, next to plain PyTorch computing in the same precision.
-- ``race``: 100 backward passes: the atomic path stays within tolerance, the gather path (the
-  default, and the one ``torch.use_deterministic_algorithms(True)`` takes) is bitwise equal
+- ``race``: 100 backward passes: the atomic path (the default) stays within tolerance, the
+  gather path (the one ``torch.use_deterministic_algorithms(True)`` takes) is bitwise equal
   every time.
 - ``peer``: the authors' CUDA extension (github.com/ncherel/psal) on the same inputs, when
   ``--peer DIR`` (default ``peers/ncherel-psal``, a git-ignored copy) holds it: its harness

@@ -235,8 +235,8 @@ def section_precision(run: Run) -> dict:
 
 
 def section_race(run: Run) -> dict:
-    """Repeated backward passes on the atomic path (within tolerance) and the gather path (the
-    default and deterministic mode's: bitwise equal)."""
+    """Repeated backward passes on the atomic path (the default: within tolerance) and the gather
+    path (deterministic mode's: bitwise equal)."""
     import psal
 
     S, C, K, p, n = run.args.race_size, 64, 4, 3, run.args.race_repeats
