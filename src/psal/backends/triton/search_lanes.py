@@ -282,9 +282,13 @@ def _init_kernel(
             else:
                 new = new + (tl.where(r < taken[s], tl.maximum(r, taken[s - 1]), taken[s]),)
         taken = new
-    for m in tl.static_range(K):
-        y = tl.load(table_ptr + (mbase + taken[m]), mask=has_mask != 0, other=0).to(tl.int64)
-        y = tl.where(has_mask != 0, y, taken[m]).to(IDX)
+    # A run-time loop over the ranks (one copy of the cost code, not K: compile time).
+    for m in range(K):
+        r = taken[0]
+        for j in tl.static_range(1, K):
+            r = tl.where(m == j, taken[j], r)
+        y = tl.load(table_ptr + (mbase + r), mask=has_mask != 0, other=0).to(tl.int64)
+        y = tl.where(has_mask != 0, y, r).to(IDX)
         ki = y // Wk
         # Allowed by construction: no mask lookup (has_mask = 0).
         L = _offer(
