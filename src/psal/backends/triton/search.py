@@ -159,6 +159,12 @@ class Problem:
     steps: tuple
     tables: dict
 
+    def buffers(self, index_dtype: torch.dtype) -> tuple:
+        """The ping-pong fields ``(N, K, M)``: indices and costs, and their spares."""
+        idx = torch.empty(self.N, self.K, self.M, dtype=index_dtype, device=self.device)
+        cost = torch.empty(self.N, self.K, self.M, dtype=torch.float32, device=self.device)
+        return idx, cost, torch.empty_like(idx), torch.empty_like(cost)
+
 
 def prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions=None) -> Problem:
     N, C, H, W = query.shape

@@ -43,6 +43,7 @@ import triton.language as tl
 
 from ..device import cuda_device_of
 from .counters import launch_key, uniform
+from .neighbours import jump_neighbour
 
 _SIZES = ["N", "H", "W", "Hk", "Wk", "C", "M", "QW", "QS", "KW", "KS", "has_mask", "key_lo", "key_hi"]
 
@@ -325,19 +326,9 @@ def _iterate_kernel(
     mbase = n * Hk * Wk
     if step > 0:
         for t in range(4 * prop_k):
-            # d = 0, 1: the neighbours at (0, +step), (0, -step); 2, 3: (+step, 0), (-step, 0).
             d = t // prop_k
-            sign = 1 - 2 * (d % 2)
-            dy = sign * step * (d // 2)
-            dx = sign * step * (1 - d // 2)
-            if SPARSE:
-                nslot = tl.load(nbr_ptr + (d * M + slot), mask=lane, other=-1).to(IDX)
-                near = lane & (nslot >= 0)
-            else:
-                ni = qi + dy
-                nj = qj + dx
-                near = lane & (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
-                nslot = ni * W + nj
+            dy, dx, nslot, near = jump_neighbour(d, step, qi, qj, lane, slot, nbr_ptr, H, W, M, SPARSE)
+            nslot = nslot.to(IDX)
             y = tl.load(src_idx + (n * K * M + nslot + (t - d * prop_k) * M), mask=near, other=0).to(IDX)
             ki = y // Wk
             kj = y - ki * Wk - dx
@@ -426,9 +417,7 @@ def run(pb, pad: bool = True, block: int = 32, warps: int = 1, prop_k: int | Non
     cfg = config(pb, pad, block, warps)
     grid = (triton.cdiv(N * M, cfg["BLOCK"]),)
     sizes = (N, H, W, Hk, Wk, C, M, QW, QS, KW, KS, pb.has_mask)
-    idx = torch.empty(N, K, M, dtype=torch.int32, device=pb.device)
-    cost = torch.empty(N, K, M, dtype=torch.float32, device=pb.device)
-    spare_idx, spare_cost = torch.empty_like(idx), torch.empty_like(cost)
+    idx, cost, spare_idx, spare_cost = pb.buffers(torch.int32)
     with cuda_device_of(pb.query):
         _init_kernel[grid](
             q, k, pb.mask_u8, pb.table, pb.n_allowed, pb.init, idx, cost, pb.qpos, *sizes, *launch_key(pb.seed, -1), pb.K0, **cfg

@@ -66,6 +66,7 @@ import triton.language as tl
 from ..device import cuda_device_of
 from ..layout import channel_last
 from .counters import launch_key, uniform
+from .neighbours import jump_neighbour
 
 # GPU: (BLOCK pixels, CB patch values per chunk, warps), for patches of at most _GPU_SMALL_PATCH
 # values and for larger ones. Timed on an H200 (2026-11-27, `python -m psal.bench gpu --tune`,
@@ -296,18 +297,7 @@ def _propagate_kernel(
     )
     mbase = n * Hk * Wk
     for d in range(4):
-        # d = 0, 1: the neighbours at (0, +step), (0, -step); d = 2, 3: (+step, 0), (-step, 0).
-        sign = 1 - 2 * (d % 2)
-        dy = sign * step * (d // 2)
-        dx = sign * step * (1 - d // 2)
-        if SPARSE:
-            nslot = tl.load(nbr_ptr + (d * M + slot), mask=lane, other=-1)
-            near = lane & (nslot >= 0)
-        else:
-            ni = qi + dy
-            nj = qj + dx
-            near = lane & (ni >= 0) & (ni < H) & (nj >= 0) & (nj < W)
-            nslot = ni * W + nj
+        dy, dx, nslot, near = jump_neighbour(d, step, qi, qj, lane, slot, nbr_ptr, H, W, M, SPARSE)
         nat = n * K * M + nslot
         for m in range(K):
             y = tl.load(src_idx + (nat + m * M), mask=near, other=0)
@@ -384,9 +374,7 @@ def run(pb, shape=None):
     cfg.update(DOT=pb.dot, ACC=pb.acc, KB=max(_next_pow2(K), 2), ONE_CHUNK=P * P * C <= cfg["CB"], SPARSE=pb.sparse)
     grid = (triton.cdiv(N * M, cfg["BLOCK"]),)
     sizes = (N, H, W, Hk, Wk, C, K, P, M, pb.has_mask)
-    idx = torch.empty(N, K, M, dtype=torch.int64, device=pb.device)
-    cost = torch.empty(N, K, M, dtype=torch.float32, device=pb.device)
-    spare_idx, spare_cost = torch.empty_like(idx), torch.empty_like(cost)
+    idx, cost, spare_idx, spare_cost = pb.buffers(torch.int64)
     with cuda_device_of(pb.query):
         _init_kernel[grid](
             q, k, pb.mask_u8, pb.table, pb.n_allowed, pb.init, idx, cost, pb.qpos, *sizes, *launch_key(pb.seed, -1), pb.K0, **cfg
