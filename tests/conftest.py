@@ -104,7 +104,10 @@ def _warm_numba_cache():
 
     if importlib.util.find_spec("numba") is None:
         return
-    procs = [subprocess.Popen([sys.executable, "-c", "import torch, psal\n" + code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for code in _WARM]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import torch, psal\n" + code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for code in _WARM
+    ]
     for proc in procs:
         try:
             proc.wait(timeout=600)
@@ -243,4 +246,10 @@ def naive_attention(q, k, v, idx, T: float, p: int, aggregation: str, similarity
 def random_indices(B: int, heads: int, K: int, H: int, W: int, num_keys: int, seed: int) -> torch.Tensor:
     """``(B, heads, K, H, W)`` int64: ``K`` distinct random key positions per query pixel."""
     g = gen(seed)
-    return torch.rand(B * heads * H * W, num_keys, generator=g).argsort(1)[:, :K].reshape(B, heads, H, W, K).permute(0, 1, 4, 2, 3).contiguous()
+    return (
+        torch.rand(B * heads * H * W, num_keys, generator=g)
+        .argsort(1)[:, :K]
+        .reshape(B, heads, H, W, K)
+        .permute(0, 1, 4, 2, 3)
+        .contiguous()
+    )

@@ -66,7 +66,9 @@ def _gradcheck(backend, device, aggregation, similarity, p, heads, fast=True, ma
     args = [t.requires_grad_() for t in (q, k, v, T)]
 
     def f(q, k, v, T):
-        return psal.attend(q, k, v, idx, patch_size=p, temperature=T, aggregation=aggregation, similarity=similarity, num_heads=heads, backend=backend)
+        return psal.attend(
+            q, k, v, idx, patch_size=p, temperature=T, aggregation=aggregation, similarity=similarity, num_heads=heads, backend=backend
+        )
 
     # On CUDA the key and value gradients are summed by atomics (outside deterministic mode), in
     # an order that changes the last bits from one backward to the next.

@@ -76,7 +76,9 @@ def test_bench_apps_small(tmp_path, capsys):
     for r in inpaint:
         assert r["psnr"] > 10 and 0 < r["ssim"] <= 1 and r["swd"] > 0 and 0.3 < r["gradient"] < 2 and r["known"] == 0 and r["seconds"] > 0
     colour = results["colorize"]
-    assert {(r["method"], r["direction"]) for r in colour} == {(m, d) for m in ("psal", "mean colour", "welsh", "welsh+levin", "welsh+levin, remapped") for d in ("L>R", "R>L")}
+    assert {(r["method"], r["direction"]) for r in colour} == {
+        (m, d) for m in ("psal", "mean colour", "welsh", "welsh+levin", "welsh+levin, remapped") for d in ("L>R", "R>L")
+    }
     for r in colour:
         assert r["picture"] == "coffee" and r["chroma_psnr"] > 15 and r["delta_e"] > 0 and 0 < r["colourfulness"] < 3
     upscale = results["upscale"]
@@ -135,7 +137,13 @@ def test_paired_comparison_by_hand():
     assert res["wins"] == 0.625 and res["mean_difference"] == 0.0 and res["cases"] == 4
     lo, hi = res["ci95"]
     assert -1.0 <= lo < 0.0 < hi <= 2.0  # the bootstrap means lie between the smallest and largest difference
-    assert paired([5.0] * 3, [4.0] * 3, lower_is_better=False) == {"wins": 1.0, "mean_difference": 1.0, "ci95": [1.0, 1.0], "cases": 3, "groups": 3}
+    assert paired([5.0] * 3, [4.0] * 3, lower_is_better=False) == {
+        "wins": 1.0,
+        "mean_difference": 1.0,
+        "ci95": [1.0, 1.0],
+        "cases": 3,
+        "groups": 3,
+    }
     # grouped: two pictures whose cases agree; a resample is all of one, all of the other, or both
     grouped = paired([1.0, 1.0, 1.0, 4.0], [0.0] * 4, lower_is_better=True, groups=["a", "a", "a", "b"])
     assert grouped["groups"] == 2 and grouped["ci95"] == [1.0, 4.0]  # whole groups: 1, 4 or (3 + 4) / 4 = 1.75

@@ -223,7 +223,11 @@ def test_upscale_writes_the_enlarged_image(files, capsys, monkeypatch):
     assert "loss 0." in capsys.readouterr().err  # the bar shows the training loss
     # the network's working set is 2.5 times the patch method's: x4 of 24 x 20 fits the one only
     monkeypatch.setattr("psal.cli.io.available_memory", lambda: 24 * 20 * 16 * 400 * 2)
-    _bad(capsys, ["upscale", q, "--scale", "4", "-o", str(tmp / "big.png")], "enlarged 4x by the network method needs the memory of 19200 pixels")
+    _bad(
+        capsys,
+        ["upscale", q, "--scale", "4", "-o", str(tmp / "big.png")],
+        "enlarged 4x by the network method needs the memory of 19200 pixels",
+    )
     code, err = _run(capsys, "upscale", q, "--scale", "4", "-o", str(tmp / "big.png"), "--fast")
     assert code == 0, err
 
@@ -304,7 +308,9 @@ def test_ctrl_c_during_a_long_run_leaves_no_output_and_one_line(tmp_path, comman
     # As from a terminal: Ctrl-C not ignored. A test run started in the background by a shell
     # without job control (`cmd &` in a script) inherits SIGINT ignored, and Python keeps it so.
     default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
-    proc = subprocess.Popen([sys.executable, "-m", "psal.cli", command, *argv, "-o", str(out)], stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "psal.cli", command, *argv, "-o", str(out)], stderr=subprocess.PIPE, preexec_fn=default_sigint
+    )
     seen, start = b"", time.monotonic()
     while command.encode() + b":" not in seen and time.monotonic() - start < 120:  # the bar: the work has begun
         chunk = proc.stderr.read1(256)

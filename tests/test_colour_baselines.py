@@ -24,7 +24,7 @@ def _smooth(channels, H, W, seed, lo, hi, dtype=torch.float32):
     return (lo + (hi - lo) * x).to(dtype)
 
 
-def _target_L(gray):
+def _target_luma(gray):
     return lab_from_rgb(gray.double().expand(1, 3, *gray.shape[-2:]))[:, :1]
 
 
@@ -33,7 +33,7 @@ def _unclipped(rgb):
     return ((rgb > 1e-6) & (rgb < 1 - 1e-6)).all(1)[0]
 
 
-def _gray_of_L(L):
+def _gray_of_luma(L):
     """The sRGB gray ``(1, 1, H, W)`` whose Lab L is ``L``."""
     return rgb_from_lab(torch.cat([L, torch.zeros_like(L), torch.zeros_like(L)], 1))[:, :1]
 
@@ -59,7 +59,7 @@ def test_output_keeps_the_target_luminance(method):
     assert 0 <= float(out.min()) and float(out.max()) <= 1
     ok = _unclipped(out)
     assert ok.float().mean() > 0.95  # mid-gray targets: nearly nothing leaves the gamut
-    dL = (lab_from_rgb(out.double())[:, 0] - _target_L(gray)[:, 0])[0]
+    dL = (lab_from_rgb(out.double())[:, 0] - _target_luma(gray)[:, 0])[0]
     assert float(dL[ok].abs().max()) < 1e-3
     assert (lab_from_rgb(out.double())[0, 1:].std((1, 2)) > 0.5).all() or method == "mean_colour"
 
@@ -73,8 +73,10 @@ def test_mean_colour_of_red_and_white_is_half_of_reds_chroma():
     out = cb.mean_colour(gray, reference)
     assert _unclipped(out).all()
     lab = lab_from_rgb(out)
-    torch.testing.assert_close(lab[:, 1:], torch.tensor([80.09 / 2, 67.20 / 2], dtype=torch.float64).view(1, 2, 1, 1).expand(1, 2, 5, 7), atol=0.03, rtol=0)
-    torch.testing.assert_close(lab[:, :1], _target_L(gray), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        lab[:, 1:], torch.tensor([80.09 / 2, 67.20 / 2], dtype=torch.float64).view(1, 2, 1, 1).expand(1, 2, 5, 7), atol=0.03, rtol=0
+    )
+    torch.testing.assert_close(lab[:, :1], _target_luma(gray), atol=1e-6, rtol=0)
     # and in general exactly the reference's mean a, b
     reference = _smooth(3, 20, 30, 5, 0.3, 0.7, torch.float64)
     out = cb.mean_colour(gray, reference)
@@ -99,7 +101,7 @@ def test_levin_constant_scribbles_give_that_constant_everywhere():
     lab = lab_from_rgb(out)
     constant = torch.tensor([12.0, -7.0], dtype=torch.float64).view(1, 2, 1, 1).expand(1, 2, 20, 24)
     torch.testing.assert_close(lab[:, 1:], constant, atol=1e-6, rtol=0)
-    torch.testing.assert_close(lab[:, :1], _target_L(gray), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lab[:, :1], _target_luma(gray), atol=1e-6, rtol=0)
 
 
 def _two_regions(H=16, W=32):
@@ -189,7 +191,7 @@ def test_welsh_recovers_flat_patch_colours_from_their_luminance(scale, shift):
     assert min(b - a for a, b in zip(Ls, Ls[1:])) > 3  # distinct luminances
     # The target: the reference's own luminance, or an affine copy of it (which the luminance
     # remapping must undo: unremapped, 0.6 L + 25 lands nearer another patch's L).
-    gray = _gray_of_L(scale * lab[:, :1] + shift)
+    gray = _gray_of_luma(scale * lab[:, :1] + shift)
     out = cb.welsh(gray, ref, samples=200, window=5, seed=0)
     interior = torch.zeros(48, 48, dtype=torch.bool)
     for y0 in (0, 24):
@@ -204,12 +206,12 @@ def test_welsh_recovers_flat_patch_colours_from_their_luminance(scale, shift):
     plain = lab_from_rgb(cb.welsh(gray, ref, samples=200, window=5, seed=0, remap=False))
     wrong = (plain[0, 1:, interior] - lab[0, 1:, interior]).abs().amax(0) > 1
     assert float(wrong.float().mean()) == (0.0 if scale == 1.0 else 0.5)
-    torch.testing.assert_close(got[:, :1], _target_L(gray), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[:, :1], _target_luma(gray), atol=1e-6, rtol=0)
 
 
 def _brute_welsh(gray, reference, samples, window, seed):
     """Welsh's matching with loops: (ab (2, H, W), best error (H, W))."""
-    L = _target_L(gray)[0, 0].numpy()
+    L = _target_luma(gray)[0, 0].numpy()
     lab = lab_from_rgb(reference.double())[0].numpy()
     Lr = lab[0]
     Lr = (Lr - Lr.mean()) * L.std() / Lr.std() + L.mean()

@@ -26,7 +26,10 @@ def test_auto_picks_numba_on_cpu_and_torch_elsewhere():
 
 def test_auto_keeps_numba_on_cpu_even_when_triton_can_interpret():
     with_interpreter = "import os; os.environ['TRITON_INTERPRET'] = '1'\n"
-    code = with_interpreter + "import torch\nfrom psal import _dispatch\nprint(_dispatch.choose('f', 'attend', 'auto', torch.device('cpu')).__name__)"
+    code = (
+        with_interpreter
+        + "import torch\nfrom psal import _dispatch\nprint(_dispatch.choose('f', 'attend', 'auto', torch.device('cpu')).__name__)"
+    )
     out = _python(code)
     assert out.stdout.strip() == "psal.backends.numba.attend", out.stderr
 
@@ -49,7 +52,9 @@ def test_auto_falls_back_when_a_problem_is_too_large_for_triton():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a legitimate fallback, not a missing package: no warning
         assert _dispatch.choose("f", "attend", "auto", cuda, big).__name__ == "psal.backends.torch.attend"
-    with pytest.raises(ValueError, match=r"psal.attend: backend 'triton' needs k \* H \* W, the padded map sizes and C \* H \* W below 2\*\*31"):
+    with pytest.raises(
+        ValueError, match=r"psal.attend: backend 'triton' needs k \* H \* W, the padded map sizes and C \* H \* W below 2\*\*31"
+    ):
         _dispatch.choose("psal.attend", "attend", "triton", cuda, big)
     # the padded key map counts too
     assert _dispatch.positions(1, 4, 4, 1 << 16, 1 << 15, 3) >= 2**31

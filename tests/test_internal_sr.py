@@ -39,7 +39,7 @@ def test_training_lowers_the_loss_and_the_result_is_consistent_with_the_input():
                            progress=lambda done, total, loss: losses.append((done, total, loss)))  # fmt: skip
     assert out.shape == (1, 3, 48, 48) and out.dtype == low.dtype
     assert [d for d, _, _ in losses] == list(range(1, 301)) and all(t == 300 for _, t, _ in losses)
-    first, last = sum(l for *_, l in losses[:20]) / 20, sum(l for *_, l in losses[-20:]) / 20
+    first, last = sum(x for *_, x in losses[:20]) / 20, sum(x for *_, x in losses[-20:]) / 20
     assert last < 0.9 * first  # measured 0.0706 from 0.0857 (the untrained network is bicubic)
     # back-projected: shrinking the result gives the input back (up to the clamp to [0, 1])
     # back-projected: shrinking the result gives the input back far better than shrinking its
@@ -75,7 +75,7 @@ def test_x3_and_x4_climb_in_two_stages_to_the_exact_size():
     low = _smooth(13, 11, 4)
     for scale in (3, 4):
         calls = []
-        out = internal_upscale(low, scale, steps=2, crop=8, channels=4, depth=3, progress=lambda *a: calls.append(a[:2]))
+        out = internal_upscale(low, scale, steps=2, crop=8, channels=4, depth=3, progress=lambda *a, calls=calls: calls.append(a[:2]))
         assert out.shape == (1, 3, 13 * scale, 11 * scale)
         assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one bar over both stages
         # back-projected onto the original input at the end, whatever the stage sizes
@@ -98,7 +98,9 @@ def test_each_stage_is_back_projected_onto_its_input_and_the_last_onto_the_origi
     # The stage-1 result is clipped to [0, 1] before stage 2 trains on it: black and white pixels
     # make bicubic enlargement and back-projection overshoot.
     seen = []
-    monkeypatch.setattr(internal_sr, "back_project", lambda estimate, onto, *a, **k: seen.append((estimate, onto)) or real(estimate, onto, *a, **k))
+    monkeypatch.setattr(
+        internal_sr, "back_project", lambda estimate, onto, *a, **k: seen.append((estimate, onto)) or real(estimate, onto, *a, **k)
+    )
     sharp = (torch.rand(1, 3, 13, 11, generator=torch.Generator().manual_seed(0)) > 0.5).double()
     internal_upscale(sharp, 4, steps=1, crop=8, channels=4, depth=3)
     stage1 = real(*seen[0])

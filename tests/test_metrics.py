@@ -33,9 +33,7 @@ def _t(img: np.ndarray) -> torch.Tensor:
 
 
 def _skimage_ssim_map(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return structural_similarity(
-        x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True
-    )[1]
+    return structural_similarity(x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0, full=True)[1]
 
 
 def _pairs() -> list[tuple[np.ndarray, np.ndarray]]:

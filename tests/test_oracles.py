@@ -53,9 +53,7 @@ def test_exact_knn_matches_naive(similarity, p, size, ksize):
         want = full.sort(1).values[:, :K].T.reshape(K, *size)
         torch.testing.assert_close(field.costs[b, 0].double(), want, rtol=1e-5, atol=1e-5)
         # the indices carry exactly those costs
-        torch.testing.assert_close(
-            full.gather(1, field.indices[b, 0].reshape(K, -1).T).T.reshape(K, *size), want, rtol=1e-5, atol=1e-5
-        )
+        torch.testing.assert_close(full.gather(1, field.indices[b, 0].reshape(K, -1).T).T.reshape(K, *size), want, rtol=1e-5, atol=1e-5)
 
 
 def test_exact_knn_mask_and_heads():

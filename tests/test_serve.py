@@ -32,7 +32,7 @@ import psal  # noqa: E402
 from psal.cli.main import main  # noqa: E402
 from psal.serve import BackgroundServer  # noqa: E402
 from psal.serve.app import create_app  # noqa: E402
-from psal.serve.jobs import Busy, JobInUse, JobQueue, Stopping  # noqa: E402
+from psal.serve.jobs import BusyError, JobInUseError, JobQueue, StoppingError  # noqa: E402
 
 # Pictures of more pixels (and upscaled results) are refused: 80 x 80 is over, 32 x 32 x 4 too.
 MAX_PIXELS = 12000
@@ -79,8 +79,16 @@ def inpaint_case(tmp_path_factory):
     Image.fromarray(picture).save(tmp / "image.png")
     Image.fromarray(mask).save(tmp / "mask.png")
     out = tmp / "out.png"
-    assert main(["inpaint", str(tmp / "image.png"), str(tmp / "mask.png"), "-o", str(out), "--seed", "3", "--device", "cpu", "--quiet"]) == 0
-    return {"image": (tmp / "image.png").read_bytes(), "mask": (tmp / "mask.png").read_bytes(), "cli": out.read_bytes(), "picture": picture, "hole": mask > 0}
+    assert (
+        main(["inpaint", str(tmp / "image.png"), str(tmp / "mask.png"), "-o", str(out), "--seed", "3", "--device", "cpu", "--quiet"]) == 0
+    )
+    return {
+        "image": (tmp / "image.png").read_bytes(),
+        "mask": (tmp / "mask.png").read_bytes(),
+        "cli": out.read_bytes(),
+        "picture": picture,
+        "hole": mask > 0,
+    }
 
 
 def _post(client, task, files, data=None):
@@ -101,7 +109,9 @@ def test_health_and_the_page_work_offline(server):
         assert got.status_code == 200 and kind in got.headers["content-type"]
         texts.append(got.text)
     for text in texts:  # nothing loaded from elsewhere: the page works offline
-        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I)
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I), re.search(
+            r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}", text, re.I
+        )
 
 
 def _cases(tmp):
@@ -276,8 +286,20 @@ def _bad_inputs():
         ("colorize", {"image": image, "reference": gray}, {}, 400, "reference is grayscale"),
         ("colorize", {"image": image}, {}, 400, "missing field 'reference'"),
         ("reconstruct", {"image": image}, {}, 400, "missing field 'source'"),
-        ("inpaint", {"image": _png(_rgb(5, (120, 120))), "mask": _png(_box_mask((120, 120)))}, {}, 413, "14400 pixels, more than the 12000 allowed"),
-        ("upscale", {"image": _png(_rgb(5, (40, 40)))}, {"scale": "4"}, 413, "enlarged 4x by the network method needs the memory of 64000 pixels"),
+        (
+            "inpaint",
+            {"image": _png(_rgb(5, (120, 120))), "mask": _png(_box_mask((120, 120)))},
+            {},
+            413,
+            "14400 pixels, more than the 12000 allowed",
+        ),
+        (
+            "upscale",
+            {"image": _png(_rgb(5, (40, 40)))},
+            {"scale": "4"},
+            413,
+            "enlarged 4x by the network method needs the memory of 64000 pixels",
+        ),
         ("colorize", {"image": image, "reference": _png(_rgb(5, (100, 130)))}, {}, 413, "reference: 130x100"),
     ]
 
@@ -297,7 +319,9 @@ def test_bad_requests_get_one_line_and_start_no_job(server):
     for task, files, fields, status, text in _bad_inputs():
         _one_line_error(_post(client, task, files, fields), status, text)
     _one_line_error(client.post("/api/inpaint", json={"image": "x"}), 415, "multipart/form-data")
-    _one_line_error(client.post("/api/inpaint", data={"image": "abc", "mask": "def"}, files={"seed": ("s", b"1")}), 400, "must be a file upload")
+    _one_line_error(
+        client.post("/api/inpaint", data={"image": "abc", "mask": "def"}, files={"seed": ("s", b"1")}), 400, "must be a file upload"
+    )
     _one_line_error(client.get("/api/inpaint"), 405, "Method Not Allowed")
     _one_line_error(client.get("/api/nothing"), 404, "Not Found")
     assert app.state.jobs.stats()["submitted"] == submitted  # none of them reached the queue
@@ -313,11 +337,11 @@ def test_job_queue_limits_and_failures():
         assert time.monotonic() < deadline
         time.sleep(0.01)
     _, failing = jobs.submit(lambda progress: 1 / 0, "failing")
-    with pytest.raises(Busy, match="1 jobs are waiting"):
+    with pytest.raises(BusyError, match="1 jobs are waiting"):
         jobs.submit(lambda progress: None)
-    with pytest.raises(Busy, match="1 jobs are waiting"):
+    with pytest.raises(BusyError, match="1 jobs are waiting"):
         jobs.check_room()  # asked before decoding
-    with pytest.raises(JobInUse, match="'held'"):
+    with pytest.raises(JobInUseError, match="'held'"):
         jobs.submit(lambda progress: None, "held")
     gate.set()
     with pytest.raises(ZeroDivisionError):
@@ -329,7 +353,7 @@ def test_job_queue_limits_and_failures():
     assert jobs.stats()["max_running"] == 1
     jobs.check_room()  # room again
     jobs.close()
-    with pytest.raises(Stopping):
+    with pytest.raises(StoppingError):
         jobs.check_room()
     with pytest.raises(ValueError, match="max_waiting"):
         JobQueue(max_waiting=0)
@@ -353,11 +377,11 @@ def test_closing_the_queue_stops_the_running_job_and_fails_the_waiting_ones():
     t0 = time.monotonic()
     jobs.close()
     for future in (running, waiting):
-        with pytest.raises(Stopping, match="stopping"):
+        with pytest.raises(StoppingError, match="stopping"):
             future.result(timeout=10)
     assert jobs.join(timeout=10) and time.monotonic() - t0 < 5
     assert jobs.status("long")["state"] == "failed" and not ran
-    with pytest.raises(Stopping):
+    with pytest.raises(StoppingError):
         jobs.submit(lambda progress: None)
 
 

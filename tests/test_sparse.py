@@ -149,8 +149,6 @@ def test_sparse_warm_start_and_empty_lists(backend, device):
     assert none.indices.shape == (1, 1, 3, 0) and none.indices.device.type == device
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Attention over sparse queries: every backend's forward (numba's and Triton's backwards are the
 # pure-PyTorch one).
@@ -184,7 +182,13 @@ def test_sparse_attention_is_the_dense_one_where_every_vote_is_listed(backend, d
     out = psal.attend(*to_device(device, q, k, v, idx.flatten(3)[..., where]), temperature=0.7, aggregation=aggregation,
                       num_heads=2, positions=where.to(device), backend=backend).cpu()  # fmt: skip
     assert out.shape == (2, 4, where.numel())
-    want = torch.cat([naive_attention(q[:, 2 * h : 2 * h + 2], k[:, 2 * h : 2 * h + 2], v[:, 2 * h : 2 * h + 2], idx[:, h], 0.7, 3, aggregation) for h in range(2)], 1)
+    want = torch.cat(
+        [
+            naive_attention(q[:, 2 * h : 2 * h + 2], k[:, 2 * h : 2 * h + 2], v[:, 2 * h : 2 * h + 2], idx[:, h], 0.7, 3, aggregation)
+            for h in range(2)
+        ],
+        1,
+    )
     covered = torch.nn.functional.max_pool2d((~listed).float()[None, None], 3, 1, 1)[0, 0] == 0  # all of its 3x3 listed
     check = torch.ones_like(listed) if aggregation == "center" else covered
     sel = check.flatten()[where]

@@ -53,6 +53,7 @@ def using(name: str):
     with mock.patch.dict(os.environ, {"PSAL_TRITON_SEARCH": name}):
         yield
 
+
 def search(query, key, **kwargs):
     kwargs.setdefault("generator", gen(0))
     return psal.patchmatch(query.to(DEVICE), key.to(DEVICE), backend="triton", **kwargs)
@@ -210,7 +211,9 @@ def lanes_and_tiles_problems():
         if sparse:
             opts["positions"] = torch.randperm(H * W, generator=g)[: H * W // 3].sort().values
         if warm:
-            opts["init"] = psal.patchmatch(q, k, num_iters=0, generator=gen(3), backend="torch", **{n: v for n, v in opts.items() if n != "num_iters"})
+            opts["init"] = psal.patchmatch(
+                q, k, num_iters=0, generator=gen(3), backend="torch", **{n: v for n, v in opts.items() if n != "num_iters"}
+            )
         out.append((q, k, opts))
     return out
 

@@ -41,7 +41,11 @@ def search(**kw):
         (dict(num_iters=-1), ValueError, r"num_iters must be >= 0, got -1"),
         (dict(query=Q.long()), TypeError, r"query must have a floating-point dtype, got torch.int64"),
         (dict(key=K.to(torch.uint8)), TypeError, r"key must have a floating-point dtype, got torch.uint8"),
-        (dict(key_mask=torch.ones(2, 6, 7, dtype=torch.bool)), ValueError, r"key_mask must have shape \(B, Hk, Wk\) = \(2, 7, 6\), got \(2, 6, 7\)"),
+        (
+            dict(key_mask=torch.ones(2, 6, 7, dtype=torch.bool)),
+            ValueError,
+            r"key_mask must have shape \(B, Hk, Wk\) = \(2, 7, 6\), got \(2, 6, 7\)",
+        ),
         (dict(key_mask=torch.ones(7, 6, dtype=torch.bool)), ValueError, r"key_mask must have shape .* got \(7, 6\)"),
         (dict(key_mask=torch.ones(2, 7, 6)), TypeError, r"key_mask must have dtype torch.bool"),
         (dict(key_mask=[[True]]), TypeError, r"key_mask must be a bool torch.Tensor"),
@@ -51,14 +55,30 @@ def search(**kw):
         (dict(init=torch.zeros(1)), TypeError, r"init must have dtype torch.int64, got torch.float32"),
         (dict(init=5), TypeError, r"init must be a psal.KNNField, an indices tensor or None, got int"),
         (dict(positions=[1, 2]), TypeError, r"positions must be a torch.Tensor .* got list"),
-        (dict(positions=torch.ones(9, 8, dtype=torch.bool)), ValueError, r"positions mask must have the query's spatial shape \(H, W\) = \(8, 9\), got \(9, 8\)"),
-        (dict(positions=torch.tensor([1.0, 2.0])), TypeError, r"positions must be a bool \(H, W\) mask or a 1-D int64 .* torch.float32 with shape \(2\)"),
+        (
+            dict(positions=torch.ones(9, 8, dtype=torch.bool)),
+            ValueError,
+            r"positions mask must have the query's spatial shape \(H, W\) = \(8, 9\), got \(9, 8\)",
+        ),
+        (
+            dict(positions=torch.tensor([1.0, 2.0])),
+            TypeError,
+            r"positions must be a bool \(H, W\) mask or a 1-D int64 .* torch.float32 with shape \(2\)",
+        ),
         (dict(positions=torch.tensor([[1, 2]])), TypeError, r"positions must be .* 1-D int64 .* shape \(1, 2\)"),
-        (dict(positions=torch.tensor([3, 72])), ValueError, r"positions must be flat query positions in \[0, 72\) for a 8x9 query, got values in \[3, 72\]"),
+        (
+            dict(positions=torch.tensor([3, 72])),
+            ValueError,
+            r"positions must be flat query positions in \[0, 72\) for a 8x9 query, got values in \[3, 72\]",
+        ),
         (dict(positions=torch.tensor([-1, 3])), ValueError, r"positions must be flat query positions in \[0, 72\)"),
         (dict(positions=torch.tensor([5, 3, 9])), ValueError, r"positions \(3\) must be strictly ascending"),
         (dict(positions=torch.tensor([3, 3])), ValueError, r"positions \(2\) must be strictly ascending"),
-        (dict(positions=torch.tensor([3, 9]), init=torch.zeros(2, 1, 3, 8, 9, dtype=torch.int64)), ValueError, r"init must have shape \(B, heads, k, M\) = \(2, 1, k, 2\) for 2 query positions, got \(2, 1, 3, 8, 9\)"),
+        (
+            dict(positions=torch.tensor([3, 9]), init=torch.zeros(2, 1, 3, 8, 9, dtype=torch.int64)),
+            ValueError,
+            r"init must have shape \(B, heads, k, M\) = \(2, 1, k, 2\) for 2 query positions, got \(2, 1, 3, 8, 9\)",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, error, pattern):
@@ -70,7 +90,9 @@ def test_mask_with_too_few_allowed_positions():
     mask = torch.ones(2, 7, 6, dtype=torch.bool)
     mask[1] = False
     mask[1, 0, :2] = True
-    with pytest.raises(ValueError, match=r"num_neighbors=3 is more than the 2 positions that key_mask \(2, 7, 6\) allows in batch element 1"):
+    with pytest.raises(
+        ValueError, match=r"num_neighbors=3 is more than the 2 positions that key_mask \(2, 7, 6\) allows in batch element 1"
+    ):
         search(key_mask=mask)
 
 
@@ -129,6 +151,7 @@ def test_patch_costs_index_checks():
 # ----------------------------------------------------------------------------------------------
 # Attention: attend, ps_attention, full_attention.
 
+
 def attend(**kw):
     args = dict(query=Q, key=K, value=V, indices=IDX)
     args.update(kw)
@@ -138,24 +161,54 @@ def attend(**kw):
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        (dict(value=torch.rand(2, 3, 6, 7)), ValueError, r"value must have the key's batch and spatial size \(B, Cv, Hk, Wk\) = \(2, Cv, 7, 6\), got value \(2, 3, 6, 7\)"),
+        (
+            dict(value=torch.rand(2, 3, 6, 7)),
+            ValueError,
+            r"value must have the key's batch and spatial size \(B, Cv, Hk, Wk\) = \(2, Cv, 7, 6\), got value \(2, 3, 6, 7\)",
+        ),
         (dict(value=torch.rand(1, 3, 7, 6)), ValueError, r"value must have the key's batch and spatial size .* got value \(1, 3, 7, 6\)"),
         (dict(value=torch.rand(3, 7, 6)), ValueError, r"value must be a 4-D tensor \(B, C, H, W\), got shape \(3, 7, 6\)"),
-        (dict(value=V.double()), TypeError, r"query, key and value must share one dtype, got query torch.float32, key torch.float32, value torch.float64"),
+        (
+            dict(value=V.double()),
+            TypeError,
+            r"query, key and value must share one dtype, got query torch.float32, key torch.float32, value torch.float64",
+        ),
         (dict(value=V.long()), TypeError, r"value must have a floating-point dtype"),
-        (dict(value=torch.rand(2, 3, 7, 6), num_heads=2, query=torch.rand(2, 4, 8, 9), key=torch.rand(2, 4, 7, 6), indices=torch.zeros(2, 2, 3, 8, 9, dtype=torch.int64)), ValueError, r"channels of value \(2, 3, 7, 6\) must be divisible by num_heads=2"),
+        (
+            dict(
+                value=torch.rand(2, 3, 7, 6),
+                num_heads=2,
+                query=torch.rand(2, 4, 8, 9),
+                key=torch.rand(2, 4, 7, 6),
+                indices=torch.zeros(2, 2, 3, 8, 9, dtype=torch.int64),
+            ),
+            ValueError,
+            r"channels of value \(2, 3, 7, 6\) must be divisible by num_heads=2",
+        ),
         (dict(temperature=0.0), ValueError, r"temperature must be a finite number > 0, got 0.0"),
         (dict(temperature=-1), ValueError, r"temperature must be a finite number > 0, got -1"),
         (dict(temperature=float("inf")), ValueError, r"temperature must be a finite number > 0, got inf"),
         (dict(temperature=float("nan")), ValueError, r"temperature must be a finite number > 0, got nan"),
         (dict(temperature="hot"), TypeError, r"temperature must be a positive number or a tensor, got str"),
-        (dict(temperature=torch.ones(2)), TypeError, r"temperature must be a number or a one-element floating tensor, got a torch.float32 tensor of shape \(2\)"),
+        (
+            dict(temperature=torch.ones(2)),
+            TypeError,
+            r"temperature must be a number or a one-element floating tensor, got a torch.float32 tensor of shape \(2\)",
+        ),
         (dict(aggregation="mean"), ValueError, r"aggregation must be one of 'center', 'patch', 'patch_mean', got 'mean'"),
         (dict(similarity="cosine"), ValueError, r"similarity must be one of 'l2', 'dot', got 'cosine'"),
-        (dict(indices=torch.zeros(2, 3, 8, 9, dtype=torch.int64)), ValueError, r"indices must have shape \(B, heads, k, H, W\) = \(2, 1, k, 8, 9\), got \(2, 3, 8, 9\)"),
+        (
+            dict(indices=torch.zeros(2, 3, 8, 9, dtype=torch.int64)),
+            ValueError,
+            r"indices must have shape \(B, heads, k, H, W\) = \(2, 1, k, 8, 9\), got \(2, 3, 8, 9\)",
+        ),
         (dict(indices=torch.zeros(2, 1, 3, 9, 8, dtype=torch.int64)), ValueError, r"indices must have shape .* got \(2, 1, 3, 9, 8\)"),
         (dict(indices=IDX.float()), TypeError, r"indices must have dtype torch.int64 or torch.int32, got torch.float32"),
-        (dict(indices=IDX + 42), ValueError, r"indices must hold flat key positions in \[0, 42\) for a 7x6 key map, got values in \[42, 42\]"),
+        (
+            dict(indices=IDX + 42),
+            ValueError,
+            r"indices must hold flat key positions in \[0, 42\) for a 7x6 key map, got values in \[42, 42\]",
+        ),
         (dict(indices=IDX - 1), ValueError, r"indices must hold flat key positions in \[0, 42\).*got values in \[-1, -1\]"),
         (dict(patch_size=2), ValueError, r"patch_size must be an odd int >= 1, got 2"),
         (dict(backend="cuda"), ValueError, r"backend must be one of 'auto', 'numba', 'triton', 'torch', got 'cuda'"),

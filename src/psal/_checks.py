@@ -49,9 +49,7 @@ def check_bool(fn: str, name: str, value) -> bool:
 
 def check_patch_size(fn: str, patch_size) -> int:
     if not _is_int(patch_size):
-        raise TypeError(
-            f"{fn}: patch_size must be an odd int >= 1, got {type(patch_size).__name__} {patch_size!r}"
-        )
+        raise TypeError(f"{fn}: patch_size must be an odd int >= 1, got {type(patch_size).__name__} {patch_size!r}")
     if patch_size < 1 or patch_size % 2 == 0:
         raise ValueError(f"{fn}: patch_size must be an odd int >= 1, got {patch_size}")
     return int(patch_size)
@@ -104,18 +102,12 @@ def check_query_key(fn: str, query, key, num_heads) -> MapShapes:
     if query.device != key.device:
         raise ValueError(f"{fn}: query and key must be on one device, got query on {query.device} and key on {key.device}")
     if query.shape[0] != key.shape[0]:
-        raise ValueError(
-            f"{fn}: query and key must have the same batch size, got query {_shape(query)} and key {_shape(key)}"
-        )
+        raise ValueError(f"{fn}: query and key must have the same batch size, got query {_shape(query)} and key {_shape(key)}")
     if query.shape[1] != key.shape[1]:
-        raise ValueError(
-            f"{fn}: query and key must have the same number of channels, got query {_shape(query)} and key {_shape(key)}"
-        )
+        raise ValueError(f"{fn}: query and key must have the same number of channels, got query {_shape(query)} and key {_shape(key)}")
     num_heads = check_int(fn, "num_heads", num_heads, 1)
     if query.shape[1] % num_heads != 0:
-        raise ValueError(
-            f"{fn}: the channels of query {_shape(query)} must be divisible by num_heads={num_heads}"
-        )
+        raise ValueError(f"{fn}: the channels of query {_shape(query)} must be divisible by num_heads={num_heads}")
     B, C, H, W = query.shape
     return MapShapes(B, C, H, W, key.shape[2], key.shape[3], num_heads)
 
@@ -130,9 +122,7 @@ def check_key_mask(fn: str, key_mask, shapes: MapShapes, device: torch.device):
         raise TypeError(f"{fn}: key_mask must have dtype torch.bool (True = may be matched), got {key_mask.dtype}")
     expected = (shapes.batch, shapes.key_height, shapes.key_width)
     if tuple(key_mask.shape) != expected:
-        raise ValueError(
-            f"{fn}: key_mask must have shape (B, Hk, Wk) = {expected}, got {_shape(key_mask)}"
-        )
+        raise ValueError(f"{fn}: key_mask must have shape (B, Hk, Wk) = {expected}, got {_shape(key_mask)}")
     if key_mask.device != device:
         raise ValueError(f"{fn}: key_mask must be on the inputs' device {device}, got {key_mask.device}")
     return key_mask
@@ -143,8 +133,7 @@ def check_num_neighbors(fn: str, num_neighbors, key_mask, shapes: MapShapes) -> 
     k = check_int(fn, "num_neighbors", num_neighbors, 1)
     if k > shapes.num_keys:
         raise ValueError(
-            f"{fn}: num_neighbors={k} is more than the {shapes.num_keys} key positions of a "
-            f"{shapes.key_height}x{shapes.key_width} key map"
+            f"{fn}: num_neighbors={k} is more than the {shapes.num_keys} key positions of a {shapes.key_height}x{shapes.key_width} key map"
         )
     if key_mask is not None and shapes.batch > 0 and data_checks_enabled(key_mask):
         # One explicit sync, at the boundary, only when a mask is given.
@@ -153,8 +142,7 @@ def check_num_neighbors(fn: str, num_neighbors, key_mask, shapes: MapShapes) -> 
         if k > fewest:
             b = int(allowed.argmin())
             raise ValueError(
-                f"{fn}: num_neighbors={k} is more than the {fewest} positions that key_mask "
-                f"{_shape(key_mask)} allows in batch element {b}"
+                f"{fn}: num_neighbors={k} is more than the {fewest} positions that key_mask {_shape(key_mask)} allows in batch element {b}"
             )
     return k
 
@@ -220,7 +208,9 @@ def check_positions(fn: str, positions, shapes: MapShapes, device: torch.device)
         raise ValueError(f"{fn}: positions must be on the inputs' device {device}, got {positions.device}")
     if positions.dtype == torch.bool:
         if tuple(positions.shape) != (H, W):
-            raise ValueError(f"{fn}: a bool positions mask must have the query's spatial shape (H, W) = ({H}, {W}), got {_shape(positions)}")
+            raise ValueError(
+                f"{fn}: a bool positions mask must have the query's spatial shape (H, W) = ({H}, {W}), got {_shape(positions)}"
+            )
         return positions.flatten().nonzero().squeeze(1)
     if positions.dtype != torch.int64 or positions.dim() != 1:
         raise TypeError(
@@ -268,9 +258,7 @@ def check_value(fn: str, value, shapes: MapShapes, query: torch.Tensor) -> int:
     if value.device != query.device:
         raise ValueError(f"{fn}: value must be on the query's device {query.device}, got {value.device}")
     if value.shape[1] % shapes.num_heads != 0:
-        raise ValueError(
-            f"{fn}: the channels of value {_shape(value)} must be divisible by num_heads={shapes.num_heads}"
-        )
+        raise ValueError(f"{fn}: the channels of value {_shape(value)} must be divisible by num_heads={shapes.num_heads}")
     return value.shape[1]
 
 

@@ -57,9 +57,7 @@ def can_run_triton(device: torch.device, positions: int = 0, raise_error: bool =
     if device.type not in ("cpu", "cuda"):
         return _fail(f"backend 'triton' runs on CUDA tensors, got tensors on {device}", raise_error)
     if positions >= TRITON_MAX_POSITIONS:
-        return _fail(
-            f"backend 'triton' needs k * H * W, the padded map sizes and C * H * W below 2**31, got {positions}", raise_error
-        )
+        return _fail(f"backend 'triton' needs k * H * W, the padded map sizes and C * H * W below 2**31, got {positions}", raise_error)
     try:
         importlib.import_module("triton")
     except ImportError as exc:
@@ -91,9 +89,7 @@ def _sparse_ok(name: str, op: str, sparse: bool, raise_error: bool = False) -> b
     return _fail(f"backend {name!r} has no sparse-query {what} (positions=) yet; use 'torch' or 'auto'", raise_error)
 
 
-def positions(
-    num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: int, searched: int | None = None, channels: int = 1
-) -> int:
+def positions(num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: int, searched: int | None = None, channels: int = 1) -> int:
     """The largest per-map position count of a problem (matches ``k * L`` of the ``L`` searched
     pixels, all ``H * W`` by default; padded maps; with ``channels``, the elements of a map):
     what the size limits of a backend are checked against."""
@@ -122,9 +118,7 @@ def available_backends(device="cpu") -> dict:
 
 def explain_search_backend(device="cpu") -> dict:
     """Deprecated: the former name of :func:`available_backends`."""
-    warnings.warn(
-        "psal.explain_search_backend is deprecated; use psal.available_backends", DeprecationWarning, stacklevel=2
-    )
+    warnings.warn("psal.explain_search_backend is deprecated; use psal.available_backends", DeprecationWarning, stacklevel=2)
     return available_backends(device)
 
 

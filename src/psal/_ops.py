@@ -15,8 +15,6 @@ input dtype.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -32,15 +30,15 @@ def _contiguous(*tensors):
 def patchmatch(
     query: Tensor,
     key: Tensor,
-    key_mask: Optional[Tensor],
+    key_mask: Tensor | None,
     num_neighbors: int,
     patch_size: int,
     num_iters: int,
     similarity: str,
-    init: Optional[Tensor],
+    init: Tensor | None,
     seed: Tensor,
     backend: str,
-    query_positions: Optional[Tensor] = None,
+    query_positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Folded search: query ``(N, C, H, W)``, key ``(N, C, Hk, Wk)``, key_mask ``(N, Hk * Wk)``,
     init ``(N, k0, H, W)``, seed a one-element int64 tensor -> indices and costs ``(N, k, H, W)``.
@@ -82,7 +80,7 @@ def attend(
     aggregation: str,
     similarity: str,
     backend: str,
-    query_positions: Optional[Tensor] = None,
+    query_positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Folded attention: -> ``out (N, Cv, H, W)`` in the value's dtype and the per-pixel statistic
     ``(N, H, W)`` in the compute dtype that the backward needs (see ``psal.backends.torch.attend``).
@@ -92,9 +90,7 @@ def attend(
         return _attend_empty(query, value, indices, query_positions)
     impl, opts = _attend_impl(query, key, value, indices, patch_size, backend, query_positions)
     indices = _index_dtype(impl, indices)
-    out, stat = impl.attend_forward(
-        *_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity, **opts
-    )
+    out, stat = impl.attend_forward(*_contiguous(query, key, value, indices, temperature), patch_size, aggregation, similarity, **opts)
     # Outputs must be contiguous: the fake kernels promise it, and compiled code checks strides.
     return out.to(value.dtype).contiguous(), stat.to(compute_dtype(query.dtype)).contiguous()
 
@@ -140,7 +136,7 @@ def attend_backward(
     aggregation: str,
     similarity: str,
     backend: str,
-    query_positions: Optional[Tensor] = None,
+    query_positions: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``psal::attend`` for query, key, value and temperature, in their dtypes."""
     if indices.numel() == 0:

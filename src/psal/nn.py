@@ -151,9 +151,7 @@ class PSALBlock(nn.Module):
         True
     """
 
-    def __init__(
-        self, channels: int, inner_channels: int | None = None, shared_query_key: bool = False, **attention_options
-    ):
+    def __init__(self, channels: int, inner_channels: int | None = None, shared_query_key: bool = False, **attention_options):
         super().__init__()
         fn = "psal.PSALBlock"
         self.channels = checks.check_int(fn, "channels", channels, 1)
@@ -174,9 +172,7 @@ class PSALBlock(nn.Module):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4 or t.shape[1] != self.channels:
-            raise ValueError(
-                f"{fn}: {name} must have shape (B, {self.channels}, H, W), got {tuple(t.shape)}"
-            )
+            raise ValueError(f"{fn}: {name} must have shape (B, {self.channels}, H, W), got {tuple(t.shape)}")
 
     def forward(self, x, context=None, key_mask=None, generator=None):
         self._check("x", x)

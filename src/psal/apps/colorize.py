@@ -177,7 +177,9 @@ def colorize(
     L = _luminance(target)
     H, W = L.shape[-2:]
     if work_pixels is None or H * W <= work_pixels:
-        return rgb_from_lab(_colorize_lab(L, reference, patch_size, num_neighbors, num_iters, temperature_scale, generator, match_luminance))
+        return rgb_from_lab(
+            _colorize_lab(L, reference, patch_size, num_neighbors, num_iters, temperature_scale, generator, match_luminance)
+        )
     f = (work_pixels / (H * W)) ** 0.5
     ref_small = _shrink(reference, f)
     if ref_small.shape[-2] * ref_small.shape[-1] < num_neighbors:

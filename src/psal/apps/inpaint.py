@@ -300,9 +300,7 @@ def _check_inputs(image, mask, patch_size, num_neighbors):
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{_FN}: mask must be a bool torch.Tensor (True = hole), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(
-            f"{_FN}: mask must have dtype torch.bool (True = hole to fill), got {mask.dtype} with shape {_shape(mask)}"
-        )
+        raise TypeError(f"{_FN}: mask must have dtype torch.bool (True = hole to fill), got {mask.dtype} with shape {_shape(mask)}")
     if mask.dim() not in (2, 3, 4) or tuple(mask.shape[-2:]) != (H, W) or mask.numel() != H * W:
         raise ValueError(
             f"{_FN}: mask must have shape (1, 1, H, W), (1, H, W) or (H, W) with (H, W) = ({H}, {W}) "

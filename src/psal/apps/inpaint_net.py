@@ -100,9 +100,7 @@ class InpaintNet(nn.Module):
         bool (True = to fill) -> ``(B, 3, H, W)``, equal to ``image`` outside the hole.
     """
 
-    def __init__(
-        self, mixer: str = "psal", width: int = 24, num_neighbors: int = 4, patch_size: int = 3, full_method: str = "auto"
-    ):
+    def __init__(self, mixer: str = "psal", width: int = 24, num_neighbors: int = 4, patch_size: int = 3, full_method: str = "auto"):
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"{_FN}: mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
@@ -182,9 +180,7 @@ def load_pretrained(path: str | None = None, map_location="cpu") -> InpaintNet:
 
 
 @torch.no_grad()
-def inpaint_with_model(
-    image: torch.Tensor, hole: torch.Tensor, model: InpaintNet | None = None, seed: int | None = None
-) -> torch.Tensor:
+def inpaint_with_model(image: torch.Tensor, hole: torch.Tensor, model: InpaintNet | None = None, seed: int | None = None) -> torch.Tensor:
     """Fill ``hole`` of ``image`` (``(1, C, H, W)``, C = 1 or 3) with a trained :class:`InpaintNet`
     (default: :func:`load_pretrained`); known pixels are returned bitwise unchanged. ``seed``: the
     PSAL layers' searches draw from their own generators, seeded with it (else from theirs as

@@ -160,9 +160,7 @@ def _patches(img: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, size: int) -
     return p.permute(1, 0, 2, 3).reshape(len(ys), -1)
 
 
-def patch_swd(
-    a: torch.Tensor, b: torch.Tensor, region: torch.Tensor, patch_size: int = 7, directions: int = 256, seed: int = 0
-) -> float:
+def patch_swd(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor, patch_size: int = 7, directions: int = 256, seed: int = 0) -> float:
     """100 x the sliced Wasserstein-1 distance between the ``patch_size`` x ``patch_size`` patches
     (all channels, borders replicated) centred on the pixels of ``region`` in ``a`` and those in ``b``,
     over ``swd_directions(C * patch_size**2, directions, seed)``."""

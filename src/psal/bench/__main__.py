@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sys
 
-SUITES = {"knn": "psal.bench.knn", "sparse": "psal.bench.sparse", "attention": "psal.bench.attention", "apps": "psal.bench.apps", "photos": "psal.bench.photos", "training": "psal.bench.training", "gpu": "psal.bench.gpu", "kernels": "psal.bench.kernels"}
+SUITES = {
+    "knn": "psal.bench.knn",
+    "sparse": "psal.bench.sparse",
+    "attention": "psal.bench.attention",
+    "apps": "psal.bench.apps",
+    "photos": "psal.bench.photos",
+    "training": "psal.bench.training",
+    "gpu": "psal.bench.gpu",
+    "kernels": "psal.bench.kernels",
+}
 
 
 def main(argv=None) -> int:

@@ -44,10 +44,10 @@ inpainting, the best chroma PSNR for colorization) | truth.
 from __future__ import annotations
 
 import argparse
-from functools import partial
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -129,7 +129,7 @@ def run_inpaint(args, gallery, cases=None):
         truth_ratio = gradient_ratio(truth, hole)
         outs = {}
         for method, fn in methods.items():
-            out, sec = _timed(lambda fn=fn: fn(truth, hole))
+            out, sec = _timed(lambda fn=fn, truth=truth, hole=hole: fn(truth, hole))
             outs[method] = out
             known = float((out - truth).abs()[~hole.expand_as(truth)].max())
             records.append({
@@ -143,7 +143,9 @@ def run_inpaint(args, gallery, cases=None):
             shown.add((group, family))  # one picture per group and family, each picture once
             pictures.add(name)
             best = min((r for r in case if r["method"] != "psal"), key=lambda r: r["swd"])["method"]
-            gallery.append((f"inpaint {name} {family} (psal | {best})", [scenarios.inpaint_shown(truth, hole), outs["psal"], outs[best], truth]))
+            gallery.append(
+                (f"inpaint {name} {family} (psal | {best})", [scenarios.inpaint_shown(truth, hole), outs["psal"], outs[best], truth])
+            )
     _inpaint_tables(records, list(methods), list(dict.fromkeys(r["family"] for r in records)))
     return records
 
@@ -166,9 +168,18 @@ def _inpaint_tables(records, methods, families):
                 if not sel:
                     continue
                 agg = {k: (max if k == "known" else _mean)([r[k] for r in sel]) for k in keys}
-                rows.append([f"{group} ({len({r['picture'] for r in sel})})", family, method, *(_INPAINT_METRICS[k][1].format(agg[k]) for k in keys)])
+                rows.append(
+                    [
+                        f"{group} ({len({r['picture'] for r in sel})})",
+                        family,
+                        method,
+                        *(_INPAINT_METRICS[k][1].format(agg[k]) for k in keys),
+                    ]
+                )
     print(common.markdown_table(header, rows))
-    print("\npsal against each peer, paired over the cases (wins: share of cases psal is better; difference: psal - peer, mean and 95% interval of a bootstrap over pictures)\n")
+    print(
+        "\npsal against each peer, paired over the cases (wins: share of cases psal is better; difference: psal - peer, mean and 95% interval of a bootstrap over pictures)\n"
+    )
     rows = []
     for group in groups:
         ours = [r for r in records if r["group"] == group and r["method"] == "psal"]
@@ -206,19 +217,30 @@ def run_colorize(args, gallery):
             truth_colour = colourfulness(truth)
             outs = {}
             for method, fn in methods.items():
-                out, sec = _timed(lambda fn=fn: fn(gray, reference))
+                out, sec = _timed(lambda fn=fn, gray=gray, reference=reference: fn(gray, reference))
                 outs[method] = out
                 rec = {"picture": name, "direction": direction, "method": method, "chroma_psnr": chroma_psnr(out, truth),
                        "delta_e": mean_delta_e(out, truth), "colourfulness": colourfulness(out) / max(truth_colour, 1e-9), "seconds": sec}  # fmt: skip
                 records.append(rec)
-                rows.append([f"{name} {direction}", method, f"{rec['chroma_psnr']:.2f}", f"{rec['delta_e']:.2f}", f"{rec['colourfulness']:.2f}", f"{sec:.2f}"])
+                rows.append(
+                    [
+                        f"{name} {direction}",
+                        method,
+                        f"{rec['chroma_psnr']:.2f}",
+                        f"{rec['delta_e']:.2f}",
+                        f"{rec['colourfulness']:.2f}",
+                        f"{sec:.2f}",
+                    ]
+                )
             if i < 3 and direction == "L>R":
                 case = records[-len(methods) :]
                 best = max((r for r in case if r["method"] != "psal"), key=lambda r: r["chroma_psnr"])["method"]
                 gallery.append((f"colorize {name} (psal | {best})", [gray, outs["psal"], outs[best], truth]))
     for method in methods:
         sel = [r for r in records if r["method"] == method]
-        rows.append(["mean", method, *(f"{_mean([r[k] for r in sel]):.2f}" for k in ("chroma_psnr", "delta_e", "colourfulness", "seconds"))])
+        rows.append(
+            ["mean", method, *(f"{_mean([r[k] for r in sel]):.2f}" for k in ("chroma_psnr", "delta_e", "colourfulness", "seconds"))]
+        )
     print(common.markdown_table(["picture", "method", "chroma PSNR dB", "mean CIEDE2000", "colourfulness / truth", "s"], rows))
     rows = []
     ours = [r for r in records if r["method"] == "psal"]
@@ -257,7 +279,7 @@ def run_upscale(args, gallery):
                 low, truth = scenarios.sr_case(name, scale, args.side)
                 outs = {}
                 for method, fn in methods.items():
-                    out, sec = _timed(lambda fn=fn: fn(low, scale))
+                    out, sec = _timed(lambda fn=fn, low=low, scale=scale: fn(low, scale))
                     outs[method] = out
                     records.append({"group": group, "picture": name, "scale": scale, "method": method,
                                     "y_psnr": y_psnr(out, truth, scale), "y_ssim": y_ssim(out, truth, scale), "seconds": sec})  # fmt: skip
@@ -267,14 +289,23 @@ def run_upscale(args, gallery):
                     # a quarter of the picture (its centre), so that the gallery shows pixels, not the whole
                     h, w = truth.shape[-2:]
                     zoom = lambda x, h=h, w=w: x[..., h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]  # noqa: E731
-                    gallery.append((f"upscale x{scale} {name}, centre ({' | '.join(outs)} | truth)", [zoom(x) for x in (*outs.values(), truth)]))
+                    gallery.append(
+                        (f"upscale x{scale} {name}, centre ({' | '.join(outs)} | truth)", [zoom(x) for x in (*outs.values(), truth)])
+                    )
     rows = []
     for scale in args.scales:
         for group in ("photos", "textures"):
             for method in methods:
                 sel = [r for r in records if r["scale"] == scale and r["group"] == group and r["method"] == method]
                 if sel:
-                    rows.append([f"x{scale}", f"{group} ({len(sel)})", method, *(f"{_mean([r[k] for r in sel]):{f}}" for k, f in (("y_psnr", ".2f"), ("y_ssim", ".4f"), ("seconds", ".2f")))])
+                    rows.append(
+                        [
+                            f"x{scale}",
+                            f"{group} ({len(sel)})",
+                            method,
+                            *(f"{_mean([r[k] for r in sel]):{f}}" for k, f in (("y_psnr", ".2f"), ("y_ssim", ".4f"), ("seconds", ".2f"))),
+                        ]
+                    )
     print(common.markdown_table(["scale", "pictures", "method", "Y-PSNR dB", "Y-SSIM", "s"], rows))
     if "bicubic" in methods and len(methods) > 1:
         rows = []
@@ -284,7 +315,9 @@ def run_upscale(args, gallery):
                 for method in [m for m in methods if m != "bicubic"]:
                     ours = [r for r in records if r["scale"] == scale and r["group"] == group and r["method"] == method]
                     if ours:
-                        res = common.paired([r["y_psnr"] for r in ours], [r["y_psnr"] for r in base], False, groups=[r["picture"] for r in ours])
+                        res = common.paired(
+                            [r["y_psnr"] for r in ours], [r["y_psnr"] for r in base], False, groups=[r["picture"] for r in ours]
+                        )
                         rows.append([f"x{scale}", group, method, *_paired_cells(res)])
         print("\nY-PSNR over bicubic, paired over the pictures\n")
         print(common.markdown_table(["scale", "pictures", "method", "cases", "wins", "difference"], rows))
@@ -301,9 +334,9 @@ def run_upscale_resized(args, gallery):
         rows, per = [], {"psal": [], "bicubic": [], "back-projection": []}
         for name in scenarios.UPSCALE_PICTURES:
             low, truth = scenarios.upscale_case(name, args.size, scale)
-            ours, sec = _timed(lambda: upscale(low, scale, generator=torch.Generator().manual_seed(args.seed)))
-            bicubic, bsec = _timed(lambda: enlarge(low, truth.shape[-2:]).clamp(0, 1))
-            bp, psec = _timed(lambda: back_project(enlarge(low, truth.shape[-2:]), low).clamp(0, 1))
+            ours, sec = _timed(lambda low=low, scale=scale: upscale(low, scale, generator=torch.Generator().manual_seed(args.seed)))
+            bicubic, bsec = _timed(lambda low=low, truth=truth: enlarge(low, truth.shape[-2:]).clamp(0, 1))
+            bp, psec = _timed(lambda low=low, truth=truth: back_project(enlarge(low, truth.shape[-2:]), low).clamp(0, 1))
             for m, out, t in (("psal", ours, sec), ("bicubic", bicubic, bsec), ("back-projection", bp, psec)):
                 per[m].append((y_psnr(out, truth, scale), t))
                 rows.append([name, m, f"{per[m][-1][0]:.2f}", f"{t:.2f}"])
@@ -321,7 +354,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench apps", description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=["inpaint", "colorize", "upscale"], choices=["inpaint", "inpaint-resized", "colorize", "upscale", "upscale-resized"],
                     help="inpaint-resized: the earlier suite of whole pictures shrunk to 256 x 256 (issue 15's quality bar)")  # fmt: skip
-    ap.add_argument("--photos", nargs="*", default=list(scenarios.EVAL_PHOTOS), help="inpainting photographs (crops at their own resolution)")
+    ap.add_argument(
+        "--photos", nargs="*", default=list(scenarios.EVAL_PHOTOS), help="inpainting photographs (crops at their own resolution)"
+    )
     ap.add_argument("--textures", nargs="*", default=list(scenarios.EVAL_TEXTURES), help="inpainting textures, reported apart")
     ap.add_argument("--families", nargs="+", default=list(scenarios.MASK_FAMILIES), choices=scenarios.MASK_FAMILIES, help="hole families")
     ap.add_argument("--peers", nargs="*", default=list(peers.DEFAULT_INPAINT), choices=list(peers.INPAINT), help="inpainting peers")
@@ -330,13 +365,17 @@ def main(argv=None) -> int:
     ap.add_argument("--held-out", action="store_true",
                     help="the held-out cases, to tune on (the default ones are reported): inpaint on crops half a side up and left "
                          "of the centred ones with other hole seeds; colorize upper and lower halves instead of left and right")  # fmt: skip
-    ap.add_argument("--sr-photos", nargs="*", default=list(scenarios.SR_PHOTOS), help="upscale: photographs (crops at their own resolution)")
+    ap.add_argument(
+        "--sr-photos", nargs="*", default=list(scenarios.SR_PHOTOS), help="upscale: photographs (crops at their own resolution)"
+    )
     ap.add_argument("--sr-textures", nargs="*", default=list(scenarios.EVAL_TEXTURES), help="upscale: textures, reported apart")
     ap.add_argument("--sr-methods", nargs="+", default=["bicubic", "back-projection", "patch", "cnn"], choices=["bicubic", "back-projection", "patch", "cnn", "psal-net"],
                     help="upscale: methods (cnn: the internal-learning network, psal.apps.internal_sr; psal-net: the same with a PSALBlock in its middle)")  # fmt: skip
     ap.add_argument("--sr-steps", type=int, default=1500, help="upscale: training steps of the internal-learning network")
     ap.add_argument("--size", type=int, default=256, help="upscale-resized: side of the truths (whole pictures resized)")
-    ap.add_argument("--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)")
+    ap.add_argument(
+        "--scales", type=int, nargs="+", default=[2, 3, 4], choices=[2, 3, 4], help="upscaling factors (the gallery shows the first)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gallery", help="write the gallery PNG here (input | psal | best peer | truth per row)")
     ap.add_argument("--gallery-height", type=int, default=128, help="pixels per gallery row")

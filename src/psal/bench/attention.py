@@ -66,9 +66,7 @@ def _step(method: str, args):
 
     def forward(q, k, v):
         if method == "psal":
-            return psal.ps_attention(
-                q, k, v, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters, generator=gen
-            )
+            return psal.ps_attention(q, k, v, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters, generator=gen)
         if method == "sdpa":
             return _sdpa(q, k, v)
         how = "sdpa" if method == "full-flash" else "chunked"
@@ -118,7 +116,9 @@ def _run_worker(method: str, size: int, args) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench attention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--methods", nargs="+", choices=METHODS, help="default: psal, full-flash, full-chunked (CPU); psal, sdpa, full-flash (CUDA)")
+    ap.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="default: psal, full-flash, full-chunked (CPU); psal, sdpa, full-flash (CUDA)"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")
     ap.add_argument("--time-budget", type=float, default=120.0, help="stop repeating a method after this many seconds")

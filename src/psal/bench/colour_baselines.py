@@ -64,7 +64,7 @@ def _out_dtype(gray: torch.Tensor) -> torch.dtype:
     return torch.float64 if gray.dtype == torch.float64 else torch.float32
 
 
-def _target_L(gray: torch.Tensor) -> torch.Tensor:
+def _target_luma(gray: torch.Tensor) -> torch.Tensor:
     """The target's Lab L ``(1, 1, H, W)`` in float64: ``lab_from_rgb`` of the gray read as RGB."""
     g = gray.double()
     return lab_from_rgb(g.expand(1, 3, *g.shape[-2:]))[:, :1]
@@ -129,7 +129,7 @@ def _jittered_grid(Hr: int, Wr: int, samples: int, seed: int) -> tuple[np.ndarra
 def _welsh_lab(gray, reference, samples, window, seed, chunk=None, remap=True):
     """Welsh's matching. Returns the target's L ``(1, 1, H, W)``, the matched a, b
     ``(1, 2, H, W)`` and each pixel's best matching error ``(H, W)``, all float64."""
-    L = _target_L(gray)
+    L = _target_luma(gray)
     ref = lab_from_rgb(reference.double())
     Lr = ref[:, :1]
     # (a) Luminance remapping: the reference's L moved linearly to the target's mean and spread.
@@ -279,7 +279,7 @@ def levin_propagate(
         raise ValueError("levin_propagate: at least one pixel must be scribbled")
     Y = gray[0, 0].detach().double().cpu().numpy()
     ab = _levin_ab(Y, scribble_ab[0].detach().double().cpu().numpy(), mask, window, var_scale)
-    return _compose(_target_L(gray), torch.from_numpy(ab)[None].to(gray.device), _out_dtype(gray))
+    return _compose(_target_luma(gray), torch.from_numpy(ab)[None].to(gray.device), _out_dtype(gray))
 
 
 # ----------------------------------------------------------------------------- Welsh then Levin

@@ -228,4 +228,10 @@ def paired(ours, theirs, lower_is_better: bool, groups=None, resamples: int = 20
     pick = np.random.default_rng(seed).integers(0, sums.size, (resamples, sums.size))
     means = sums[pick].sum(1) / counts[pick].sum(1)
     lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"wins": wins, "mean_difference": float(d.mean()), "ci95": [float(lo), float(hi)], "cases": int(d.size), "groups": int(sums.size)}
+    return {
+        "wins": wins,
+        "mean_difference": float(d.mean()),
+        "ci95": [float(lo), float(hi)],
+        "cases": int(d.size),
+        "groups": int(sums.size),
+    }

@@ -443,7 +443,11 @@ def analyse_peer(cubin: Path) -> dict:
     funcs = functions_sass(data)
     usage = subprocess.run([tools["cuobjdump"], "-res-usage", str(cubin)], capture_output=True, text=True).stdout
     res = {}
-    for role, pattern in (("propagation", "11propagationIfLi7E"), ("random_search", "13random_searchIfLi7E"), ("init", "20initialise_shift_mapIfLi7E")):
+    for role, pattern in (
+        ("propagation", "11propagationIfLi7E"),
+        ("random_search", "13random_searchIfLi7E"),
+        ("init", "20initialise_shift_mapIfLi7E"),
+    ):
         name = next((n for n in funcs if pattern in n), None)
         if name is None:
             continue
@@ -502,7 +506,10 @@ def validate(measured: Path, log=print) -> dict:
         })  # fmt: skip
         log(f"  validate {name}: {rows[-1]}")
     ms = [r["measured_ms_10it"] for r in rows]
-    rho = {key: spearman([r[key] for r in rows], ms) for key in ("estimate_ms_per_iter", "issue_ms_per_iter", "per_value", "regs", "warps_per_sm")}
+    rho = {
+        key: spearman([r[key] for r in rows], ms)
+        for key in ("estimate_ms_per_iter", "issue_ms_per_iter", "per_value", "regs", "warps_per_sm")
+    }
     ratio = sorted(r["measured_ms_10it"] / 10 / r["estimate_ms_per_iter"] for r in rows)
     return {"source": str(measured.name), "rows": rows, "spearman": rho, "measured_over_estimate_median": ratio[len(ratio) // 2]}
 
@@ -539,7 +546,9 @@ def parse(argv):
     ap.add_argument("--variants", nargs="+", default=None, help="search variants (default: all of psal.backends.triton.search.VARIANTS)")
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     ap.add_argument("--peer", default=None, help="a copy of ncherel-psal (default: peers/ncherel-psal or ../shared/peers/ncherel-psal)")
-    ap.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "psal", "kernels"), help="where the authors' cubin is kept")
+    ap.add_argument(
+        "--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "psal", "kernels"), help="where the authors' cubin is kept"
+    )
     ap.add_argument("--no-peer", action="store_true", help="skip the authors' kernels")
     ap.add_argument("--no-attend", action="store_true", help="skip the attention kernels")
     ap.add_argument("--no-validate", action="store_true", help="skip the check of the estimate against the H200 timings")
@@ -556,7 +565,7 @@ def parse(argv):
 
 def _peer_dir(arg) -> Path | None:
     root = Path(__file__).resolve().parents[3]
-    for cand in ([Path(arg)] if arg else [root / "peers" / "ncherel-psal", root.parent / "shared" / "peers" / "ncherel-psal"]):
+    for cand in [Path(arg)] if arg else [root / "peers" / "ncherel-psal", root.parent / "shared" / "peers" / "ncherel-psal"]:
         if (cand / "src" / "patchmatch.cu").is_file():
             return cand
     return None
@@ -567,7 +576,9 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # The interpreter never compiles: run the report in a process without it.
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.run([sys.executable, "-m", "psal.bench", "kernels", *(sys.argv[1:] if argv is None else argv)], env=env).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "psal.bench", "kernels", *(sys.argv[1:] if argv is None else argv)], env=env
+        ).returncode
     from psal.backends.triton import search as ts
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -589,7 +600,12 @@ def main(argv=None) -> int:
         rows = [[a["kernel"], a["regs"], a["spill_stores"], a["stack"], a["warps_per_sm"], a["sass"], a.get("loop", {}).get("total", "–"),
                  "{int}/{fp}/{mem}/{other}".format(**a["loop"]) if "loop" in a else "–", a["loop_ldl_stl"]] for a in out["attend"]]  # fmt: skip
         print("\n**Attention kernels** (bf16, C = 64 tiles)\n")
-        print(common.markdown_table(["kernel", "regs", "spill B", "stack B", "warps/SM", "SASS", "largest inner loop", "int/fp/mem/other", "LDL/STL in loops"], rows))
+        print(
+            common.markdown_table(
+                ["kernel", "regs", "spill B", "stack B", "warps/SM", "SASS", "largest inner loop", "int/fp/mem/other", "LDL/STL in loops"],
+                rows,
+            )
+        )
     peer = None if args.no_peer else _peer_dir(args.peer)
     if peer is not None:
         try:
@@ -604,11 +620,17 @@ def main(argv=None) -> int:
             rows.append([role, e["regs"], e["stack"], e["sass"], lp.get("total", "–"), f"{lp.get('int')}/{lp.get('fp')}/{lp.get('mem')}/{lp.get('other')}",
                          e.get("values_per_trip", "–"), _fmt(e.get("per_value"))])  # fmt: skip
         print("\n**The authors' kernels** (ncherel/psal patchmatch.cu, float, PSZ = 7, nvcc -arch=sm_90 -O3)\n")
-        print(common.markdown_table(["kernel", "regs", "stack B", "SASS", "cost loop", "int/fp/mem/other", "values/trip", "instr/value"], rows))
+        print(
+            common.markdown_table(
+                ["kernel", "regs", "stack B", "SASS", "cost loop", "int/fp/mem/other", "values/trip", "instr/value"], rows
+            )
+        )
     if not args.no_validate and MEASURED.is_file():
         log("checking the estimate against the H200 tile timings")
         out["validation"] = val = validate(MEASURED, log)
-        print(f"\n**The estimate against the H200** ({val['source']}, 12 tile shapes, rgb 10 iterations): Spearman rank correlation with the measured ms\n")
+        print(
+            f"\n**The estimate against the H200** ({val['source']}, 12 tile shapes, rgb 10 iterations): Spearman rank correlation with the measured ms\n"
+        )
         print(common.markdown_table(["figure", "rho"], [[k, f"{v:+.2f}"] for k, v in val["spearman"].items()]))
         print(f"\nmeasured / estimate (median over the shapes): {val['measured_over_estimate_median']:.2f}")
     if args.json:

@@ -148,7 +148,9 @@ def _run_worker(method: str, size: int, args) -> dict | None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench knn", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
-    ap.add_argument("--methods", nargs="+", choices=METHODS, help="default: all but psal-triton (CPU); psal-triton, psal-torch, torch-exact (CUDA)")
+    ap.add_argument(
+        "--methods", nargs="+", choices=METHODS, help="default: all but psal-triton (CPU); psal-triton, psal-torch, torch-exact (CUDA)"
+    )
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per method (median reported)")
     ap.add_argument("--time-budget", type=float, default=60.0, help="stop repeating a method after this many seconds")
     ap.add_argument("--max-exact", type=int, default=256, help="largest size at which exact methods are timed")

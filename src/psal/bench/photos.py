@@ -133,7 +133,9 @@ def make_hole(kind: str, H: int, W: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench photos", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pictures", nargs="+", default=list(PICTURES), help=f"bundled pictures, name or name@factor (default: {', '.join(PICTURES)})")
+    ap.add_argument(
+        "--pictures", nargs="+", default=list(PICTURES), help=f"bundled pictures, name or name@factor (default: {', '.join(PICTURES)})"
+    )
     ap.add_argument("--holes", nargs="*", default=["object"], choices=["object", "large"], help="hole kinds (none: no inpainting)")
     ap.add_argument("--methods", nargs="+", default=["psal", "pypatchmatch"], choices=METHODS)
     ap.add_argument("--longest", type=int, default=0, help="shrink each picture to this longer side first (0: its own size)")
@@ -167,14 +169,25 @@ def main(argv=None) -> int:
                     method, f"{r['seconds']:.1f}", ratio, f"{r['peak_mib']:.0f}", f"{r['hole_psnr_db']:.2f}",
                 ])  # fmt: skip
     if rows:
-        print(common.markdown_table(["picture", "size", "MP", "hole %", "method", "s", "vs PyPatchMatch", "peak MiB", "hole PSNR dB"], rows))
+        print(
+            common.markdown_table(["picture", "size", "MP", "hole %", "method", "s", "vs PyPatchMatch", "peak MiB", "hole PSNR dB"], rows)
+        )
     colour_rows = []
     for spec in args.colorize:
         r = common.run_script(_COLORIZE_CHILD, [spec, args.reference], f"colorize {spec}")
         if r is None:
             continue
         records.append(r)
-        colour_rows.append([spec, f"{r['width']} x {r['height']}", f"{r['width'] * r['height'] / 1e6:.2f}", r["reference"], f"{r['seconds']:.1f}", f"{r['peak_mib']:.0f}"])
+        colour_rows.append(
+            [
+                spec,
+                f"{r['width']} x {r['height']}",
+                f"{r['width'] * r['height'] / 1e6:.2f}",
+                r["reference"],
+                f"{r['seconds']:.1f}",
+                f"{r['peak_mib']:.0f}",
+            ]
+        )
     if colour_rows:
         print("\ncolorize (grayscale target from a colour reference), seed 0; one process per row\n")
         print(common.markdown_table(["target", "size", "MP", "reference", "s", "peak MiB"], colour_rows))

@@ -122,7 +122,17 @@ def main(argv=None) -> int:
         "--repeats", str(args.repeats), "--patch-size", str(args.patch_size), "--k", str(args.k), "--iters", str(args.iters),
         "--time-budget", str(args.time_budget), "--device", args.device, "--fraction", str(args.fraction),
     ]  # fmt: skip
-    header = ["size", "backend", "search", "listed pixels", "median s", "peak MiB", "time vs dense", "memory vs dense", "cost ratio to exact"]
+    header = [
+        "size",
+        "backend",
+        "search",
+        "listed pixels",
+        "median s",
+        "peak MiB",
+        "time vs dense",
+        "memory vs dense",
+        "cost ratio to exact",
+    ]
     rows, records = [], []
     for size in args.sizes:
         pick, exact = _exact_costs(size, args.fraction, args.patch_size, args.k, args.quality_sample)

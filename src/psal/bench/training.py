@@ -93,8 +93,13 @@ def measure(mixer, size, args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench training", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512])
-    ap.add_argument("--models", nargs="+", default=["psal", "conv", "full", "naive"], choices=["psal", "conv", "full", "naive"],
-                    help="naive: the full-attention model with its softmax matrix materialised (as non-local blocks do)")
+    ap.add_argument(
+        "--models",
+        nargs="+",
+        default=["psal", "conv", "full", "naive"],
+        choices=["psal", "conv", "full", "naive"],
+        help="naive: the full-attention model with its softmax matrix materialised (as non-local blocks do)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=1, help="measured steps; the median time is reported")
     ap.add_argument("--width", type=int, default=24)

@@ -29,7 +29,7 @@ class CLIError(Exception):
     """A problem with the command's input, said in one line to the user."""
 
 
-class TooLarge(CLIError):
+class TooLargeError(CLIError):
     """An image larger than the memory (or the server's ``max_pixels``) allows: refused from its
     header, before its pixels are decoded."""
 
@@ -69,12 +69,14 @@ def read_image_bits(path: str, what: str = "image") -> tuple[torch.Tensor, int]:
 def decode_image_bits(data: bytes, what: str = "image", max_pixels: int | None = None) -> tuple[torch.Tensor, int]:
     """:func:`read_image_bits` for the bytes of an image file (an upload): the same kinds are read
     and refused, named ``what`` in the message; above ``max_pixels`` pixels (``None``: no limit)
-    :class:`TooLarge` is raised from the header, before any pixel is decoded."""
+    :class:`TooLargeError` is raised from the header, before any pixel is decoded."""
     import io
 
     def check(label, width, height):
         if max_pixels is not None and width * height > max_pixels:
-            raise TooLarge(f"{label}: {width}x{height} is {width * height} pixels, more than the {max_pixels} allowed; resize it first")
+            raise TooLargeError(
+                f"{label}: {width}x{height} is {width * height} pixels, more than the {max_pixels} allowed; resize it first"
+            )
 
     if not data:
         raise CLIError(f"{what}: empty file")
@@ -100,7 +102,7 @@ def _decode(source, label: str, check_size, explain: bool) -> tuple[torch.Tensor
     except CLIError:
         raise
     except Image.DecompressionBombError as exc:
-        raise TooLarge(f"{label}: too large to process ({exc})") from None
+        raise TooLargeError(f"{label}: too large to process ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         reason = f" ({exc})" if explain else " (PNG, JPEG, TIFF, BMP or WebP, for example)"
         raise CLIError(f"{label}: not a readable image{reason}") from None
@@ -114,9 +116,8 @@ def _check_memory(label, width: int, height: int) -> None:
     need = width * height * BYTES_PER_PIXEL
     free = available_memory()
     if free is not None and need > free:
-        raise TooLarge(
-            f"{label}: {width}x{height} pixels needs about {need / 2**30:.1f} GiB, "
-            f"{free / 2**30:.1f} GiB available; resize it first"
+        raise TooLargeError(
+            f"{label}: {width}x{height} pixels needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB available; resize it first"
         )
 
 

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from . import tasks
 from .io import (
     WRITABLE,
     CLIError,
@@ -36,7 +37,6 @@ from .io import (
     read_image_bits,
     write_image,
 )
-from . import tasks
 from .tasks import device_from_name as _device
 
 
@@ -157,7 +157,10 @@ def cmd_inpaint(args) -> dict:
 
 
 # upscale's options of each method (the attribute and the flag).
-_UPSCALE_OPTIONS = {"network": {"steps": "--steps"}, "patch": {"patch_size": "--patch-size", "k": "--k", "iters": "--iters", "strength": "--strength"}}
+_UPSCALE_OPTIONS = {
+    "network": {"steps": "--steps"},
+    "patch": {"patch_size": "--patch-size", "k": "--k", "iters": "--iters", "strength": "--strength"},
+}
 
 
 def _upscale_options(args) -> dict:
@@ -297,7 +300,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(p, out: bool = True):
         if out:
-            p.add_argument("-o", "--out", required=True, help="output image (.png, .jpg, .tif, .bmp, .webp), or folder for a folder of pictures")
+            p.add_argument(
+                "-o", "--out", required=True, help="output image (.png, .jpg, .tif, .bmp, .webp), or folder for a folder of pictures"
+            )
         p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result)")
         p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda if available)")
         p.add_argument("--report", metavar="FILE.json", help="write the metrics computed to this JSON file")
@@ -323,7 +328,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inpaint", help="fill the white region of a mask", description=cmd_inpaint.__doc__)
     p.add_argument("image", help="the image to repair (or a folder of them)")
-    p.add_argument("mask", help="same size as IMAGE; white marks the pixels to fill (a folder of masks named as the pictures, for a folder)")
+    p.add_argument(
+        "mask", help="same size as IMAGE; white marks the pixels to fill (a folder of masks named as the pictures, for a folder)"
+    )
     common(p)
     d = functools.partial(tasks.default, tasks.inpaint_image)
     p.add_argument("--patch-size", type=int, default=d("patch_size"))
@@ -341,8 +348,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=d("k"), help="matches per pixel")
     p.add_argument("--iters", type=int, default=d("iters"), help="PatchMatch iterations")
     p.add_argument("--temperature-scale", type=float, default=d("temperature_scale"), help="temperature / median best patch cost")
-    p.add_argument("--match-luminance", action="store_true",
-                   help="move the reference's brightness and contrast to the gray image's first (for a reference taken in other light)")
+    p.add_argument(
+        "--match-luminance",
+        action="store_true",
+        help="move the reference's brightness and contrast to the gray image's first (for a reference taken in other light)",
+    )
     p.set_defaults(run=cmd_colorize)
 
     p = sub.add_parser("upscale", help="super-resolution learnt from the image itself", description=cmd_upscale.__doc__)
@@ -416,7 +426,9 @@ def _run_folder(args) -> int:
     if same(out, folder) or (masks_arg and same(out, getattr(args, masks_arg))):
         raise CLIError(f"-o {out!r} is also an input folder; choose another folder")
     if masks_arg and same(folder, getattr(args, masks_arg)):
-        raise CLIError(f"{masks_arg} folder {getattr(args, masks_arg)!r} is the folder of pictures; keep the masks in a folder of their own")
+        raise CLIError(
+            f"{masks_arg} folder {getattr(args, masks_arg)!r} is the folder of pictures; keep the masks in a folder of their own"
+        )
     # What every file would fail on alike, said once: the device, colorize's reference, a checkpoint.
     _device(args.device)
     if args.command == "colorize":
@@ -466,7 +478,10 @@ def _run_folder(args) -> int:
     for name, why in failed:
         print(f"psal {args.command}: failed: {name}: {why}", file=sys.stderr)
     done = len(names) - len(failed)
-    print(f"psal {args.command}: {done} of {len(names)} pictures written to {out}" + (f", {len(failed)} failed" if failed else ""), file=sys.stderr)
+    print(
+        f"psal {args.command}: {done} of {len(names)} pictures written to {out}" + (f", {len(failed)} failed" if failed else ""),
+        file=sys.stderr,
+    )
     return 1 if failed else 0
 
 

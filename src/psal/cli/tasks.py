@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .io import BYTES_PER_PIXEL, CLIError, TooLarge
+from .io import BYTES_PER_PIXEL, CLIError, TooLargeError
 
 # psal upscale's default training steps per stage: 49 s for a 256 x 256 picture at x2 on 2 CPU
 # cores, 2.6 min at x4 (BENCHMARKS.md, issue 17).
@@ -31,12 +31,12 @@ _UPSCALE_WEIGHT = {"network": 2.5, "patch": 1.0}
 
 
 def check_upscale_fits(height: int, width: int, scale: int, method: str, max_pixels: int | None, name: str = "image") -> None:
-    """Refuse (:class:`TooLarge`) a picture whose enlargement by ``scale`` with ``method`` needs more
+    """Refuse (:class:`TooLargeError`) a picture whose enlargement by ``scale`` with ``method`` needs more
     than ``max_pixels`` pixels' worth of working memory (``BYTES_PER_PIXEL`` each; ``None``: no
     limit). The command line passes what the memory available allows, the service its limit."""
     need = round(height * width * scale**2 * _UPSCALE_WEIGHT.get(method, 1.0))
     if max_pixels is not None and need > max_pixels:
-        raise TooLarge(
+        raise TooLargeError(
             f"{name}: {width}x{height} enlarged {scale}x by the {method} method needs the memory of {need} pixels, "
             f"more than the {max_pixels} allowed here; resize it first"
         )

@@ -116,8 +116,10 @@ def main(argv=None) -> None:
     for name, net in nets.items():
         start = time.perf_counter()
         loss = train(net, steps=args.steps, size=args.size, log=lambda s, n=name: print(f"[{n}] {s}"))
-        print(f"{name}: {num_parameters(net)} parameters, held-out loss {loss:.4f} "
-              f"(predicting zero: 1.0), {time.perf_counter() - start:.1f} s")
+        print(
+            f"{name}: {num_parameters(net)} parameters, held-out loss {loss:.4f} "
+            f"(predicting zero: 1.0), {time.perf_counter() - start:.1f} s"
+        )
 
 
 if __name__ == "__main__":

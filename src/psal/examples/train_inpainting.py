@@ -51,7 +51,7 @@ HELD_OUT_IMAGES = ("astronaut", "chelsea", "camera")
 # Data.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_picture(name: str, longest: int = 512) -> torch.Tensor:
     """A bundled scikit-image picture as ``(1, 3, H, W)`` in ``[0, 1]``, its longer side at most
     ``longest``. Cached: treat the result as read-only."""

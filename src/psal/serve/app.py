@@ -29,8 +29,8 @@ import asyncio
 import contextlib
 import logging
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from starlette.applications import Starlette
@@ -44,9 +44,9 @@ from starlette.staticfiles import StaticFiles
 
 import psal
 from psal.cli import tasks
-from psal.cli.io import CLIError, TooLarge, decode_image_bits, encode_png
+from psal.cli.io import CLIError, TooLargeError, decode_image_bits, encode_png
 
-from .jobs import JOB_ID, Busy, JobInUse, JobQueue, Stopping
+from .jobs import JOB_ID, BusyError, JobInUseError, JobQueue, StoppingError
 
 STATIC = pathlib.Path(__file__).with_name("static")
 log = logging.getLogger("psal.serve")
@@ -59,7 +59,7 @@ _DISCONNECT_POLL_S = 0.5
 _BODY_SLACK = 32 << 20
 
 
-class BadRequest(Exception):
+class BadRequestError(Exception):
     """A problem with the request, answered with ``status`` and the message as its one line."""
 
     def __init__(self, status: int, message: str):
@@ -78,7 +78,7 @@ def _integer(lo: int, hi: int) -> Callable[[str, str], int]:
         except ValueError:
             value = None
         if value is None or not lo <= value <= hi:
-            raise BadRequest(400, f"{name} must be an integer from {lo} to {hi}, got {text[:40]!r}")
+            raise BadRequestError(400, f"{name} must be an integer from {lo} to {hi}, got {text[:40]!r}")
         return value
 
     return parse
@@ -89,7 +89,7 @@ def _choice(*choices) -> Callable[[str, str], object]:
         for choice in choices:
             if text.strip() == str(choice):
                 return choice
-        raise BadRequest(400, f"{name} must be one of {', '.join(map(str, choices))}, got {text[:40]!r}")
+        raise BadRequestError(400, f"{name} must be one of {', '.join(map(str, choices))}, got {text[:40]!r}")
 
     return parse
 
@@ -120,43 +120,43 @@ class _Fields:
 
 
 async def _read_form(request: Request, endpoint: _Endpoint, max_body: int | None) -> _Fields:
-    """The fields of a task request, or :class:`BadRequest` for the first problem."""
+    """The fields of a task request, or :class:`BadRequestError` for the first problem."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data":
-        raise BadRequest(415, f"send the fields as multipart/form-data, not {kind or 'no content type'}")
+        raise BadRequestError(415, f"send the fields as multipart/form-data, not {kind or 'no content type'}")
     length = request.headers.get("content-length")
     if length is None or not length.isdigit():
-        raise BadRequest(411, "the request needs a Content-Length")
+        raise BadRequestError(411, "the request needs a Content-Length")
     if max_body is not None and int(length) > max_body:
-        raise BadRequest(413, f"the request is {int(length)} bytes, more than the {max_body} allowed")
+        raise BadRequestError(413, f"the request is {int(length)} bytes, more than the {max_body} allowed")
     known = set(endpoint.pictures) | set(endpoint.required) | set(endpoint.optional) | {"job"}
     pictures, options, job = {}, {}, None
     async with request.form(max_files=len(endpoint.pictures) + 2, max_fields=len(known) + 2) as form:
         for name in form:
             if name not in known:
-                raise BadRequest(400, f"unknown field {name[:40]!r}; this endpoint takes {', '.join(sorted(known))}")
+                raise BadRequestError(400, f"unknown field {name[:40]!r}; this endpoint takes {', '.join(sorted(known))}")
             if len(form.getlist(name)) > 1:
-                raise BadRequest(400, f"field {name!r} is given more than once")
+                raise BadRequestError(400, f"field {name!r} is given more than once")
         for name in endpoint.pictures:
             value = form.get(name)
             if value is None:
-                raise BadRequest(400, f"missing field {name!r} (a picture file)")
+                raise BadRequestError(400, f"missing field {name!r} (a picture file)")
             if not isinstance(value, UploadFile):
-                raise BadRequest(400, f"field {name!r} must be a file upload, not text")
+                raise BadRequestError(400, f"field {name!r} must be a file upload, not text")
             pictures[name] = await value.read()
         for name, parse in {**endpoint.required, **endpoint.optional}.items():
             value = form.get(name)
             if value is None:
                 if name in endpoint.required:
-                    raise BadRequest(400, f"missing field {name!r}")
+                    raise BadRequestError(400, f"missing field {name!r}")
                 continue
             if isinstance(value, UploadFile):
-                raise BadRequest(400, f"field {name!r} must be text, not a file")
+                raise BadRequestError(400, f"field {name!r} must be text, not a file")
             options[name] = parse(name, value)
         if "job" in form:
             job = form["job"]
             if isinstance(job, UploadFile) or not JOB_ID.fullmatch(job):
-                raise BadRequest(400, "field 'job' must be 1 to 64 letters, digits, '-' or '_'")
+                raise BadRequestError(400, "field 'job' must be 1 to 64 letters, digits, '-' or '_'")
     return _Fields(pictures, options, job)
 
 
@@ -226,7 +226,9 @@ def _reconstruct(fields: _Fields, service: _Service):
 ENDPOINTS = {
     "inpaint": _Endpoint(("image", "mask"), _inpaint),
     "upscale": _Endpoint(
-        ("image",), _upscale, required={"scale": _choice(2, 3, 4)},
+        ("image",),
+        _upscale,
+        required={"scale": _choice(2, 3, 4)},
         optional={"seed": _SEED, "method": _choice("network", "patch"), "steps": _integer(1, 100_000)},
     ),  # fmt: skip
     "colorize": _Endpoint(("image", "reference"), _colorize),
@@ -243,13 +245,13 @@ def _one_line(message) -> str:
     return text[:400] or "error"
 
 
-class _ClientGone(Exception):
+class _ClientGoneError(Exception):
     """The client went away before its answer was ready."""
 
 
 async def _result_while_connected(request: Request, jobs: JobQueue, job_id: str, future):
     """The job's result; if the client disconnects first, the job is cancelled (it never starts,
-    or stops at its next progress report) and :class:`_ClientGone` is raised."""
+    or stops at its next progress report) and :class:`_ClientGoneError` is raised."""
     waiting = asyncio.wrap_future(future)
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=_DISCONNECT_POLL_S)
@@ -258,19 +260,19 @@ async def _result_while_connected(request: Request, jobs: JobQueue, job_id: str,
         if await request.is_disconnected():
             jobs.cancel(job_id)
             waiting.cancel()
-            raise _ClientGone
+            raise _ClientGoneError
 
 
 def _error_response(exc: BaseException) -> JSONResponse:
-    if isinstance(exc, BadRequest):
+    if isinstance(exc, BadRequestError):
         status, message = exc.status, str(exc)
-    elif isinstance(exc, TooLarge):
+    elif isinstance(exc, TooLargeError):
         status, message = 413, str(exc)
     elif isinstance(exc, (CLIError, ValueError, TypeError)):  # the command line's exit 2: bad input
         status, message = 400, str(exc)
-    elif isinstance(exc, JobInUse):
+    elif isinstance(exc, JobInUseError):
         status, message = 409, str(exc)
-    elif isinstance(exc, (Busy, Stopping)):
+    elif isinstance(exc, (BusyError, StoppingError)):
         status, message = 503, str(exc)
     elif isinstance(exc, HTTPException):
         status, message = exc.status_code, exc.detail
@@ -307,7 +309,7 @@ def create_app(device: str | torch.device = "auto", max_pixels: int | None = Non
                 job_fn = await run_in_threadpool(endpoint.prepare, fields, service)
                 job, future = jobs.submit(job_fn, fields.job)
                 png = await _result_while_connected(request, jobs, job.id, future)
-            except (ClientDisconnect, _ClientGone):  # nobody to answer: no error to log either
+            except (ClientDisconnect, _ClientGoneError):  # nobody to answer: no error to log either
                 return Response(status_code=499)
             except Exception as exc:
                 return _error_response(exc)

@@ -26,15 +26,15 @@ import uuid
 JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-class Busy(Exception):
+class BusyError(Exception):
     """The queue is full: the client should try again later."""
 
 
-class JobInUse(Exception):
+class JobInUseError(Exception):
     """A waiting or running job already has this id."""
 
 
-class Stopping(Exception):
+class StoppingError(Exception):
     """The queue is closed: the job did not run, or was stopped part way."""
 
 
@@ -52,19 +52,19 @@ class Job:
 
     def progress(self, done, total, loss=None) -> None:
         """The callback that the task calls (``loss``: the upscaler's training loss, unused);
-        raises :class:`Stopping` once the queue is closed or the job cancelled, which ends the
+        raises :class:`StoppingError` once the queue is closed or the job cancelled, which ends the
         task there."""
         if self._stop.is_set():
-            raise Stopping("the server is stopping")
+            raise StoppingError("the server is stopping")
         if self.cancelled.is_set():
-            raise Stopping(f"job {self.id!r} was cancelled")
+            raise StoppingError(f"job {self.id!r} was cancelled")
         self.done, self.total = int(done), int(total)
 
 
 class JobQueue:
     """Runs ``fn(progress)`` callables on one worker thread, one at a time, in arrival order.
 
-    ``max_waiting`` jobs may wait at most (beyond it :meth:`submit` raises :class:`Busy`); the
+    ``max_waiting`` jobs may wait at most (beyond it :meth:`submit` raises :class:`BusyError`); the
     states of the last ``keep`` finished jobs stay readable.
     """
 
@@ -104,24 +104,24 @@ class JobQueue:
         return job, future
 
     def check_room(self) -> None:
-        """Raise :class:`Busy` (or :class:`Stopping`) now if :meth:`submit` would: the service asks
+        """Raise :class:`BusyError` (or :class:`StoppingError`) now if :meth:`submit` would: the service asks
         before it decodes a request's pictures, so that a full queue costs no decoding."""
         with self._lock:
             self._refuse()
 
     def _refuse(self, job_id: str | None = None) -> None:
-        """What :meth:`submit` refuses, in this order (called holding the lock): :class:`Stopping`
-        once closed, :class:`JobInUse` for an id waiting or running, :class:`Busy` when full."""
+        """What :meth:`submit` refuses, in this order (called holding the lock): :class:`StoppingError`
+        once closed, :class:`JobInUseError` for an id waiting or running, :class:`BusyError` when full."""
         if self._stop.is_set():
-            raise Stopping("the server is stopping")
+            raise StoppingError("the server is stopping")
         if job_id is not None and job_id in self._futures:
-            raise JobInUse(f"job {job_id!r} is already waiting or running; use another id")
+            raise JobInUseError(f"job {job_id!r} is already waiting or running; use another id")
         if self.waiting >= self.max_waiting_allowed:
-            raise Busy(f"{self.waiting} jobs are waiting already; try again later")
+            raise BusyError(f"{self.waiting} jobs are waiting already; try again later")
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a waiting or running job: it never starts, or stops at its next progress report
-        (its future then fails with :class:`Stopping`); ``False`` if no such job waits or runs."""
+        (its future then fails with :class:`StoppingError`); ``False`` if no such job waits or runs."""
         with self._lock:
             future = self._futures.get(job_id)
             if future is None:
@@ -160,7 +160,7 @@ class JobQueue:
             }
 
     def close(self) -> None:
-        """Refuse new jobs, fail those waiting with :class:`Stopping` and stop the running one at
+        """Refuse new jobs, fail those waiting with :class:`StoppingError` and stop the running one at
         its next progress report (its request hears of it at once); then end the worker."""
         with self._lock:
             if self._stop.is_set():
@@ -168,7 +168,7 @@ class JobQueue:
             self._stop.set()
             for future in self._futures.values():
                 if not future.done():
-                    future.set_exception(Stopping("the server is stopping"))
+                    future.set_exception(StoppingError("the server is stopping"))
         self._queue.put(None)
 
     def join(self, timeout: float | None = None) -> bool:

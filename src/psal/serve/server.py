@@ -15,7 +15,11 @@ from psal.cli.io import CLIError
 def require() -> None:
     """Raise a one-line :class:`CLIError` unless the ``serve`` extra's packages import."""
     missing = []
-    for modules, package in ((("starlette",), "starlette"), (("uvicorn",), "uvicorn"), (("python_multipart", "multipart"), "python-multipart")):
+    for modules, package in (
+        (("starlette",), "starlette"),
+        (("uvicorn",), "uvicorn"),
+        (("python_multipart", "multipart"), "python-multipart"),
+    ):
         for module in modules:
             try:
                 __import__(module)

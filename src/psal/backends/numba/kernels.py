@@ -159,7 +159,30 @@ def _chunk(t, nc, M):
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def search_init(qp, kp, sq, sk, mask, has_mask, allowed, n_allowed, init_idx, has_init, out_idx, out_cost, qpos, dense, HW, W, Wk, p, C, dot, seed, screen):
+def search_init(
+    qp,
+    kp,
+    sq,
+    sk,
+    mask,
+    has_mask,
+    allowed,
+    n_allowed,
+    init_idx,
+    has_init,
+    out_idx,
+    out_cost,
+    qpos,
+    dense,
+    HW,
+    W,
+    Wk,
+    p,
+    C,
+    dot,
+    seed,
+    screen,
+):
     N, M, K = out_idx.shape
     inf = np.float32(np.inf)
     nc = (M + _CHUNK - 1) // _CHUNK
@@ -216,7 +239,9 @@ def search_init(qp, kp, sq, sk, mask, has_mask, allowed, n_allowed, init_idx, ha
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def search_iterate(qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense, H, W, Hk, Wk, p, C, dot, seed, it, band):
+def search_iterate(
+    qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense, H, W, Hk, Wk, p, C, dot, seed, it, band
+):
     N, M, K = out_idx.shape
     HW = H * W
     forward = it % 2 == 0

@@ -139,7 +139,9 @@ def attend_forward(query, key, value, indices, temperature, patch_size: int, agg
     return out / n, lse.view(N, H, W)
 
 
-def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str, positions=None):
+def attend_backward(
+    grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str, positions=None
+):
     """Gradients ``(query, key, value, temperature)``, in the compute dtype."""
     f = _Field(query, key, value, indices, temperature, patch_size, similarity, positions)
     N, K, H, W, L, Cv, p, r = f.N, f.K, f.H, f.W, f.L, f.Cv, f.p, f.r

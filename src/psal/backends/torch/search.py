@@ -101,9 +101,7 @@ def patch_costs(query, key, indices, patch_size: int, similarity: str, positions
 def exact_knn(query, key, mask, num_neighbors: int, patch_size: int, similarity: str):
     """Brute-force k-NN: ``indices (N, k, H, W)`` int64 and ``costs (N, k, H, W)`` float32."""
     N, _, H, W = query.shape
-    idx, cost = exact_knn_patches(
-        unfold_patches(query, patch_size), unfold_patches(key, patch_size), mask, num_neighbors, similarity
-    )
+    idx, cost = exact_knn_patches(unfold_patches(query, patch_size), unfold_patches(key, patch_size), mask, num_neighbors, similarity)
     return idx.view(N, num_neighbors, H, W), cost.view(N, num_neighbors, H, W)
 
 

@@ -619,7 +619,7 @@ def attend_backward(grad, query, key, value, indices, temperature, out, stat, pa
 
 def _attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity):
     f = _Call(query, key, value, indices, temperature, patch_size, similarity)
-    N, H, W, L = f.N, f.H, f.W, f.L
+    N, L = f.N, f.L
     dt = f.dt
     stat = stat.to(dt).reshape(N, L)
     if aggregation == "patch":

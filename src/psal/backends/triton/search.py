@@ -83,9 +83,7 @@ def parse_variant(name: str) -> Variant:
             return Variant("tiles", block=block, chunk=chunk, warps=warps)
     except ValueError:
         pass
-    raise ValueError(
-        f"a Triton search variant is 'lanes-pad-BxW', 'lanes-clamp-BxW' or 'tiles-BxCxW' (powers of two), got {name!r}"
-    )
+    raise ValueError(f"a Triton search variant is 'lanes-pad-BxW', 'lanes-clamp-BxW' or 'tiles-BxCxW' (powers of two), got {name!r}")
 
 
 def set_variant(size_class: str, name: str | None) -> None:
@@ -212,8 +210,18 @@ def prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, 
 
 
 def patchmatch(
-    query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int,
-    positions=None, variant=None, scheme=None,
+    query,
+    key,
+    mask,
+    num_neighbors: int,
+    patch_size: int,
+    num_iters: int,
+    similarity: str,
+    init_idx,
+    seed: int,
+    positions=None,
+    variant=None,
+    scheme=None,
 ):
     """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CUDA tensors (or CPU
     tensors through Triton's interpreter), sparse ``positions`` included. ``variant``: a name

@@ -405,7 +405,7 @@ def run(pb, pad: bool = True, block: int = 32, warps: int = 1, prop_k: int | Non
     matches are propagated and around how many of its own a pixel searches (default ``K``)."""
     prop_k = pb.K if prop_k is None else max(1, min(int(prop_k), pb.K))
     rand_k = pb.K if rand_k is None else max(1, min(int(rand_k), pb.K))
-    N, C, H, W, Hk, Wk, K, P, M = pb.N, pb.C, pb.H, pb.W, pb.Hk, pb.Wk, pb.K, pb.P, pb.M
+    N, C, H, W, Hk, Wk, P, M = pb.N, pb.C, pb.H, pb.W, pb.Hk, pb.Wk, pb.P, pb.M
     r = P // 2
     if pad:
         q = F.pad(pb.query.to(pb.dtype), (r, r, r, r), mode="replicate").contiguous()
@@ -430,7 +430,23 @@ def run(pb, pad: bool = True, block: int = 32, warps: int = 1, prop_k: int | Non
                 radii = pb.num_radii if i == len(steps) - 1 else 0
                 nbr = pb.tables[step] if step else pb.qpos
                 _iterate_kernel[grid](
-                    q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, nbr, *sizes, key_lo, key_hi, step, radii, prop_k, rand_k, **cfg
+                    q,
+                    k,
+                    pb.mask_u8,
+                    idx,
+                    cost,
+                    spare_idx,
+                    spare_cost,
+                    pb.qpos,
+                    nbr,
+                    *sizes,
+                    key_lo,
+                    key_hi,
+                    step,
+                    radii,
+                    prop_k,
+                    rand_k,
+                    **cfg,
                 )
                 idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
     return idx, cost

@@ -381,11 +381,11 @@ def run(pb, shape=None):
         )
         for it in range(pb.num_iters):
             for step in pb.steps:
-                _propagate_kernel[grid](q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, pb.tables[step], *sizes, 0, 0, step, **cfg)
+                _propagate_kernel[grid](
+                    q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, pb.tables[step], *sizes, 0, 0, step, **cfg
+                )
                 idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
             key_lo, key_hi = launch_key(pb.seed, it)
             _random_kernel[grid](q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, *sizes, key_lo, key_hi, pb.num_radii, **cfg)
             idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
     return idx, cost
-
-

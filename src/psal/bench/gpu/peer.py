@@ -81,7 +81,7 @@ def section_peer(run: Run) -> dict:
     r = p // 2
     for iters in run.args.search_iters:
         shift, cost = pm.patchmatch(A, B, p, iters)
-        ms, n = time_ms(lambda: pm.patchmatch(A, B, p, iters), run.device, warmup=2, repeats=run.args.repeats)
+        ms, n = time_ms(lambda iters=iters: pm.patchmatch(A, B, p, iters), run.device, warmup=2, repeats=run.args.repeats)
         best, mean = interior_mean(cost[None], p, 3)
         # Their field through our oracle: the interior costs must be theirs (true patch SSDs).
         idx = (shift[0].long() * S + shift[1].long())[None, None]  # (1, 1, 3, H, W)

@@ -18,7 +18,9 @@ def fmt(x, digits=3) -> str:
 
 def tests(res: dict) -> str:
     failures = res.get("failures", [])
-    return f"**Tests** (CUDA selection, {res['seconds']:.0f} s, exit {res['exit']}): {res['summary']}" + "".join(f"\n- {f}" for f in failures[:20])
+    return f"**Tests** (CUDA selection, {res['seconds']:.0f} s, exit {res['exit']}): {res['summary']}" + "".join(
+        f"\n- {f}" for f in failures[:20]
+    )
 
 
 def variants(res: dict) -> str:
@@ -37,12 +39,16 @@ def variants(res: dict) -> str:
         )
     if res.get("schemes"):
         sc = res["schemes"]
-        rows = [[f"({r['prop_k']}, {r['rand_k']})", r["iters"], fmt(r.get("ms"), 4), fmt(r.get("ratio"), 4), (r.get("error") or "")[:60]] for r in sc["rows"]]
+        rows = [
+            [f"({r['prop_k']}, {r['rand_k']})", r["iters"], fmt(r.get("ms"), 4), fmt(r.get("ratio"), 4), (r.get("error") or "")[:60]]
+            for r in sc["rows"]
+        ]
         best = sc.get("fastest_at_target")
         line = (
             f"fastest at or below the authors' 10-iteration quality ({sc['target_ratio']} x exact): scheme "
             f"({best['prop_k']}, {best['rand_k']}), {best['iters']} iterations, {best['ms']:.3g} ms, {best['ratio']:.3f} x exact"
-            if best else "no scheme reached the authors' 10-iteration quality"
+            if best
+            else "no scheme reached the authors' 10-iteration quality"
         )
         parts.append(
             f"**Candidate schemes** ({sc['variant']}, rgb {sc['size']}²; scheme = (neighbour matches propagated, matches searched "
@@ -101,7 +107,9 @@ def layer(res: dict) -> str:
     return (
         f"**Layer forward + backward**, C = {res['channels']}, p = {res['patch_size']}, k = {res['k']}, {res['iters']} iterations, {res['dtype']}; "
         f"SDPA: one head, d = {res['channels']}, the same features as {res['dtype']} tokens; median ms; peak = allocator peak over the inputs\n\n"
-        + common.markdown_table(["size", "psal ms", "psal peak MiB", "SDPA flash ms", "SDPA cuDNN ms", "SDPA peak MiB", "psal vs faster SDPA"], rows)
+        + common.markdown_table(
+            ["size", "psal ms", "psal peak MiB", "SDPA flash ms", "SDPA cuDNN ms", "SDPA peak MiB", "psal vs faster SDPA"], rows
+        )
     )
 
 
@@ -128,7 +136,17 @@ def race(res: dict) -> str:
         f"**Repeated backward** ({res['backend']}), {res['size']}², C = {res['channels']}, k = {res['k']}, p = {res['patch_size']}, {n} passes each; "
         "errors relative to the float64 gradients' largest value (query, key, value)\n\n"
         + common.markdown_table(
-            ["field", "aggregation", "atomic: max spread", "atomic: error", "gather: bitwise equal", "gather: error", "torch float32 error", "ok"], rows
+            [
+                "field",
+                "aggregation",
+                "atomic: max spread",
+                "atomic: error",
+                "gather: bitwise equal",
+                "gather: error",
+                "torch float32 error",
+                "ok",
+            ],
+            rows,
         )
     )
 
@@ -145,7 +163,9 @@ def peer(res: dict, ours: dict | None = None) -> str:
     out = (
         "**The authors' CUDA search** (ncherel/psal, k = 3 fixed), 512² RGB, p = 7, the same inputs and metric; "
         "cost check: their interior costs against psal.patch_costs of their field\n\n"
-        + common.markdown_table(["iterations", "peer ms", "peer mean cost", "peer / exact", "cost check", "psal ms", "psal mean cost", "psal speed-up"], rows)
+        + common.markdown_table(
+            ["iterations", "peer ms", "peer mean cost", "peer / exact", "cost check", "psal ms", "psal mean cost", "psal speed-up"], rows
+        )
     )
     rows = []
     for S, row in res["layer"].items():

@@ -72,7 +72,13 @@ def section_tests(run: Run) -> dict:
         lines[-1] if lines else "",
     )
     failures = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
-    return {"command": " ".join(cmd[1:]), "exit": code, "seconds": round(seconds, 1), "summary": summary.strip("= "), "failures": failures[:60]}
+    return {
+        "command": " ".join(cmd[1:]),
+        "exit": code,
+        "seconds": round(seconds, 1),
+        "summary": summary.strip("= "),
+        "failures": failures[:60],
+    }
 
 
 def section_search(run: Run) -> dict:
@@ -95,7 +101,7 @@ def section_search(run: Run) -> dict:
     for iters in args.search_iters:
         g = torch.Generator().manual_seed(0)
 
-        def call():
+        def call(iters=iters, g=g):
             return psal.patchmatch(q, k, patch_size=p, num_neighbors=K, num_iters=iters, generator=g)
 
         field = call()
@@ -106,8 +112,9 @@ def section_search(run: Run) -> dict:
 
 
 def section_layer(run: Run) -> dict:
-    import psal
     from torch.nn.attention import SDPBackend
+
+    import psal
 
     args = run.args
     dtype = getattr(torch, args.layer_dtype)
@@ -228,7 +235,14 @@ def section_precision(run: Run) -> dict:
                 err_plain = float((b.double() - e).abs().max()) / scale
                 ratio = err_ours / err_plain if err_plain > 0 else (0.0 if err_ours == 0 else math.inf)
                 res["cases"].append(
-                    {"dtype": str(dtype).split(".")[1], "aggregation": aggregation, "tensor": name, "ours": err_ours, "plain": err_plain, "ratio": ratio}
+                    {
+                        "dtype": str(dtype).split(".")[1],
+                        "aggregation": aggregation,
+                        "tensor": name,
+                        "ours": err_ours,
+                        "plain": err_plain,
+                        "ratio": ratio,
+                    }
                 )
     res["worst_ratio"] = max(c["ratio"] for c in res["cases"])
     return res
@@ -254,7 +268,10 @@ def section_race(run: Run) -> dict:
             exact = grads(fq.double(), fk.double(), fk.double(), idx, grad.double(), 1.0, "torch", aggregation, p)
             scale = [float(e.abs().max()) or 1.0 for e in exact]
             # The float32 pure-PyTorch backend's error: the problem's own float32 conditioning.
-            base = [float((a.double() - e).abs().max()) / s for a, e, s in zip(grads(fq, fk, fk, idx, grad, 1.0, "torch", aggregation, p), exact, scale)]
+            base = [
+                float((a.double() - e).abs().max()) / s
+                for a, e, s in zip(grads(fq, fk, fk, idx, grad, 1.0, "torch", aggregation, p), exact, scale)
+            ]
             with key_grad_path("atomic"):
                 first = grads(fq, fk, fk, idx, grad, 1.0, backend, aggregation, p)
                 spread = [0.0] * 5

@@ -111,7 +111,7 @@ def section_variants(run: Run) -> dict:
             row = {"name": name}
             try:
 
-                def call(name=name):
+                def call(name=name, q=q, k=k, K=K, P=P):
                     return ts.patchmatch(q, k, None, K, P, iters, "l2", None, 0, variant=name)
 
                 idx, cost = call()
@@ -179,7 +179,14 @@ def _schemes(run: Run, variant: str) -> dict:
                 rows.append({"prop_k": prop_k, "rand_k": rand_k, "iters": iters, "error": error_line(exc)})
     good = [r for r in rows if r.get("ratio") is not None and r["ratio"] <= AUTHORS_10_ITER_RATIO]
     best = min(good, key=lambda r: r["ms"]) if good else None
-    return {"variant": variant, "size": size, "exact_mean": exact, "rows": rows, "target_ratio": AUTHORS_10_ITER_RATIO, "fastest_at_target": best}
+    return {
+        "variant": variant,
+        "size": size,
+        "exact_mean": exact,
+        "rows": rows,
+        "target_ratio": AUTHORS_10_ITER_RATIO,
+        "fastest_at_target": best,
+    }
 
 
 def _key_grad_paths(run: Run) -> list:
