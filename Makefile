@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test bench bench-knn bench-attention gpu-check kernels clean
+.PHONY: setup demo test lint bench bench-knn bench-attention gpu-check kernels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ demo: $(VENV)/.installed-demo
 PYTEST_ARGS ?= -n auto
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint and format, the whole tree) and mypy (src/psal), configured in pyproject.toml; the type
+# checker sees the test extra's packages (torch, starlette) too.
+lint: $(VENV)/.installed-test,lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench: bench-knn bench-attention
 

@@ -101,6 +101,10 @@ def test_gradcheck_full_jacobian_with_a_mask(backend, device, aggregation):
 @pytest.mark.parametrize("backend, device", CASES)
 @pytest.mark.parametrize("aggregation, similarity, p", [("patch", "l2", 1), ("patch_mean", "dot", 5)])
 def test_gradcheck_patch_size_one_and_five(backend, device, aggregation, similarity, p):
+    if backend == "triton" and device == "cpu" and p == 5:
+        # 35 s through the interpreter; the patch loops are run-time loops, checked here at p = 1
+        # and 3, and against float64 references in test_triton_attend.py.
+        pytest.skip("Triton's interpreter: p = 5 costs 35 s; p = 1 and 3 run the same loops")
     _gradcheck(backend, device, aggregation, similarity, p, 1)
 
 

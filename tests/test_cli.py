@@ -262,6 +262,17 @@ def test_demo_writes_results_gallery_and_metrics(tmp_path, capsys):
     assert metrics["upscale_camera_x2"]["y_psnr_db"] > metrics["upscale_camera_x2"]["bicubic_y_psnr_db"]
 
 
+def test_demo_runs_only_the_tasks_asked(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    code, err = _run(capsys, "demo", "--tasks", "colorize", "reconstruct", "--out", str(tmp_path), "--size", "32", "--device", "cpu")
+    assert code == 0, err
+    assert set(json.load(open(tmp_path / "demo_metrics.json"))["metrics"]) == {"colorize_coffee", "reconstruct_astronaut_from_coffee"}
+    assert not (tmp_path / "inpaint_brick.png").exists()
+    with pytest.raises(SystemExit) as exc:  # argparse's own refusal: usage and one error line
+        main(["demo", "--tasks", "paint", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "invalid choice: 'paint'" in capsys.readouterr().err
+
+
 def test_inpaint_with_the_trained_model(files, capsys, tmp_path):
     from psal.apps.inpaint_net import PRETRAINED_PATH
 

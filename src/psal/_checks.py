@@ -16,6 +16,13 @@ SIMILARITIES = ("l2", "dot")
 AGGREGATIONS = ("center", "patch", "patch_mean")
 
 
+def is_real_number(x: object) -> bool:
+    """A real number that is not a bool (numpy's scalars included). A function, not an inline
+    ``isinstance``: mypy reads ``isinstance(x, numbers.Real)`` as never true of a float and would
+    skip what follows as unreachable."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def data_checks_enabled(t: torch.Tensor) -> bool:
     """Checks that read tensor values (one device sync each) run in eager mode, on real tensors.
 
@@ -279,9 +286,9 @@ def check_temperature(fn: str, temperature, query: torch.Tensor) -> torch.Tensor
                 f"{temperature.dtype} tensor of shape {_shape(temperature)}"
             )
         return temperature.reshape(()).to(query.device)
-    if not isinstance(temperature, numbers.Real) or isinstance(temperature, bool):
+    if not is_real_number(temperature):
         raise TypeError(f"{fn}: temperature must be a positive number or a tensor, got {type(temperature).__name__}")
-    if not temperature > 0 or temperature == float("inf"):
+    if not float(temperature) > 0 or temperature == float("inf"):
         raise ValueError(f"{fn}: temperature must be a finite number > 0, got {temperature}")
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     return torch.tensor(float(temperature), dtype=dtype, device=query.device)

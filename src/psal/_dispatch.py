@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import warnings
+from types import ModuleType
 
 import torch
 
@@ -98,7 +99,7 @@ def positions(num_neighbors: int, H: int, W: int, Hk: int, Wk: int, patch_size: 
     return max(num_neighbors * L, (H + 2 * r) * (W + 2 * r), (Hk + 2 * r) * (Wk + 2 * r), channels * max(H * W, Hk * Wk))
 
 
-def available_backends(device="cpu") -> dict:
+def available_backends(device: str | torch.device = "cpu") -> dict[str, str | None]:
     """``{backend: None if it can run, else the reason it cannot}`` for tensors on ``device``,
     in the order ``backend="auto"`` tries them (numba, triton, torch).
 
@@ -106,7 +107,7 @@ def available_backends(device="cpu") -> dict:
     True
     """
     device = torch.device(device)
-    out = {}
+    out: dict[str, str | None] = {}
     for name in ORDER:
         try:
             _PREDICATES[name](device, raise_error=True)
@@ -116,7 +117,7 @@ def available_backends(device="cpu") -> dict:
     return out
 
 
-def explain_search_backend(device="cpu") -> dict:
+def explain_search_backend(device: str | torch.device = "cpu") -> dict[str, str | None]:
     """Deprecated: the former name of :func:`available_backends`."""
     warnings.warn("psal.explain_search_backend is deprecated; use psal.available_backends", DeprecationWarning, stacklevel=2)
     return available_backends(device)
@@ -128,13 +129,13 @@ def explain_search_backend(device="cpu") -> dict:
 SPARSE_BACKWARD = {"numba": "torch", "triton": "torch"}
 
 
-def _module(name: str, op: str, sparse: bool = False):
+def _module(name: str, op: str, sparse: bool = False) -> ModuleType:
     if op == "attend_backward":
         name, op = (SPARSE_BACKWARD.get(name, name) if sparse else name), "attend"
     return importlib.import_module(f"psal.backends.{name}.{op}")
 
 
-def choose(fn: str, op: str, backend: str, device: torch.device, positions: int = 0, sparse: bool = False):
+def choose(fn: str, op: str, backend: str, device: torch.device, positions: int = 0, sparse: bool = False) -> ModuleType:
     """The module that implements ``op`` (``"search"``: ``patchmatch``; ``"attend"``:
     ``attend_forward``; ``"attend_backward"``: ``attend_backward``, of the backend chosen for the
     forward, or of :data:`SPARSE_BACKWARD`'s) with ``backend`` for a problem on ``device`` of

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from . import _checks as checks
@@ -14,12 +16,12 @@ from .types import KNNField
 FULL_ATTENTION_METHODS = ("auto", "sdpa", "chunked")
 
 
-def _spatial(shapes: checks.MapShapes, positions) -> tuple:
+def _spatial(shapes: checks.MapShapes, positions: torch.Tensor | None) -> tuple:
     """The spatial part of a field's shape: ``(H, W)``, or ``(M,)`` for sparse query positions."""
     return (shapes.height, shapes.width) if positions is None else (positions.numel(),)
 
 
-def _empty_field(shapes: checks.MapShapes, k: int, device, positions=None) -> KNNField:
+def _empty_field(shapes: checks.MapShapes, k: int, device: torch.device, positions: torch.Tensor | None = None) -> KNNField:
     size = (shapes.batch, shapes.num_heads, k, *_spatial(shapes, positions))
     return KNNField(
         torch.empty(size, dtype=torch.int64, device=device),
@@ -27,12 +29,14 @@ def _empty_field(shapes: checks.MapShapes, k: int, device, positions=None) -> KN
     )
 
 
-def _unfold_field(idx: torch.Tensor, cost: torch.Tensor, shapes: checks.MapShapes, positions=None) -> KNNField:
+def _unfold_field(idx: torch.Tensor, cost: torch.Tensor, shapes: checks.MapShapes, positions: torch.Tensor | None = None) -> KNNField:
     size = (shapes.batch, shapes.num_heads, idx.shape[1], *_spatial(shapes, positions))
     return KNNField(idx.reshape(size), cost.reshape(size))
 
 
-def _folded(query, key, key_mask, num_heads: int):
+def _folded(
+    query: torch.Tensor, key: torch.Tensor, key_mask: torch.Tensor | None, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Detached query, key and mask with the heads moved into the batch (see ``layout.fold_heads``)."""
     return (
         layout.fold_heads(query.detach(), num_heads),
@@ -41,7 +45,7 @@ def _folded(query, key, key_mask, num_heads: int):
     )
 
 
-def _draw_seed(generator) -> torch.Tensor:
+def _draw_seed(generator: torch.Generator | None) -> torch.Tensor:
     """A 62-bit seed from the caller's generator (or torch's default one): one small draw, kept
     as a tensor so that a compiled graph carries it without a sync."""
     if generator is None:
@@ -110,7 +114,21 @@ def patchmatch(
     return _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend, positions)
 
 
-def _search(fn, query, key, shapes, patch_size, k, num_iters, key_mask, similarity, init, generator, backend, positions=None):
+def _search(
+    fn: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    shapes: checks.MapShapes,
+    patch_size: int,
+    k: int,
+    num_iters: int,
+    key_mask: torch.Tensor | None,
+    similarity: str,
+    init: KNNField | torch.Tensor | None,
+    generator: torch.Generator | None,
+    backend: str,
+    positions: torch.Tensor | None = None,
+) -> KNNField:
     """The search once query, key, mask and ``k`` are checked: checks the rest, runs the op."""
     patch_size = checks.check_patch_size(fn, patch_size)
     num_iters = checks.check_int(fn, "num_iters", num_iters, 0)
@@ -165,7 +183,8 @@ def exact_knn(
     if shapes.batch == 0 or shapes.height * shapes.width == 0:
         return _empty_field(shapes, k, query.device)
     with torch.no_grad():
-        idx, cost = oracle.exact_knn(*_folded(query, key, key_mask, shapes.num_heads), k, patch_size, similarity)
+        q, kk, mask = _folded(query, key, key_mask, shapes.num_heads)
+        idx, cost = oracle.exact_knn(q, kk, mask, k, patch_size, similarity)
     return _unfold_field(idx, cost, shapes)
 
 
@@ -282,7 +301,20 @@ def attend(
     return _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend, positions)
 
 
-def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, aggregation, similarity, backend, positions=None):
+def _attend(
+    fn: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    shapes: checks.MapShapes,
+    patch_size: int,
+    temperature: float | torch.Tensor,
+    aggregation: str,
+    similarity: str,
+    backend: str,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``attend`` once query, key and indices are checked."""
     checks.check_value(fn, value, shapes, query)
     checks.check_same_dtype(fn, query=query, key=key, value=value)
@@ -307,6 +339,48 @@ def _attend(fn, query, key, value, indices, shapes, patch_size, temperature, agg
     return out.reshape(shapes.batch, value.shape[1], *_spatial(shapes, positions))
 
 
+@overload
+def ps_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    patch_size: int = 3,
+    num_neighbors: int = 3,
+    num_iters: int = 5,
+    temperature: float | torch.Tensor = 1.0,
+    aggregation: str = "center",
+    key_mask: torch.Tensor | None = None,
+    similarity: str = "l2",
+    num_heads: int = 1,
+    init: KNNField | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_field: Literal[False] = False,
+    backend: str = "auto",
+) -> torch.Tensor: ...
+
+
+@overload
+def ps_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    patch_size: int = 3,
+    num_neighbors: int = 3,
+    num_iters: int = 5,
+    temperature: float | torch.Tensor = 1.0,
+    aggregation: str = "center",
+    key_mask: torch.Tensor | None = None,
+    similarity: str = "l2",
+    num_heads: int = 1,
+    init: KNNField | torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_field: Literal[True],
+    backend: str = "auto",
+) -> tuple[torch.Tensor, KNNField]: ...
+
+
 def ps_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -324,7 +398,7 @@ def ps_attention(
     generator: torch.Generator | None = None,
     return_field: bool = False,
     backend: str = "auto",
-):
+) -> torch.Tensor | tuple[torch.Tensor, KNNField]:
     """Patch-based stochastic attention: :func:`patchmatch` (no gradient), then :func:`attend`.
 
     Memory and time are ``O(B * H * W * k)``, not ``O((H * W)^2)``: each query pixel attends to

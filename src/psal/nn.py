@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class PSAttention(nn.Module):
         warm_start: bool = False,
         backend: str = "auto",
         seed: int | None = None,
-    ):
+    ) -> None:
         super().__init__()
         fn = "psal.PSAttention"
         self.patch_size = checks.check_patch_size(fn, patch_size)
@@ -70,24 +71,31 @@ class PSAttention(nn.Module):
         else:
             self.temperature = float(temperature)
         self._field: KNNField | None = None
-        self._field_key = None
+        self._field_key: tuple | None = None
         # Not a buffer: a generator is state of the run, not of the model, and stays on the CPU
         # (the seed it draws is passed to the kernels, whatever the device).
         self.generator = None if seed is None else torch.Generator().manual_seed(checks.check_int(fn, "seed", seed, 0))
 
     @property
-    def current_temperature(self):
+    def current_temperature(self) -> float | torch.Tensor:
         """``T`` as used by ``forward``: a tensor when learned, else a float."""
         return self.log_temperature.exp() if self.learn_temperature else self.temperature
 
-    def _init_field(self, query, key):
+    def _init_field(self, query: torch.Tensor, key: torch.Tensor) -> KNNField | None:
         if not (self.warm_start and self.training) or self._field is None:
             return None
         if self._field_key != (tuple(query.shape), tuple(key.shape), query.device):
             return None
         return self._field
 
-    def forward(self, query, key=None, value=None, key_mask=None, generator=None):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         key = query if key is None else key
         value = key if value is None else value
         out, field = ps_attention(
@@ -151,7 +159,7 @@ class PSALBlock(nn.Module):
         True
     """
 
-    def __init__(self, channels: int, inner_channels: int | None = None, shared_query_key: bool = False, **attention_options):
+    def __init__(self, channels: int, inner_channels: int | None = None, shared_query_key: bool = False, **attention_options: Any) -> None:
         super().__init__()
         fn = "psal.PSALBlock"
         self.channels = checks.check_int(fn, "channels", channels, 1)
@@ -164,17 +172,24 @@ class PSALBlock(nn.Module):
         self.value = nn.Conv2d(channels, inner, 1)
         self.out = nn.Conv2d(inner, channels, 1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if self.out.bias is not None:
+            nn.init.zeros_(self.out.bias)
         self.attention = PSAttention(**attention_options)
 
-    def _check(self, name: str, t) -> None:
+    def _check(self, name: str, t: object) -> None:
         fn = "psal.PSALBlock"
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4 or t.shape[1] != self.channels:
             raise ValueError(f"{fn}: {name} must have shape (B, {self.channels}, H, W), got {tuple(t.shape)}")
 
-    def forward(self, x, context=None, key_mask=None, generator=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         self._check("x", x)
         if context is None:
             context = x

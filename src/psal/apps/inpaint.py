@@ -35,8 +35,8 @@ hole's gradient energy against the ground truth's):
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from .. import _checks as checks
 from .._dispatch import BACKENDS
 from ..functional import attend, patch_costs, patchmatch
+from ..types import KNNField
 
 __all__ = ["inpaint"]
 
@@ -389,7 +390,7 @@ def inpaint(
     search_iters = checks.check_int(_FN, "search_iters", search_iters, 0)
     if scales is not None:
         scales = checks.check_int(_FN, "scales", scales, 1)
-    if not isinstance(tolerance, numbers.Real) or isinstance(tolerance, bool) or not tolerance >= 0:
+    if not checks.is_real_number(tolerance) or not tolerance >= 0:
         raise ValueError(f"{_FN}: tolerance must be a number >= 0, got {tolerance!r}")
     generator = checks.check_generator(_FN, generator)
     backend = checks.check_backend(_FN, backend, BACKENDS, image.device)
@@ -404,20 +405,22 @@ def inpaint(
 
     levels = [(state, hole)]
     while scales is None or len(levels) < scales:
-        cur, cur_hole = levels[-1]
-        size = ((cur.shape[-2] + 1) // 2, (cur.shape[-1] + 1) // 2)
+        top, top_hole = levels[-1]
+        size = ((top.shape[-2] + 1) // 2, (top.shape[-1] + 1) // 2)
         if scales is None and min(size) < 2 * patch_size:
             break
-        if min(size) < 1 or size == tuple(cur.shape[-2:]):
+        if min(size) < 1 or size == tuple(top.shape[-2:]):
             break
-        down, down_hole = _masked_downsample(cur, cur_hole, size)
+        down, down_hole = _masked_downsample(top, top_hole, size)
         if not bool(down_hole.any()) or int(full_patch_mask(down_hole, patch_size).sum()) < max(k, 16):
             break
         levels.append((down, down_hole))
 
     total = num_iters * len(levels) + 1
     done = 0
-    cur = indices = where = None
+    cur: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    where: torch.Tensor | None = None
     # Sparse queries unless the hole's neighbourhood is most of the picture: only the pixels whose
     # patch meets the hole are then searched and voted (the same votes reach the hole).
     sparse = float(_dilate(hole, patch_size // 2).float().mean()) <= _SPARSE_BELOW
@@ -430,7 +433,9 @@ def inpaint(
         box = _box(lhole, _FEATURE_REACH)
         hole_box = _box(lhole, 1)
         depth = (_hole_depth(lhole[..., hole_box[0], hole_box[1]], dtype), hole_box)
-        search = dict(patch_size=patch_size, num_neighbors=k, key_mask=key_mask, generator=generator, backend=backend, positions=where)
+        search: dict[str, Any] = dict(
+            patch_size=patch_size, num_neighbors=k, key_mask=key_mask, generator=generator, backend=backend, positions=where
+        )
 
         if cur is None:
             cur = _smooth_fill(known, lhole)
@@ -443,17 +448,19 @@ def inpaint(
             # lands on a patch this level does not allow, or whose coarse cell was not searched,
             # is replaced by a random allowed one.
             feat = _feature_map(cur, C)
-            indices, found = _upsample_indices(indices, coarse, coarse_where, tuple(cur.shape[-2:]), where)
+            # every level after the coarsest starts from the previous one's field
+            indices, found = _upsample_indices(cast(torch.Tensor, indices), coarse, coarse_where, tuple(cur.shape[-2:]), where)
             allowed = key_mask.flatten(1)[0][indices] & found
             if not bool(allowed.all()):
                 fresh = patchmatch(feat, feat, num_iters=0, **search)
                 indices = torch.where(allowed, indices, fresh.indices)
             costs = patch_costs(feat, feat, indices, patch_size=patch_size, positions=where)
             _vote(cur, feat, indices, costs, lhole, near, where, depth, patch_size, backend)
-        field = indices  # a warm start from the coarser scale's matches (bare indices), or None
+        warm: KNNField | torch.Tensor | None = indices  # the coarser scale's matches (bare indices), or None
         for _ in range(num_iters):
             _refresh(feat, cur, C, box)
-            field = patchmatch(feat, feat, num_iters=search_iters, init=field, **search)
+            field = patchmatch(feat, feat, num_iters=search_iters, init=warm, **search)
+            warm = field
             delta = _vote(cur, feat, field.indices, field.costs, lhole, near, where, depth, patch_size, backend)
             change = float(delta[:, :C].abs().sum() / max(delta.shape[-1] * C, 1))
             done += 1
@@ -466,6 +473,7 @@ def inpaint(
 
     # The final reconstruction: each hole pixel takes the centre of its best match, not the mean
     # of all votes, which would blur what the matches agree on only up to a pixel.
+    cur = cast(torch.Tensor, cur)  # the coarsest level set it
     _refresh(feat, cur, C, box)
     field = patchmatch(feat, feat, num_iters=search_iters, init=field, **search)
     _vote(cur, feat, field.indices, field.costs, hole, near, where, depth, patch_size, backend, "center", 0.1)

@@ -45,14 +45,21 @@ class FullAttention(nn.Module):
     do (O(N²) memory, kept for the backward): the same result, for memory comparisons.
     """
 
-    def __init__(self, patch_size: int = 3, temperature: float = 1.0, method: str = "auto"):
+    def __init__(self, patch_size: int = 3, temperature: float = 1.0, method: str = "auto") -> None:
         super().__init__()
         if method not in ("auto", "naive"):
             raise ValueError(f"FullAttention: method must be 'auto' or 'naive', got {method!r}")
         self.patch_size, self.method = patch_size, method
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
 
-    def forward(self, query, key, value, key_mask=None, generator=None):
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """As :class:`psal.PSAttention`'s; ``generator`` is taken and unused (nothing is random)."""
         T = self.log_temperature.exp()
         if self.method == "auto":
@@ -71,18 +78,18 @@ class FullAttention(nn.Module):
 class ConvMixer(nn.Module):
     """``x + out(GELU(conv3x3(x)))``: the local stand-in for attention, with as many weights."""
 
-    def __init__(self, channels: int, groups: int = 3):
+    def __init__(self, channels: int, groups: int = 3) -> None:
         super().__init__()
         while channels % groups:
             groups -= 1
         self.mid = nn.Conv2d(channels, channels, 3, padding=1, groups=groups)
         self.out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x, key_mask=None):
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         return x + self.out(F.gelu(self.mid(x)))
 
 
-def _conv(cin, cout, stride=1):
+def _conv(cin: int, cout: int, stride: int = 1) -> nn.Module:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GELU())
 
 
@@ -100,7 +107,9 @@ class InpaintNet(nn.Module):
         bool (True = to fill) -> ``(B, 3, H, W)``, equal to ``image`` outside the hole.
     """
 
-    def __init__(self, mixer: str = "psal", width: int = 24, num_neighbors: int = 4, patch_size: int = 3, full_method: str = "auto"):
+    def __init__(
+        self, mixer: str = "psal", width: int = 24, num_neighbors: int = 4, patch_size: int = 3, full_method: str = "auto"
+    ) -> None:
         super().__init__()
         if mixer not in MIXERS:
             raise ValueError(f"{_FN}: mixer must be one of {', '.join(MIXERS)}, got {mixer!r}")
@@ -111,6 +120,7 @@ class InpaintNet(nn.Module):
         self.enc1 = nn.Sequential(_conv(4, w), _conv(w, w))
         self.enc2 = nn.Sequential(_conv(w, 2 * w, stride=2), _conv(2 * w, 2 * w))
         self.enc3 = nn.Sequential(_conv(2 * w, 4 * w, stride=2), _conv(4 * w, 4 * w), _conv(4 * w, 4 * w))
+        self.mixer: nn.Module
         if mixer == "conv":
             self.mixer = ConvMixer(2 * w)
         else:
@@ -118,7 +128,7 @@ class InpaintNet(nn.Module):
                 2 * w, shared_query_key=True, patch_size=patch_size, num_neighbors=num_neighbors, learn_temperature=True
             )  # fmt: skip
             if mixer == "full":
-                self.mixer.attention = FullAttention(patch_size, method=full_method)
+                self.mixer.attention = FullAttention(patch_size, method=full_method)  # type: ignore[assignment]  # same call shape
         self.dec2 = nn.Sequential(_conv(4 * w + 2 * w, 2 * w), _conv(2 * w, 2 * w))
         self.dec1 = nn.Sequential(_conv(2 * w + w, w), _conv(w, w))
         self.head = nn.Conv2d(w, 3, 3, padding=1)
@@ -163,7 +173,7 @@ def _check(image, hole):
         )
 
 
-def load_pretrained(path: str | None = None, map_location="cpu") -> InpaintNet:
+def load_pretrained(path: str | None = None, map_location: str | torch.device = "cpu") -> InpaintNet:
     """The shipped PSAL inpainting model (or the checkpoint at ``path``), in eval mode.
 
     Reads either a bare ``state_dict`` with its ``config`` or a training checkpoint of

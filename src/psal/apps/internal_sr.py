@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,26 +75,27 @@ class InternalNet(nn.Module):
     H, W)``; ``generator`` feeds the PSAL blocks' random search starts.
     """
 
-    def __init__(self, image_channels: int, channels: int = 64, depth: int = 8, psal_blocks: int = 0, **block_options):
+    def __init__(self, image_channels: int, channels: int = 64, depth: int = 8, psal_blocks: int = 0, **block_options: Any) -> None:
         super().__init__()
         fn = "psal.apps.internal_sr.InternalNet"
         checks.check_int(fn, "image_channels", image_channels, 1)
         checks.check_int(fn, "channels", channels, 1)
         checks.check_int(fn, "depth", depth, 2)
         checks.check_int(fn, "psal_blocks", psal_blocks, 0)
-        self.convs = nn.ModuleList()
-        for i in range(depth):
-            cin = image_channels if i == 0 else channels
-            cout = image_channels if i == depth - 1 else channels
-            self.convs.append(nn.Conv2d(cin, cout, 3, padding=1))
+        convs = [
+            nn.Conv2d(image_channels if i == 0 else channels, image_channels if i == depth - 1 else channels, 3, padding=1)
+            for i in range(depth)
+        ]
+        self.convs = nn.ModuleList(convs)
         # He's initialisation keeps the signal's scale through the ReLUs (PyTorch's default shrinks
         # it layer by layer, and the network then spends hundreds of steps nearly dead); the last
         # convolution starts at zero: the untrained network is the bicubic enlargement.
-        for conv in self.convs[:-1]:
+        for conv in convs[:-1]:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
-        nn.init.zeros_(self.convs[-1].weight)
-        nn.init.zeros_(self.convs[-1].bias)
+        nn.init.zeros_(convs[-1].weight)
+        for conv in convs:
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         self.middle = (depth - 1) // 2  # blocks go after this convolution (and its ReLU)
         options = {"num_neighbors": 4, "patch_size": 3, "shared_query_key": True, **block_options}
         self.blocks = nn.ModuleList(PSALBlock(channels, **options) for _ in range(psal_blocks))

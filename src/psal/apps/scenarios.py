@@ -5,6 +5,8 @@ loops over many, beside the baselines. Everything is built on the CPU, determini
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -18,7 +20,12 @@ UPSCALE_PICTURES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick
 
 # What `psal demo` shows: two inpaintings (a texture, a photograph), one colorization, one x2
 # upscale, one reconstruction from another picture's patches.
-DEMO = {"inpaint": ("brick", "chelsea"), "colorize": ("coffee",), "upscale": (("camera", 2),), "reconstruct": (("astronaut", "coffee"),)}
+DEMO: dict[str, Any] = {
+    "inpaint": ("brick", "chelsea"),
+    "colorize": ("coffee",),
+    "upscale": (("camera", 2),),
+    "reconstruct": (("astronaut", "coffee"),),
+}
 
 
 def inpaint_case(name: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:

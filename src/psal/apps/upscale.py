@@ -42,12 +42,12 @@ def downsample(x: torch.Tensor, scale: int) -> torch.Tensor:
     return shrink(x, (x.shape[-2] // scale, x.shape[-1] // scale))
 
 
-def shrink(x: torch.Tensor, size) -> torch.Tensor:
+def shrink(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Bicubic, antialiased, to ``size = (h, w)``."""
     return F.interpolate(x, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
 
 
-def enlarge(x: torch.Tensor, size) -> torch.Tensor:
+def enlarge(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False)
 
 
@@ -68,7 +68,7 @@ def _corresponding(size, small, device) -> torch.Tensor:
     return (i[:, None] * w + j[None, :])[None, None, None]
 
 
-def check_image_scale(fn: str, image, scale) -> None:
+def check_image_scale(fn: str, image: object, scale: object) -> None:
     """The checks every upscaler makes: ``image`` a floating-point ``(1, 1 or 3, H, W)`` of at
     least ``2 * scale`` pixels a side, ``scale`` an int among 2, 3 and 4."""
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():

@@ -82,7 +82,7 @@ def _mean(values) -> float:
 
 
 # What each inpainting metric is, how it prints, and which way is better.
-_INPAINT_METRICS = {
+_INPAINT_METRICS: dict[str, tuple] = {
     "psnr": ("hole PSNR dB", "{:.2f}", False),
     "ssim": ("hole SSIM", "{:.3f}", False),
     "swd": ("patch-SWD x100", "{:.2f}", True),
@@ -331,7 +331,8 @@ def run_upscale_resized(args, gallery):
 
     results = {}
     for scale in args.scales:
-        rows, per = [], {"psal": [], "bicubic": [], "back-projection": []}
+        rows: list = []
+        per: dict[str, list] = {"psal": [], "bicubic": [], "back-projection": []}
         for name in scenarios.UPSCALE_PICTURES:
             low, truth = scenarios.upscale_case(name, args.size, scale)
             ours, sec = _timed(lambda low=low, scale=scale: upscale(low, scale, generator=torch.Generator().manual_seed(args.seed)))
@@ -390,7 +391,8 @@ def main(argv=None) -> int:
     hole[..., 20:40, 20:40] = True
     inpaint(warm, hole, generator=torch.Generator().manual_seed(0))  # loads the numba kernels
 
-    gallery, results = [], {}
+    gallery: list = []
+    results: dict = {}
     for task in args.tasks:
         size = {"upscale-resized": args.size, "inpaint-resized": 256}.get(task, args.side)
         print(f"\n{task}, {size}x{size}\n", flush=True)

@@ -137,8 +137,8 @@ def _welsh_lab(gray, reference, samples, window, seed, chunk=None, remap=True):
         Lr = (Lr - Lr.mean()) * (L.std(unbiased=False) / Lr.std(unbiased=False).clamp_min(1e-12)) + L.mean()
     sd_t, sd_r = _local_std(L, window), _local_std(Lr, window)
     # (b) Jittered samples of the reference: (remapped) luminance, neighbourhood std, chroma.
-    iy, ix = _jittered_grid(Lr.shape[-2], Lr.shape[-1], samples, seed)
-    iy, ix = torch.from_numpy(iy).to(L.device), torch.from_numpy(ix).to(L.device)
+    jy, jx = _jittered_grid(Lr.shape[-2], Lr.shape[-1], samples, seed)
+    iy, ix = torch.from_numpy(jy).to(L.device), torch.from_numpy(jx).to(L.device)
     s_L, s_sd, s_ab = Lr[0, 0, iy, ix], sd_r[0, 0, iy, ix], ref[0, 1:, iy, ix]  # (S,), (S,), (2, S)
     # (c) Each target pixel: the sample minimising 0.5 dL^2 + 0.5 dstd^2, in chunks of pixels.
     t_L, t_sd = L.reshape(-1), sd_t.reshape(-1)

@@ -125,7 +125,8 @@ def ptxas_resources(ptx: str) -> tuple[int, int, int, int]:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.ptx"
         path.write_text(ptx)
-        arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+        target = re.search(r"\.target\s+(sm_\w+)", ptx)
+        arch = target.group(1) if target else "sm_90a"
         out = subprocess.run([tools["ptxas"], f"-arch={arch}", "-v", str(path), "-o", str(Path(d) / "k.o")], capture_output=True, text=True)
     text = out.stdout + out.stderr
     regs = re.search(r"Used (\d+) registers", text)
@@ -212,7 +213,7 @@ def body(sass: list, loop) -> list:
 
 def mix(texts) -> dict:
     ops = collections.Counter(opcode(t) for t in texts)
-    kinds = collections.Counter()
+    kinds: collections.Counter = collections.Counter()
     for op, n in ops.items():
         kinds[kind(op)] += n
     return {"total": sum(ops.values()), **{k: kinds.get(k, 0) for k in ("int", "fp", "mem", "other")},
@@ -255,12 +256,12 @@ def search_specs(variant: str, dt: str, C: int, P: int, K: int, dot: bool = Fals
     acc = tl.float64 if dt == "fp64" else tl.float32
     if v.kernel == "lanes":
         cu = sl.channel_unroll(C)
-        consts = dict(P=P, K=K, CU=cu, PAD=v.pad, TILE=False, DOT=dot, ACC=acc, SPARSE=sparse, BLOCK=v.block,
+        consts: dict = dict(P=P, K=K, CU=cu, PAD=v.pad, TILE=False, DOT=dot, ACC=acc, SPARSE=sparse, BLOCK=v.block,
                       CU2=sl._next_pow2(cu), PW=sl._next_pow2(P), IDX=tl.int32)  # fmt: skip
         ptrs = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "mask_ptr": "*u8", "table_ptr": "*i32", "nallowed_ptr": "*i32",
                 "init_ptr": "*i64", "src_idx": "*i32", "src_cost": "*fp32", "dst_idx": "*i32", "dst_cost": "*fp32",
                 "qpos_ptr": "*i64", "nbr_ptr": "*i64"}  # fmt: skip
-        per_thread = v.block // (32 * v.warps) * cu * P
+        per_thread: float = v.block // (32 * v.warps) * cu * P
         trips = [C // cu, P]
         kernels = [("iterate", sl._iterate_kernel), ("init", sl._init_kernel)]
     else:
@@ -290,7 +291,7 @@ def attend_specs(dtype: str = "bf16", index: str = "i32"):
     ints = {"C", "H", "W", "Hk", "Wk", "K", "P", "N", "M", "longest"}
     feats = {"q", "k", "v", "g", "src", "kf"}
     acc = "fp64" if dtype == "fp64" else "fp32"
-    variants = [(ta._costs, dict(DOT=dot, SPARSE=sparse)) for dot in (False, True) for sparse in (False, True)]
+    variants: list = [(ta._costs, dict(DOT=dot, SPARSE=sparse)) for dot in (False, True) for sparse in (False, True)]
     variants += [(ta._votes, dict(PATCH=patch, SPARSE=sparse)) for patch in (False, True) for sparse in (False, True)]
     variants += [(ta._score_grad, dict(WEIGHTED=w, MEAN=m)) for w, m in ((False, False), (True, False), (False, True))]
     variants += [(ta._query_grad, dict(DOT=dot)) for dot in (False, True)]

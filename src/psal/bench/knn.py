@@ -64,18 +64,18 @@ def _runner(method: str, p: int, k: int, iters: int, device: str = "cpu"):
         backend = method.split("-", 1)[1]
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def run(q, key):
+        def run_psal(q, key):
             f = psal.patchmatch(q, key, patch_size=p, num_neighbors=k, num_iters=iters, generator=gen, backend=backend)
             return f.indices.reshape(k, -1), f.costs.reshape(k, -1)
 
-        return run
+        return run_psal
     if method == "torch-exact":
 
-        def run(q, key):
+        def run_exact(q, key):
             f = psal.exact_knn(q, key, patch_size=p, num_neighbors=k)
             return f.indices.reshape(k, -1), f.costs.reshape(k, -1)
 
-        return run
+        return run_exact
     import faiss
 
     def run(q, key):

@@ -209,8 +209,9 @@ def cmd_upscale(args) -> dict:
 
 
 def cmd_demo(args) -> dict:
-    """All four tasks on scikit-image's bundled pictures, with generated holes and degradations:
-    writes each result, a gallery (input | result | truth per task) and the metrics."""
+    """All four tasks (or those of --tasks) on scikit-image's bundled pictures, with generated holes
+    and degradations: writes each result, a gallery (input | result | truth per task) and the
+    metrics."""
     import psal
     from psal import images
     from psal.apps import scenarios
@@ -234,9 +235,10 @@ def cmd_demo(args) -> dict:
         return [t.to(device) for t in tensors]
 
     rows, metrics = [], {}
-    bar = _progress(4, "demo", args.quiet)
+    wanted = args.tasks
+    bar = _progress(len(wanted), "demo", args.quiet)
     t0 = time.perf_counter()
-    for name in scenarios.DEMO["inpaint"]:
+    for name in scenarios.DEMO["inpaint"] if "inpaint" in wanted else ():
         truth, hole = to(*scenarios.inpaint_case(name, size))
         out = inpaint(truth, hole, generator=gen())
         metrics[f"inpaint_{name}"] = {
@@ -245,31 +247,32 @@ def cmd_demo(args) -> dict:
             "gradient_ratio_vs_truth": gradient_ratio(out, hole) / gradient_ratio(truth, hole),
         }
         rows.append((f"inpaint_{name}", [scenarios.inpaint_shown(truth, hole), out, truth]))
-    if bar is not None:
+    if bar is not None and "inpaint" in wanted:
         bar.update()
-    for name in scenarios.DEMO["colorize"]:
+    for name in scenarios.DEMO["colorize"] if "colorize" in wanted else ():
         gray, reference, truth = to(*scenarios.colorize_case(name, size))
         out = colorize(gray, reference, generator=gen())
         metrics[f"colorize_{name}"] = {"chroma_psnr_db": chroma_psnr(out, truth)}
         rows.append((f"colorize_{name}", [gray, out, truth]))
-    if bar is not None:
+    if bar is not None and "colorize" in wanted:
         bar.update()
-    for name, scale in scenarios.DEMO["upscale"]:
+    for name, scale in scenarios.DEMO["upscale"] if "upscale" in wanted else ():
         low, truth = to(*scenarios.upscale_case(name, size, scale))
         out = upscale(low, scale, generator=gen())
         bicubic = enlarge(low, truth.shape[-2:])
         metrics[f"upscale_{name}_x{scale}"] = {"y_psnr_db": y_psnr(out, truth, scale), "bicubic_y_psnr_db": y_psnr(bicubic, truth, scale)}
         rows.append((f"upscale_{name}_x{scale}", [bicubic.clamp(0, 1), out, truth]))
-    if bar is not None:
+    if bar is not None and "upscale" in wanted:
         bar.update()
-    for target_name, source_name in scenarios.DEMO["reconstruct"]:
+    for target_name, source_name in scenarios.DEMO["reconstruct"] if "reconstruct" in wanted else ():
         target, source = to(*scenarios.reconstruct_case(target_name, source_name, size))
         field = psal.patchmatch(target, source, patch_size=7, generator=gen())
         out = psal.attend(target, source, source, field.indices, patch_size=7, aggregation="center")
         metrics[f"reconstruct_{target_name}_from_{source_name}"] = {"psnr_db": images.psnr(out.cpu(), target.cpu())}
         rows.append((f"reconstruct_{target_name}_from_{source_name}", [source, out, target]))
     if bar is not None:
-        bar.update()
+        if "reconstruct" in wanted:
+            bar.update()
         bar.close()
     seconds = time.perf_counter() - t0
     for name, (_, result, _) in rows:
@@ -291,6 +294,9 @@ def cmd_serve(args) -> None:
     from psal.serve import run_server
 
     run_server(host=args.host, port=args.port, device=args.device, max_pixels=args.max_pixels, quiet=args.quiet)
+
+
+DEMO_TASKS = ("inpaint", "colorize", "upscale", "reconstruct")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -322,6 +328,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="all four tasks on bundled pictures: results, gallery, metrics", description=cmd_demo.__doc__)
     p.add_argument("--out", default="out", help="folder for the pictures and demo_metrics.json (created)")
+    p.add_argument(
+        "--tasks", nargs="+", choices=DEMO_TASKS, default=list(DEMO_TASKS), help="which of the four tasks to run (default: all)"
+    )
     p.add_argument("--size", type=int, default=256, help="side of the square test pictures")
     common(p, out=False)
     p.set_defaults(run=cmd_demo)
@@ -438,7 +447,7 @@ def _run_folder(args) -> int:
     names = _pictures(folder)
     if not names:
         raise CLIError(f"{what} folder {folder!r} holds no picture ({', '.join(sorted(WRITABLE))})")
-    masks = {}
+    masks: dict[str, str] = {}
     if masks_arg:
         mask_dir = getattr(args, masks_arg)
         if not os.path.isdir(mask_dir):

@@ -97,9 +97,9 @@ class Crops:
         crops = []
         for i, (fy, fx) in zip(which, u[:, :2].tolist()):
             pic = self.pictures[i]
-            y = int(fy * (pic.shape[-2] - self.crop + 1))
-            x = int(fx * (pic.shape[-1] - self.crop + 1))
-            crops.append(pic[0, :, y : y + self.crop, x : x + self.crop])
+            top = int(fy * (pic.shape[-2] - self.crop + 1))
+            left = int(fx * (pic.shape[-1] - self.crop + 1))
+            crops.append(pic[0, :, top : top + self.crop, left : left + self.crop])
         x = torch.stack(crops)
         x = torch.where((u[:, 2] < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
         return torch.where((u[:, 3] < 0.5).view(-1, 1, 1, 1), x.flip(-2), x)
@@ -244,7 +244,7 @@ def train_model(
         if len(set(every)) > 1:
             raise ValueError(f"train_model: checkpoint {checkpoint!r} exists for ranks {[r for r, f in enumerate(every) if f]} "
                              f"only; put it where every rank sees it")  # fmt: skip
-    if found:
+    if found and checkpoint is not None:
         state = load_checkpoint(checkpoint)
         if state["config"] != config:
             raise ValueError(f"train_model: checkpoint {checkpoint!r} was made with {state['config']}, not {config}")
@@ -255,7 +255,7 @@ def train_model(
         gen.set_state(state["data_rng"][rank])
         torch.set_rng_state(state["torch_rng"][rank])
         log(f"[{mixer}] resumed at step {start} from {checkpoint}")
-    net = model
+    net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -263,7 +263,7 @@ def train_model(
         states = (gen.get_state(), torch.get_rng_state())
         if world == 1:
             return [states[0]], [states[1]]
-        every = [None] * world
+        every: list = [None] * world
         dist.all_gather_object(every, states)
         return [s[0] for s in every], [s[1] for s in every]
 
@@ -294,11 +294,11 @@ def train_model(
         loss.backward()
         opt.step()
         sched.step()
-        value = loss.detach()
+        mean_loss = loss.detach()
         if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        losses.append(float(value))
+            dist.all_reduce(mean_loss)
+            mean_loss /= world
+        losses.append(float(mean_loss))
         if bar is not None:
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

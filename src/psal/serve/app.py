@@ -31,6 +31,7 @@ import logging
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from starlette.applications import Starlette
@@ -154,9 +155,10 @@ async def _read_form(request: Request, endpoint: _Endpoint, max_body: int | None
                 raise BadRequestError(400, f"field {name!r} must be text, not a file")
             options[name] = parse(name, value)
         if "job" in form:
-            job = form["job"]
-            if isinstance(job, UploadFile) or not JOB_ID.fullmatch(job):
+            given = form["job"]
+            if not isinstance(given, str) or not JOB_ID.fullmatch(given):
                 raise BadRequestError(400, "field 'job' must be 1 to 64 letters, digits, '-' or '_'")
+            job = given
     return _Fields(pictures, options, job)
 
 
@@ -348,7 +350,8 @@ def create_app(device: str | torch.device = "auto", max_pixels: int | None = Non
         *(Route(f"/api/{name}", task(endpoint), methods=["POST"]) for name, endpoint in ENDPOINTS.items()),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
+    handlers: dict[Any, Any] = {HTTPException: http_error}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.jobs = jobs
     app.state.device = device
     app.state.max_pixels = max_pixels

@@ -10,16 +10,18 @@ Layouts: padded maps are channel-last and flattened per row, ``(N, H + 2r, (W + 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numba import njit, prange
 
 # No 'nnan'/'ninf': NaN costs from NaN inputs must stay visible to the comparisons, and infinite
 # scores must keep their meaning. 'reassoc' lets the channel loops vectorise; the compiled order is
 # fixed, so results stay bitwise reproducible.
-_FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+_FASTMATH: set[str] = {"nsz", "arcp", "contract", "reassoc"}
 # error_model="numpy": integer division needs no zero check (no divisor here is ever 0), and the
 # hot helpers are inlined into the kernels; together these made the search 1.6x faster.
-_HOT = dict(cache=True, error_model="numpy")
+_HOT: dict[str, Any] = dict(cache=True, error_model="numpy")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)

@@ -61,7 +61,7 @@ class PatchCosts:
         self.Wkp = kp.shape[-1]
         self.kflat = kp.flatten(2)  # (N, C, (Hk + 2r) * (Wk + 2r))
         # Sparse queries: the padded-query corner of each listed pixel's patch.
-        self.qcorner = None if positions is None else (positions // self.W) * (self.W + 2 * r) + positions % self.W
+        self.qcorner: torch.Tensor | None = None if positions is None else (positions // self.W) * (self.W + 2 * r) + positions % self.W
 
     def _query(self, di: int, dj: int) -> torch.Tensor:
         """``(N, C, L)``: the query value at patch offset ``(di, dj)`` of every searched pixel."""
@@ -156,7 +156,7 @@ def sample_distinct(n_allowed, N: int, K: int, L: int, generator, device) -> tor
     """
     n = torch.as_tensor(n_allowed, device=device).reshape(-1, 1).expand(N, 1)
     u = torch.rand(N, K, L, generator=generator, device=device, dtype=torch.float64)
-    taken = []
+    taken: list[torch.Tensor] = []
     for m in range(K):
         r = torch.minimum((u[:, m] * (n - m)).long(), n - m - 1)
         if taken:

@@ -27,7 +27,7 @@ class Run:
         self.t0 = time.perf_counter()
         self.results: dict = {"environment": common.environment_dict(), "args": vars(args), "sections": {}}
         self.tables: list[str] = []
-        self.peer_build = None
+        self.peer_build: tuple | None = None  # (the harness's build process, its log file)
 
     def left(self) -> float:
         return self.args.budget - (time.perf_counter() - self.t0)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,8 @@ def stop_build(run: Run) -> None:
 def _load(run: Run):
     """The built extension (``patchmatch``, ``backward``) and the authors' ``PSAttention`` class,
     wired as the harness wires them."""
+    if run.peer_build is None:
+        raise RuntimeError("the peer's build was not started")
     proc, log = run.peer_build
     proc.wait(timeout=max(10.0, run.left() - 30))
     log.close()
@@ -45,20 +48,25 @@ def _load(run: Run):
         tail = (run.out / "peer_build.log").read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"the peer's build failed (exit {proc.returncode}): {' | '.join(tail)}")
     loader = importlib.machinery.ExtensionFileLoader("ncherel_patchmatch", str(so))
-    spec = importlib.util.spec_from_file_location("ncherel_patchmatch", str(so), loader=loader)
-    pm = importlib.util.module_from_spec(spec)
-    loader.exec_module(pm)
+    pm = _module(importlib.util.spec_from_file_location("ncherel_patchmatch", str(so), loader=loader))
     pkg_dir = Path(PEER_BUILD, "ncherel_psal")
     pkg = types.ModuleType("ncherel_psal")
     pkg.__path__ = [str(pkg_dir)]
-    masked = types.ModuleType("ncherel_psal.patchmatch_masked")
+    masked: Any = types.ModuleType("ncherel_psal.patchmatch_masked")
     masked.patchmatch_masked = masked.backward_masked = None
     sys.modules.update({"ncherel_psal": pkg, "ncherel_psal.patchmatch": pm, "ncherel_psal.patchmatch_masked": masked})
-    spec = importlib.util.spec_from_file_location("ncherel_psal.psal_attention", str(pkg_dir / "psal_attention.py"))
-    pa = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = pa
-    spec.loader.exec_module(pa)
+    pa = _module(importlib.util.spec_from_file_location("ncherel_psal.psal_attention", str(pkg_dir / "psal_attention.py")))
     return pm, pa
+
+
+def _module(spec):
+    """The module of an import ``spec``, registered and executed."""
+    if spec is None or spec.loader is None:
+        raise RuntimeError("the peer's module cannot be loaded")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def section_peer(run: Run) -> dict:
@@ -99,7 +107,7 @@ def section_peer(run: Run) -> dict:
             break
         fq, fk = features(run, S, C, torch.float32)
         g = torch.randn(fq.shape, generator=torch.Generator().manual_seed(1)).to(run.device)
-        row = {}
+        row: dict = {}
         for name, att in (
             ("peer", pa.PSAttention(patch_size=3, n_iters=5, aggregation=False)),
             ("psal", psal.PSAttention(patch_size=3, num_neighbors=3, num_iters=5, seed=0)),

@@ -59,6 +59,7 @@ def section_tests(run: Run) -> dict:
     limit = max(30.0, min(args.test_timeout, run.left() - 60))
     run.log(f"tests: {' '.join(cmd[1:])} (limit {limit:.0f} s)")
     start = time.perf_counter()
+    code: int | str
     with open(log, "w") as f:
         try:
             proc = subprocess.run(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit)
@@ -203,10 +204,10 @@ def key_grad_path(path: str | None):
 def grads(q, k, v, idx, grad, T, backend, aggregation, p):
     import psal
 
-    args = [t.detach().requires_grad_() for t in (q, k, v)]
+    lq, lk, lv = (t.detach().requires_grad_() for t in (q, k, v))
     temp = torch.tensor(T, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device, requires_grad=True)
-    out = psal.attend(*args, idx, patch_size=p, temperature=temp, aggregation=aggregation, backend=backend)
-    return [out.detach(), *torch.autograd.grad(out, (*args, temp), grad)]
+    out = psal.attend(lq, lk, lv, idx, patch_size=p, temperature=temp, aggregation=aggregation, backend=backend)
+    return [out.detach(), *torch.autograd.grad(out, (lq, lk, lv, temp), grad)]
 
 
 def section_precision(run: Run) -> dict:
@@ -225,10 +226,11 @@ def section_precision(run: Run) -> dict:
     for dtype in (torch.float16, torch.bfloat16):
         low = [t.to(dtype).to(run.device) for t in (q, k, v, grad)]
         for aggregation in ("center", "patch"):
-            exact = grads(*(t.double() for t in low[:3]), idx, low[3].double(), T, "torch", aggregation, p)
-            ours = grads(*low[:3], idx, low[3], T, backend, aggregation, p)
+            lq, lk, lv, lg = low
+            exact = grads(lq.double(), lk.double(), lv.double(), idx, lg.double(), T, "torch", aggregation, p)
+            ours = grads(lq, lk, lv, idx, lg, T, backend, aggregation, p)
             with plain_torch_precision():
-                plain = grads(*low[:3], idx, low[3], T, "torch", aggregation, p)
+                plain = grads(lq, lk, lv, idx, lg, T, "torch", aggregation, p)
             for name, a, b, e in zip(names, ours, plain, exact):
                 scale = float(e.abs().max()) or 1.0
                 err_ours = float((a.double() - e).abs().max()) / scale

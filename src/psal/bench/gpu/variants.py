@@ -161,7 +161,7 @@ def _schemes(run: Run, variant: str) -> dict:
     size = run.args.variants_size
     q, k = _problem_inputs(run, "rgb", torch.float32, 3, size)
     _, exact = interior_mean(psal.exact_knn(q, k, patch_size=7, num_neighbors=3).costs, 7, 3)
-    rows = []
+    rows: list[dict] = []
     for prop_k, rand_k in SCHEMES if not run.args.dry_run else (SCHEMES[0], SCHEMES[-1]):
         for iters in SCHEME_ITERS if not run.args.dry_run else (1,):
             if run.left() < 60:
@@ -218,7 +218,7 @@ def _key_grad_paths(run: Run) -> list:
     idx = psal.patchmatch(fq, fk, patch_size=3, num_neighbors=4, num_iters=1, generator=torch.Generator().manual_seed(0)).indices
     rows, reference = [], None
     for path in KEY_GRAD_PATHS:
-        row = {"name": path, "sdpa_flash_peak_mib": limit}
+        row: dict = {"name": path, "sdpa_flash_peak_mib": limit}
         try:
             with key_grad_path(path):
                 step = layer_step(layer, fq, fk, g)
