@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test lint bench bench-knn bench-attention gpu-check kernels clean
+.PHONY: setup demo test lint docs bench bench-knn bench-attention gpu-check kernels clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ lint: $(VENV)/.installed-test,lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The API reference from the docstrings, in out/docs (open out/docs/index.html); a warning fails it.
+docs: $(VENV)/.installed-test,docs
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs out/docs
 
 bench: bench-knn bench-attention
 

@@ -166,8 +166,12 @@ def exact_knn(
 ) -> KNNField:
     """The exact k nearest key patches by brute force, in pure PyTorch on any device.
 
-    The oracle for :func:`patchmatch`: same arguments and result. Query pixels are taken in
+    The oracle for :func:`patchmatch`: same arguments and result (``KNNField`` of
+    ``Tensor[B, heads, k, H, W]``, int64 indices and float32 costs). Query pixels are taken in
     chunks, so memory stays ``O(chunk * Hk * Wk)``; time is ``O(H * W * Hk * Wk * C * p^2)``.
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed.
 
     Example:
         >>> field = psal.exact_knn(torch.rand(1, 3, 32, 32), torch.rand(1, 3, 32, 32), patch_size=5)
@@ -205,6 +209,9 @@ def patch_costs(
             ``Tensor[B, heads, m, M]`` for sparse query ``positions`` (see :func:`patchmatch`).
 
     Computed in float64 for float64 inputs, else float32. No gradient flows through it.
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed.
 
     Example:
         >>> q, k = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 12, 20)
@@ -406,7 +413,11 @@ def ps_attention(
     of :func:`patchmatch` and :func:`attend`; ``backend`` applies to both.
 
     Returns:
-        ``Tensor[B, Cv, H, W]``, or ``(output, KNNField)`` with ``return_field=True``.
+        ``Tensor[B, Cv, H, W]`` in the input dtype, or ``(output, KNNField)`` with
+        ``return_field=True``.
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed.
 
     Example:
         >>> x = torch.rand(2, 16, 40, 40, requires_grad=True)
@@ -451,7 +462,13 @@ def full_attention(
     - ``method="chunked"``: query pixels in chunks, scores recomputed in the backward.
     - ``method="auto"``: ``"sdpa"`` where it applies (not float64 on CUDA), else ``"chunked"``.
 
-    Differentiable by autograd in all arguments but the mask.
+    Differentiable by autograd in all arguments but the mask. Query ``Tensor[B, C, H, W]``, key
+    ``Tensor[B, C, Hk, Wk]``, value ``Tensor[B, Cv, Hk, Wk]``, all of one dtype, -> ``Tensor[B,
+    Cv, H, W]`` in that dtype.
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed;
+            ``ValueError`` for ``method="sdpa"`` with ``aggregation="patch"`` or with float64 on CUDA.
 
     Example:
         >>> q, v = torch.rand(1, 4, 16, 16), torch.rand(1, 2, 16, 16)

@@ -32,7 +32,12 @@ class PSAttention(nn.Module):
     Shapes:
         ``forward(query, key=None, value=None, key_mask=None, generator=None)``: query ``(B, C, H, W)``, key
         ``(B, C, Hk, Wk)`` (default: the query, self-attention), value ``(B, Cv, Hk, Wk)``
-        (default: the key), key_mask ``(B, Hk, Wk)`` bool -> ``(B, Cv, H, W)``.
+        (default: the key), key_mask ``(B, Hk, Wk)`` bool -> ``(B, Cv, H, W)``, in the inputs'
+        dtype (float16/bfloat16 computed in float32).
+
+    Raises:
+        TypeError, ValueError: on a bad option here, or bad input to ``forward``, naming the
+            argument and the shapes passed.
 
     Example:
         >>> layer = psal.PSAttention(patch_size=3, num_neighbors=4)
@@ -151,6 +156,10 @@ class PSALBlock(nn.Module):
     Shapes:
         ``forward(x, context=None, key_mask=None, generator=None)``: x ``(B, channels, H, W)``, context
         ``(B, channels, Hk, Wk)``, key_mask ``(B, Hk, Wk)`` bool -> ``(B, channels, H, W)``.
+
+    Raises:
+        TypeError, ValueError: on a bad option (``inner_channels`` not divisible by ``num_heads``
+            among them), or an ``x`` or ``context`` that is not ``(B, channels, H, W)``.
 
     Example:
         >>> block = psal.PSALBlock(16, num_neighbors=4)

@@ -170,6 +170,9 @@ def colorize(
     its own size (see the module docstring; ``None``: always at full size). ``match_luminance``
     first moves the reference's luminance to the target's mean and spread, for a reference taken
     in other light (off by default; see the module docstring).
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed.
     """
     _check(target, reference, patch_size, num_neighbors, work_pixels, match_luminance)
     dt = torch.float64 if target.dtype == torch.float64 else torch.float32

@@ -178,6 +178,11 @@ def load_pretrained(path: str | None = None, map_location: str | torch.device = 
 
     Reads either a bare ``state_dict`` with its ``config`` or a training checkpoint of
     ``python -m psal.examples.train_inpainting``, with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``. What ``torch.load`` and ``load_state_dict``
+            raise for a file that is not such a checkpoint (a ``KeyError`` without its
+            ``config``, a ``RuntimeError`` for weights of another shape).
     """
     path = PRETRAINED_PATH if path is None else path
     if not os.path.isfile(path):
@@ -194,7 +199,11 @@ def inpaint_with_model(image: torch.Tensor, hole: torch.Tensor, model: InpaintNe
     """Fill ``hole`` of ``image`` (``(1, C, H, W)``, C = 1 or 3) with a trained :class:`InpaintNet`
     (default: :func:`load_pretrained`); known pixels are returned bitwise unchanged. ``seed``: the
     PSAL layers' searches draw from their own generators, seeded with it (else from theirs as
-    they are, or torch's global one)."""
+    they are, or torch's global one).
+
+    Raises:
+        TypeError, ValueError: on an image or hole of another shape, dtype or device, naming them.
+    """
     if model is None:
         model = load_pretrained(map_location=image.device)
     if seed is not None:

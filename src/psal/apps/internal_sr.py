@@ -216,6 +216,9 @@ def internal_upscale(
         seed: fixes the network's initial weights and the training crops.
         progress: called as ``progress(done, total, loss)`` after each training step, ``total``
             counting the steps of every stage.
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed.
     """
     _check(image, scale, steps, crop, channels, depth, psal_blocks, lr, seed, progress)
     device, out_dtype = image.device, image.dtype

@@ -100,6 +100,10 @@ def upscale(
     ``strength`` scales the borrowed detail before the final back-projection. The matching runs
     over bands of rows of about ``band_pixels`` output pixels at a time (see :func:`_step`), so
     its buffers are a band's; ``progress(done, total)`` is called after each band of each pass.
+
+    Raises:
+        TypeError, ValueError: on bad input, naming the argument and the shapes passed (an image
+            of fewer than ``2 * scale`` pixels a side, a scale other than 2, 3 or 4).
     """
     check_image_scale("upscale", image, scale)
     if isinstance(band_pixels, bool) or not isinstance(band_pixels, int) or band_pixels < 1:

@@ -328,9 +328,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="all four tasks on bundled pictures: results, gallery, metrics", description=cmd_demo.__doc__)
     p.add_argument("--out", default="out", help="folder for the pictures and demo_metrics.json (created)")
-    p.add_argument(
-        "--tasks", nargs="+", choices=DEMO_TASKS, default=list(DEMO_TASKS), help="which of the four tasks to run (default: all)"
-    )
+    p.add_argument("--tasks", nargs="+", choices=DEMO_TASKS, default=list(DEMO_TASKS), help="which of the four tasks to run (default: all)")
     p.add_argument("--size", type=int, default=256, help="side of the square test pictures")
     common(p, out=False)
     p.set_defaults(run=cmd_demo)
