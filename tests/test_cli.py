@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from psal.cli import io
 from psal.cli.main import main
+from psal.tasks import files as io
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -103,7 +103,7 @@ def test_image_kinds(tmp_path):
     assert torch.equal(io.read_image(str(tmp_path / "opaque.png")), torch.from_numpy(rgb).permute(2, 0, 1)[None] / 255.0)
     rgba[0, 0, 3] = 10
     Image.fromarray(rgba).save(tmp_path / "clear.png")
-    with pytest.raises(io.CLIError, match="transparent pixels"):
+    with pytest.raises(io.InputError, match="transparent pixels"):
         io.read_image(str(tmp_path / "clear.png"))
     deep = (np.arange(24 * 20, dtype=np.uint16).reshape(24, 20) * 100).astype(np.uint16)
     Image.fromarray(deep).save(tmp_path / "deep.png")
@@ -143,7 +143,7 @@ def test_too_large_for_memory_is_refused(tmp_path, monkeypatch):
         warnings.simplefilter("error")
         assert io.read_image(str(tmp_path / "a.png")).shape == (1, 3, 24, 20)
     monkeypatch.setattr(io, "available_memory", lambda: 1000)
-    with pytest.raises(io.CLIError, match="GiB available; resize it first"):
+    with pytest.raises(io.InputError, match="GiB available; resize it first"):
         io.read_image(str(tmp_path / "a.png"))
 
 
@@ -222,7 +222,7 @@ def test_upscale_writes_the_enlarged_image(files, capsys, monkeypatch):
     assert main(["upscale", q, "-o", str(tmp / "bar.png"), "--steps", "3", "--device", "cpu"]) == 0
     assert "loss 0." in capsys.readouterr().err  # the bar shows the training loss
     # the network's working set is 2.5 times the patch method's: x4 of 24 x 20 fits the one only
-    monkeypatch.setattr("psal.cli.io.available_memory", lambda: 24 * 20 * 16 * 400 * 2)
+    monkeypatch.setattr("psal.tasks.files.available_memory", lambda: 24 * 20 * 16 * 400 * 2)
     _bad(
         capsys,
         ["upscale", q, "--scale", "4", "-o", str(tmp / "big.png")],

@@ -164,6 +164,25 @@ def test_no_backend_imports_the_dispatcher_or_another_engine():
             assert not re.search(rf"^from \.\.?{other}\b", text, re.M), f"{path} imports the {other} engine"
 
 
+def test_the_command_line_and_the_service_share_the_task_layer_not_each_other():
+    """``psal.serve`` and ``psal.cli`` both import ``psal.tasks``; the service never imports the
+    command line (the command line starts the service: ``psal serve``), and the task layer
+    imports neither."""
+    import pathlib
+    import re
+
+    pkg = pathlib.Path(psal.__file__).parent
+    rules = {"serve": ("cli",), "tasks": ("cli", "serve")}
+    for folder, banned in rules.items():
+        for path in (pkg / folder).rglob("*.py"):
+            text = path.read_text()
+            for other in banned:
+                pattern = rf"^\s*(from psal\.{other}\b|from \.\.{other}\b|import psal\.{other}\b)"
+                assert not re.search(pattern, text, re.M), f"{path.relative_to(pkg)} imports psal.{other}"
+    assert re.search(r"^from psal import tasks", (pkg / "serve" / "app.py").read_text(), re.M)
+    assert re.search(r"^from \.\. import tasks", (pkg / "cli" / "main.py").read_text(), re.M)
+
+
 def test_docstring_examples_run():
     import doctest
 

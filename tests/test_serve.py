@@ -172,7 +172,7 @@ def test_concurrent_requests_wait_and_run_one_at_a_time(server, inpaint_case, mo
     client, app = server
     jobs = app.state.jobs
     # Counted where the work happens, not by the queue: how many inpaintings run at once.
-    from psal.cli import tasks
+    from psal import tasks
 
     real, lock, active = tasks.inpaint_image, threading.Lock(), {"now": 0, "max": 0}
 

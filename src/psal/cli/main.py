@@ -28,16 +28,16 @@ import time
 
 import torch
 
-from . import tasks
-from .io import (
+from .. import tasks
+from ..tasks import device_from_name as _device
+from ..tasks.files import (
     WRITABLE,
-    CLIError,
+    InputError,
     check_output,
     read_image,
     read_image_bits,
     write_image,
 )
-from .tasks import device_from_name as _device
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -71,7 +71,7 @@ def cmd_reconstruct(args) -> dict:
     """Every pixel of QUERY takes the colour that the best-matching patches of SOURCE give it."""
     from psal import images
 
-    from .tasks import reconstruct_images
+    from ..tasks import reconstruct_images
 
     check_output(args.out, [args.query, args.source])
     query, bits = read_image_bits(args.query, "query")
@@ -102,7 +102,7 @@ def cmd_reconstruct(args) -> dict:
 def cmd_colorize(args) -> dict:
     """Colour a grayscale image like a colour reference: its luminance is kept, the chroma comes
     from the reference patches that match it best."""
-    from .tasks import check_reference, colorize_image
+    from ..tasks import check_reference, colorize_image
 
     check_output(args.out, [args.gray, args.reference])
     gray = read_image(args.gray, "gray image")
@@ -124,7 +124,7 @@ def cmd_inpaint(args) -> dict:
     fine, masked self-attention and patch voting); the other pixels are kept exactly."""
     from psal.apps.inpaint_net import PRETRAINED_PATH
 
-    from .tasks import hole_from_mask, inpaint_image
+    from ..tasks import hole_from_mask, inpaint_image
 
     check_output(args.out, [args.image, args.mask] + ([args.checkpoint] if args.checkpoint else []))
     image, bits = read_image_bits(args.image, "image")
@@ -169,7 +169,7 @@ def _upscale_options(args) -> dict:
         given = [flag for name, flag in options.items() if getattr(args, name) is not None]
         if method != args.method and given:
             chosen = "--method patch (or --fast)" if args.method == "patch" else "--method network"
-            raise CLIError(f"{given[0]} is an option of --method {method}; it does nothing with {chosen}")
+            raise InputError(f"{given[0]} is an option of --method {method}; it does nothing with {chosen}")
     return {name: getattr(args, name) for name in _UPSCALE_OPTIONS[args.method] if getattr(args, name) is not None}
 
 
@@ -180,7 +180,7 @@ def cmd_upscale(args) -> dict:
     few seconds. Both back-project, so that shrinking the result gives back the input."""
     from psal.apps.upscale import downsample
 
-    from .tasks import upscale_image
+    from ..tasks import upscale_image
 
     options = _upscale_options(args)
     check_output(args.out, [args.image])
@@ -223,7 +223,7 @@ def cmd_demo(args) -> dict:
     try:
         images.load_bundled("brick", 8)
     except ImportError as exc:
-        raise CLIError(f"the demo needs scikit-image's bundled pictures: {exc}") from None
+        raise InputError(f"the demo needs scikit-image's bundled pictures: {exc}") from None
     os.makedirs(args.out, exist_ok=True)
     device = _device(args.device)
     size = args.size
@@ -371,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="network: train a small network on the image (about a minute); patch: borrow its own patches (seconds)")  # fmt: skip
     p.add_argument("--fast", dest="method", action="store_const", const="patch", help="the same as --method patch")
     # Each method's options default to None, so that one given to the other method is an error
-    # (cmd_upscale), not silently ignored; the help shows the defaults of psal.cli.tasks.
+    # (cmd_upscale), not silently ignored; the help shows the defaults of psal.tasks.
     p.add_argument("--steps", type=int, help=f"network: training steps per stage (x2 in one stage, x3 and x4 in two; default {d('steps')})")
     p.add_argument("--patch-size", type=int, help=f"patch: side of the patches matched (default {d('patch_size')})")
     p.add_argument("--k", type=int, help=f"patch: matches per pixel (default {d('k')})")
@@ -404,7 +404,7 @@ def _version() -> str:
 def _write_report(path: str, report: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise CLIError(f"--report {path!r}: folder {folder!r} does not exist")
+        raise InputError(f"--report {path!r}: folder {folder!r} does not exist")
     from psal.images import write_json
 
     write_json(path, report)
@@ -428,12 +428,12 @@ def _run_folder(args) -> int:
     what, masks_arg = _FOLDER_ARGS[args.command]
     folder, out = getattr(args, what), args.out
     if os.path.splitext(out)[1].lower() in WRITABLE or (os.path.exists(out) and not os.path.isdir(out)):
-        raise CLIError(f"-o {out!r}: with a folder of pictures, the output must be a folder")
+        raise InputError(f"-o {out!r}: with a folder of pictures, the output must be a folder")
     same = lambda a, b: os.path.realpath(a) == os.path.realpath(b)  # noqa: E731 - links resolved
     if same(out, folder) or (masks_arg and same(out, getattr(args, masks_arg))):
-        raise CLIError(f"-o {out!r} is also an input folder; choose another folder")
+        raise InputError(f"-o {out!r} is also an input folder; choose another folder")
     if masks_arg and same(folder, getattr(args, masks_arg)):
-        raise CLIError(
+        raise InputError(
             f"{masks_arg} folder {getattr(args, masks_arg)!r} is the folder of pictures; keep the masks in a folder of their own"
         )
     # What every file would fail on alike, said once: the device, colorize's reference, a checkpoint.
@@ -441,22 +441,22 @@ def _run_folder(args) -> int:
     if args.command == "colorize":
         tasks.check_reference(read_image(args.reference, "reference"), f"reference {args.reference!r}")
     if getattr(args, "checkpoint", None) and not os.path.isfile(args.checkpoint):
-        raise CLIError(f"checkpoint {args.checkpoint!r}: no such file")
+        raise InputError(f"checkpoint {args.checkpoint!r}: no such file")
     names = _pictures(folder)
     if not names:
-        raise CLIError(f"{what} folder {folder!r} holds no picture ({', '.join(sorted(WRITABLE))})")
+        raise InputError(f"{what} folder {folder!r} holds no picture ({', '.join(sorted(WRITABLE))})")
     masks: dict[str, str] = {}
     if masks_arg:
         mask_dir = getattr(args, masks_arg)
         if not os.path.isdir(mask_dir):
-            raise CLIError(f"{masks_arg} {mask_dir!r}: with a folder of pictures, give a folder of masks (matched by file name)")
+            raise InputError(f"{masks_arg} {mask_dir!r}: with a folder of pictures, give a folder of masks (matched by file name)")
         for n in _pictures(mask_dir):
             stem = os.path.splitext(n)[0]
             if stem in masks:
-                raise CLIError(f"{masks_arg} folder {mask_dir!r} holds two masks named {stem}.*: {os.path.basename(masks[stem])} and {n}")
+                raise InputError(f"{masks_arg} folder {mask_dir!r} holds two masks named {stem}.*: {os.path.basename(masks[stem])} and {n}")
             masks[stem] = os.path.join(mask_dir, n)
     if args.report:
-        raise CLIError("--report is for one picture; a folder run prints its summary instead")
+        raise InputError("--report is for one picture; a folder run prints its summary instead")
     os.makedirs(out, exist_ok=True)
     failed, bar = [], _progress(len(names), args.command, args.quiet)
     for name in names:
@@ -467,7 +467,7 @@ def _run_folder(args) -> int:
             if masks_arg:
                 stem = os.path.splitext(name)[0]
                 if stem not in masks:
-                    raise CLIError(f"no mask named {stem}.* in {getattr(args, masks_arg)!r}")
+                    raise InputError(f"no mask named {stem}.* in {getattr(args, masks_arg)!r}")
                 setattr(one, masks_arg, masks[stem])
             args.run(one)
         except KeyboardInterrupt:
@@ -475,13 +475,13 @@ def _run_folder(args) -> int:
         except (MemoryError, torch.OutOfMemoryError):
             failed.append((name, "out of memory"))
         except Exception as exc:  # noqa: BLE001 - one line per file; the others go on
-            failed.append((name, str(exc) if isinstance(exc, (CLIError, ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"))
+            failed.append((name, str(exc) if isinstance(exc, (InputError, ValueError, TypeError)) else f"{type(exc).__name__}: {exc}"))
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
     if len(failed) == len(names) > 1 and len({why for _, why in failed}) == 1:
-        raise CLIError(f"{failed[0][1]} (so for all {len(names)} pictures; nothing written)")  # an option, not a file
+        raise InputError(f"{failed[0][1]} (so for all {len(names)} pictures; nothing written)")  # an option, not a file
     for name, why in failed:
         print(f"psal {args.command}: failed: {name}: {why}", file=sys.stderr)
     done = len(names) - len(failed)
@@ -501,7 +501,7 @@ def main(argv=None) -> int:
     debug = os.environ.get("PSAL_DEBUG", "") not in ("", "0")
     try:
         if args.report and os.path.abspath(args.report) in {os.path.abspath(p) for p in _paths(args)}:
-            raise CLIError(f"--report {args.report!r} is also the output or an input; choose another path")
+            raise InputError(f"--report {args.report!r} is also the output or an input; choose another path")
         if args.command in _FOLDER_ARGS and os.path.isdir(getattr(args, _FOLDER_ARGS[args.command][0])):
             return _run_folder(args)
         report = args.run(args)
@@ -510,7 +510,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"psal {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (CLIError, ValueError, TypeError) as exc:
+    except (InputError, ValueError, TypeError) as exc:
         if debug:
             raise
         print(f"psal {args.command}: error: {exc}", file=sys.stderr)

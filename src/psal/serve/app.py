@@ -13,8 +13,8 @@ Any of them also takes ``job``, an id of the client's choosing (letters, digits,
 
 A request goes through three steps, each in one place. :func:`_read_form` checks the request and
 its fields (content type and length, missing, unknown, repeated or malformed fields). The task's
-``prepare`` function decodes the pictures with the command line's reader (:mod:`psal.cli.io`)
-and checks them with its checks (:mod:`psal.cli.tasks`), in a worker thread of the event loop's
+``prepare`` function decodes the pictures with the command line's reader (:mod:`psal.tasks.files`)
+and checks them with its checks (:mod:`psal.tasks`), in a worker thread of the event loop's
 pool: a picture over ``max_pixels`` is refused from its header, before any job starts. The job it
 returns calls the same task function as the command line, with the same defaults, on the queue's
 single worker thread (:mod:`psal.serve.jobs`), and encodes the PNG as the command line writes it:
@@ -44,8 +44,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 import psal
-from psal.cli import tasks
-from psal.cli.io import CLIError, TooLargeError, decode_image_bits, encode_png
+from psal import tasks
+from psal.tasks.files import InputError, TooLargeError, decode_image_bits, encode_png
 
 from .jobs import JOB_ID, BusyError, JobInUseError, JobQueue, StoppingError
 
@@ -270,7 +270,7 @@ def _error_response(exc: BaseException) -> JSONResponse:
         status, message = exc.status, str(exc)
     elif isinstance(exc, TooLargeError):
         status, message = 413, str(exc)
-    elif isinstance(exc, (CLIError, ValueError, TypeError)):  # the command line's exit 2: bad input
+    elif isinstance(exc, (InputError, ValueError, TypeError)):  # the command line's exit 2: bad input
         status, message = 400, str(exc)
     elif isinstance(exc, JobInUseError):
         status, message = 409, str(exc)
@@ -291,7 +291,7 @@ def _error_response(exc: BaseException) -> JSONResponse:
 
 def create_app(device: str | torch.device = "auto", max_pixels: int | None = None, *, max_waiting: int = 16) -> Starlette:
     """The application: ``device`` as ``psal --device`` takes it; pictures (and upscaled results)
-    of more than ``max_pixels`` pixels are refused with 413 (``None``: what the memory available allows, :func:`psal.cli.tasks.memory_pixels`);
+    of more than ``max_pixels`` pixels are refused with 413 (``None``: what the memory available allows, :func:`psal.tasks.memory_pixels`);
     at most ``max_waiting`` jobs wait, further requests get 503. ``app.state.jobs`` is the
     :class:`~psal.serve.jobs.JobQueue`."""
     device = device if isinstance(device, torch.device) else tasks.device_from_name(device)

@@ -9,11 +9,11 @@ import sys
 import threading
 import time
 
-from psal.cli.io import CLIError
+from psal.tasks.files import InputError
 
 
 def require() -> None:
-    """Raise a one-line :class:`CLIError` unless the ``serve`` extra's packages import."""
+    """Raise a one-line :class:`InputError` unless the ``serve`` extra's packages import."""
     missing = []
     for modules, package in (
         (("starlette",), "starlette"),
@@ -29,26 +29,26 @@ def require() -> None:
         else:
             missing.append(package)
     if missing:
-        raise CLIError(f"psal serve needs {', '.join(missing)}: pip install 'psal[serve]'")
+        raise InputError(f"psal serve needs {', '.join(missing)}: pip install 'psal[serve]'")
 
 
 def _listen(host: str, port: int) -> socket.socket:
     """A socket bound to ``host:port`` (``port=0``: a free one), listening; a one-line
-    :class:`CLIError` when that address cannot be had."""
+    :class:`InputError` when that address cannot be had."""
     if not 0 <= port <= 65535:
-        raise CLIError(f"--port must be from 0 to 65535, got {port}")
+        raise InputError(f"--port must be from 0 to 65535, got {port}")
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
     except OSError as exc:
-        raise CLIError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); check --host") from None
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); check --host") from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        raise CLIError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host") from None
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port or --host") from None
     return sock
 
 
@@ -83,12 +83,12 @@ def _is_loopback(host: str) -> bool:
 def run_server(host: str = "127.0.0.1", port: int = 8765, device: str = "auto", max_pixels: int | None = None, quiet: bool = False) -> None:
     """``psal serve``: serve the page and the API on ``host:port`` until Ctrl+C."""
     require()
-    from psal.cli.tasks import device_from_name
+    from psal.tasks import device_from_name
 
     from .app import create_app
 
     if max_pixels is not None and max_pixels < 1:
-        raise CLIError(f"--max-pixels must be at least 1, got {max_pixels}")
+        raise InputError(f"--max-pixels must be at least 1, got {max_pixels}")
     resolved = device_from_name(device)
     sock = _listen(host, port)
     try:

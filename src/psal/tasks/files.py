@@ -1,4 +1,5 @@
-"""Image files for the command line: read what people have, write without ever leaving half a file.
+"""Image files for the commands and the service: read what people have, write without ever leaving
+half a file.
 
 Reading accepts 8-bit and 16-bit grayscale, RGB, palette and CMYK images (converted to float in
 ``[0, 1]``) and opaque RGBA (the alpha channel dropped); a 16-bit grayscale input gives a 16-bit
@@ -25,11 +26,11 @@ BYTES_PER_PIXEL = 400
 WRITABLE = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP", ".webp": "WEBP"}
 
 
-class CLIError(Exception):
+class InputError(Exception):
     """A problem with the command's input, said in one line to the user."""
 
 
-class TooLargeError(CLIError):
+class TooLargeError(InputError):
     """An image larger than the memory (or the server's ``max_pixels``) allows: refused from its
     header, before its pixels are decoded."""
 
@@ -38,7 +39,7 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - pillow is a dependency of the CLI
-        raise CLIError("reading images needs Pillow: pip install pillow") from None
+        raise InputError("reading images needs Pillow: pip install pillow") from None
     return Image
 
 
@@ -62,7 +63,7 @@ def read_image(path: str, what: str = "image") -> torch.Tensor:
 def read_image_bits(path: str, what: str = "image") -> tuple[torch.Tensor, int]:
     """:func:`read_image` and the file's bits per channel, 8 or 16 (to write the result alike)."""
     if not os.path.isfile(path):
-        raise CLIError(f"{what} {path!r}: no such file")
+        raise InputError(f"{what} {path!r}: no such file")
     return _decode(path, f"{what} {path!r}", _check_memory, explain=True)
 
 
@@ -79,13 +80,13 @@ def decode_image_bits(data: bytes, what: str = "image", max_pixels: int | None =
             )
 
     if not data:
-        raise CLIError(f"{what}: empty file")
+        raise InputError(f"{what}: empty file")
     return _decode(io.BytesIO(data), what, check, explain=False)
 
 
 def _decode(source, label: str, check_size, explain: bool) -> tuple[torch.Tensor, int]:
     """The pixels of ``source`` (a path or a binary file) and its bits per channel; every problem
-    is a :class:`CLIError` starting with ``label``. ``check_size(label, width, height)`` runs on
+    is a :class:`InputError` starting with ``label``. ``check_size(label, width, height)`` runs on
     the header, before the pixels are decoded. ``explain``: add Pillow's reason to the message of
     an unreadable file (not for in-memory files, whose reason names a Python object)."""
     Image = _pil()
@@ -99,13 +100,13 @@ def _decode(source, label: str, check_size, explain: bool) -> tuple[torch.Tensor
             bits = 16 if img.mode.startswith("I") else 8
             img.load()
             array = _to_array(img, label)
-    except CLIError:
+    except InputError:
         raise
     except Image.DecompressionBombError as exc:
         raise TooLargeError(f"{label}: too large to process ({exc})") from None
     except (OSError, ValueError, SyntaxError) as exc:
         reason = f" ({exc})" if explain else " (PNG, JPEG, TIFF, BMP or WebP, for example)"
-        raise CLIError(f"{label}: not a readable image{reason}") from None
+        raise InputError(f"{label}: not a readable image{reason}") from None
     t = torch.from_numpy(array)
     if t.dim() == 2:
         t = t[..., None]
@@ -129,12 +130,12 @@ def _to_array(img, label) -> np.ndarray:
         top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
         return (a / top).clip(0, 1).astype(np.float32)
     if mode == "F":
-        raise CLIError(f"{label}: floating-point images are not supported; save it as 8- or 16-bit")
+        raise InputError(f"{label}: floating-point images are not supported; save it as 8- or 16-bit")
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         alpha = np.asarray(rgba)[..., 3]
         if (alpha < 255).any():
-            raise CLIError(f"{label}: has transparent pixels (alpha channel); flatten it onto a background first")
+            raise InputError(f"{label}: has transparent pixels (alpha channel); flatten it onto a background first")
         img = rgba.convert("RGB" if mode != "LA" else "L")
     elif mode in ("1", "L"):
         img = img.convert("L")
@@ -147,17 +148,17 @@ def check_output(out: str, inputs) -> str:
     """The output path, refused if it is one of the inputs or cannot be written as an image."""
     ext = os.path.splitext(out)[1].lower()
     if ext not in WRITABLE:
-        raise CLIError(f"output {out!r}: unknown image type {ext or '(no extension)'}; use one of {', '.join(sorted(WRITABLE))}")
+        raise InputError(f"output {out!r}: unknown image type {ext or '(no extension)'}; use one of {', '.join(sorted(WRITABLE))}")
     for path in inputs:
         if os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out):
-            raise CLIError(f"output {out!r} is also an input; choose another path")
+            raise InputError(f"output {out!r} is also an input; choose another path")
         if os.path.abspath(path) == os.path.abspath(out):
-            raise CLIError(f"output {out!r} is also an input; choose another path")
+            raise InputError(f"output {out!r} is also an input; choose another path")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
-        raise CLIError(f"output {out!r}: folder {folder!r} does not exist")
+        raise InputError(f"output {out!r}: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK):
-        raise CLIError(f"output {out!r}: folder {folder!r} is not writable")
+        raise InputError(f"output {out!r}: folder {folder!r} is not writable")
     return out
 
 

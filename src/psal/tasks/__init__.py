@@ -2,10 +2,10 @@
 and the local service (:mod:`psal.serve`): one code path and one set of defaults, so that the same
 pictures and seed give the same result, byte for byte, whichever of the two runs them.
 
-Each task takes pictures as ``Tensor[1, C, H, W]`` in ``[0, 1]`` (as :mod:`psal.cli.io` reads
+Each task takes pictures as ``Tensor[1, C, H, W]`` in ``[0, 1]`` (as :mod:`psal.tasks.files` reads
 them), a :class:`torch.device` and a seed, and returns its result on that device. ``progress``,
 where given, is called as ``progress(done, total)`` (or with a third argument, the training loss,
-for the network upscaler). Problems with the pictures themselves are :class:`CLIError` one-liners
+for the network upscaler). Problems with the pictures themselves are :class:`InputError` one-liners
 that name them as the caller says (a file path for the command, a field name for the service);
 problems with the options are the apps' own ``ValueError``/``TypeError``.
 """
@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .io import BYTES_PER_PIXEL, CLIError, TooLargeError
+from .files import BYTES_PER_PIXEL, InputError, TooLargeError
 
 # psal upscale's default training steps per stage: 49 s for a 256 x 256 picture at x2 on 2 CPU
 # cores, 2.6 min at x4 (BENCHMARKS.md, issue 17).
@@ -45,7 +45,7 @@ def check_upscale_fits(height: int, width: int, scale: int, method: str, max_pix
 def memory_pixels() -> int | None:
     """How many pixels the memory available now allows, at ``BYTES_PER_PIXEL`` each (``None``
     where it cannot be read)."""
-    from .io import available_memory
+    from .files import available_memory
 
     free = available_memory()
     return None if free is None else max(1, free // BYTES_PER_PIXEL)
@@ -58,9 +58,9 @@ def device_from_name(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise CLIError(f"--device: unknown device {name!r}; use cpu, cuda or auto") from None
+        raise InputError(f"--device: unknown device {name!r}; use cpu, cuda or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda: no CUDA device is available here; use --device cpu")
+        raise InputError("--device cuda: no CUDA device is available here; use --device cpu")
     return device
 
 
@@ -81,22 +81,22 @@ def hole_from_mask(mask: torch.Tensor, image: torch.Tensor, mask_name: str = "ma
     over its channels above one half). Refused unless the mask has the image's size and marks some
     pixels but not all of them."""
     if mask.shape[-2:] != image.shape[-2:]:
-        raise CLIError(
+        raise InputError(
             f"{mask_name} is {mask.shape[-1]}x{mask.shape[-2]}, {image_name} is {image.shape[-1]}x{image.shape[-2]}; "
             "they must be the same size"
         )
     hole = mask.mean(1, keepdim=True) > 0.5
     if not hole.any():
-        raise CLIError(f"{mask_name} has no white pixel: nothing to fill")
+        raise InputError(f"{mask_name} has no white pixel: nothing to fill")
     if hole.all():
-        raise CLIError(f"{mask_name} is white everywhere: no known pixel to copy from")
+        raise InputError(f"{mask_name} is white everywhere: no known pixel to copy from")
     return hole
 
 
 def check_reference(reference: torch.Tensor, name: str = "reference") -> None:
     """Colorize takes its colours from ``reference``: it must be a colour picture."""
     if reference.shape[1] != 3:
-        raise CLIError(f"{name} is grayscale; colorize needs a colour reference")
+        raise InputError(f"{name} is grayscale; colorize needs a colour reference")
 
 
 def reconstruct_images(
@@ -192,12 +192,12 @@ def _fill_with_model(path, image, hole, device, seed):
     from psal.apps.inpaint_net import inpaint_with_model, load_pretrained
 
     if not os.path.isfile(path):
-        raise CLIError(f"checkpoint {path!r}: no such file")
+        raise InputError(f"checkpoint {path!r}: no such file")
     try:
         model = load_pretrained(path, map_location=device)
     except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CLIError(f"checkpoint {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
+        raise InputError(f"checkpoint {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
     return inpaint_with_model(image.to(device), hole.to(device), model.to(device), seed=seed)
 
 
