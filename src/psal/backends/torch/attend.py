@@ -233,8 +233,8 @@ def _cost_backward(f: _Field, gcost: torch.Tensor):
             if f.positions is None:
                 _shift(gqp, a, b, H, W).add_(gq_acc.view(N, C, H, W))
             else:
-                corner = typing.cast(torch.Tensor, pc.qcorner)  # sparse: set by PatchCosts
-                _index_add(gq_flat, (corner + (a * pc.qp.shape[-1] + b)).expand(N, L), gq_acc)
+                qcorner = typing.cast(torch.Tensor, pc.qcorner)  # sparse: set by PatchCosts
+                _index_add(gq_flat, (qcorner + (a * pc.qp.shape[-1] + b)).expand(N, L), gq_acc)
     if f.positions is not None:
         gqp = gq_flat.transpose(1, 2).reshape(gqp.shape)
     Hkp = f.Hk + 2 * r
