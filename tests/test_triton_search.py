@@ -386,7 +386,7 @@ def test_new_sizes_do_not_recompile(monkeypatch):
     again. Lanes: the patch size, k and the channel unroll are compile-time (the patch loops are
     unrolled); sizes, masks, warm starts, seeds and channel counts with the same unroll are not."""
     monkeypatch.setenv("PSAL_TRITON_SEARCH", FAMILIES["tiles"])
-    kernels = (search_tiles._init_kernel, search_tiles._propagate_kernel, search_tiles._random_kernel)
+    kernels = (search_tiles._init_kernel, search_tiles._iterate_kernel)
     search(rand(1, 3, 20, 17, seed=1), rand(1, 3, 15, 22, seed=2), patch_size=3, num_neighbors=3)
     before = _compiled(kernels)
     q, k = rand(2, 5, 31, 26, seed=3), rand(2, 5, 12, 40, seed=4)

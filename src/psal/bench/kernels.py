@@ -272,7 +272,7 @@ def search_specs(variant: str, dt: str, C: int, P: int, K: int, dot: bool = Fals
                 "qpos_ptr": "*i64", "nbr_ptr": "*i64"}  # fmt: skip
         per_thread = v.block * cb / (32 * v.warps)
         trips = [math.ceil(P * P * C / cb)]
-        kernels = [("iterate", st._propagate_kernel), ("random", st._random_kernel), ("init", st._init_kernel)]
+        kernels = [("iterate", st._iterate_kernel), ("init", st._init_kernel)]
     out = []
     for role, fn in kernels:
         sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in fn.arg_names}

@@ -160,6 +160,19 @@ def _chunk(t, nc, M):
     return t // nc, m0, min(m0 + _CHUNK, M)
 
 
+@njit(inline="always", **_HOT)
+def _chunks(M):
+    """How many list chunks of ``_CHUNK`` cover ``M`` listed pixels: ``nc`` of :func:`_chunk`."""
+    return (M + _CHUNK - 1) // _CHUNK
+
+
+@njit(inline="always", **_HOT)
+def _listed(qpos, m, W):
+    """Row and column of the ``m``-th listed pixel of a map ``W`` wide."""
+    i = qpos[m] // W
+    return i, qpos[m] - i * W
+
+
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
 def search_init(
     qp,
@@ -187,7 +200,7 @@ def search_init(
 ):
     N, M, K = out_idx.shape
     inf = np.float32(np.inf)
-    nc = (M + _CHUNK - 1) // _CHUNK
+    nc = _chunks(M)
     for t in prange(N * nc):
         n, m0, m1 = _chunk(t, nc, M)
         nal = n_allowed[n]
@@ -251,8 +264,7 @@ def search_iterate(
     shift = ((it // 2) % 2) * (band // 2)
     nb = (H + shift + band - 1) // band
     for t in prange(N * nb):
-        n = t // nb
-        b = t % nb
+        n, b = _split(t, nb)
         r0 = max(b * band - shift, 0)
         r1 = min((b + 1) * band - shift, H)
         lo = r0 * W if dense else row_start[r0]
@@ -361,6 +373,36 @@ def _pad_range(u, n, r):
     return lo, hi
 
 
+@njit(inline="always", **_HOT)
+def _split(t, rows):
+    """The map and row of parallel task ``t`` over ``N * rows`` (one task per row of every map)."""
+    return t // rows, t % rows
+
+
+@njit(**_HOT)
+def _fold_pairs(n, r, p):
+    """For every coordinate ``u`` of a map side of ``n``: the pairs ``(x, a)`` (patch position,
+    offset ``0 <= a < p``) whose padded read ``x + a`` replicate padding by ``r`` takes from ``u``,
+    as ``pairs[start[u]:start[u + 1]]``: the adjoint of the padding, one side at a time."""
+    start = np.zeros(n + 1, np.int64)
+    for u in range(n):
+        lo, hi = _pad_range(u, n, r)
+        count = 0
+        for P in range(lo, hi + 1):
+            count += min(P, p - 1) - max(P - n + 1, 0) + 1
+        start[u + 1] = start[u] + count
+    pairs = np.empty((start[n], 2), np.int64)
+    for u in range(n):
+        lo, hi = _pad_range(u, n, r)
+        at = start[u]
+        for P in range(lo, hi + 1):
+            for a in range(max(P - n + 1, 0), min(P, p - 1) + 1):
+                pairs[at, 0] = P - a
+                pairs[at, 1] = a
+                at += 1
+    return start, pairs
+
+
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
 def forward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, score, stat, out):
     """Pass 1, one task per query row: the ``K`` scores of every pixel.
@@ -373,8 +415,7 @@ def forward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, score, stat, out):
     Cv = out.shape[3]
     zero = score.dtype.type(0)
     for t in prange(N * H):
-        n = t // H
-        i = t % H
+        n, i = _split(t, H)
         for j in range(W):
             sv = score[n, i, j]
             for m in range(K):
@@ -400,13 +441,12 @@ def forward_votes(vp, yr, yc, score, p, agg, stat, out):
     The patch of ``x = z + r - (a, b)`` votes with the value at padded ``y_j(x) + (a, b)``;
     only patches inside the query map vote.
     """
+    r = p // 2
     N, H, W, K = yr.shape
     Cv = out.shape[3]
-    r = p // 2
     zero = out.dtype.type(0)
     for t in prange(N * H):
-        n = t // H
-        zi = t % H
+        n, zi = _split(t, H)
         a_lo = max(zi + r - H + 1, 0)
         a_hi = min(zi + r, p - 1)
         for zj in range(W):
@@ -457,8 +497,7 @@ def backward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, g, go, stat, sw, gcos
     r = p // 2
     zero = sw.dtype.type(0)
     for t in prange(N * H):
-        n = t // H
-        i = t % H
+        n, i = _split(t, H)
         cost = np.empty(K, sw.dtype)
         gs = np.empty(K, sw.dtype)
         acc = 0.0
@@ -540,8 +579,9 @@ def invert_field(idxf, W, K, M, off, ent):
 def backward_key_value(qp, kp, g, sw, stat, gcost, off, ent, p, dot, agg, gk, gv):
     """One task per key row: the key and value gradients at every key position ``u``, gathered.
 
-    Padded key positions ``P`` that replicate padding reads from ``u`` (the adjoint of the
-    padding), offsets ``(a, b)``, then the entries ``(x, j)`` with ``y_j(x) = P - (a, b)``.
+    The key positions ``y`` and offsets ``(a, b)`` whose padded read ``y + (a, b)`` is ``u``
+    (:func:`_fold_pairs`, the adjoint of the padding), then the entries ``(x, j)`` with
+    ``y_j(x) = y``.
     ``sw`` and ``gcost`` come flattened to ``(N, H * W * K)``, indexed by the entries' ``q``.
     """
     N, Hk, Wk, C = gk.shape
@@ -550,41 +590,39 @@ def backward_key_value(qp, kp, g, sw, stat, gcost, off, ent, p, dot, agg, gk, gv
     r = p // 2
     zero = gk.dtype.type(0)
     scale = np.float32(-1.0) if dot else np.float32(-2.0)
+    rs, rows = _fold_pairs(Hk, r, p)
+    cs, cols = _fold_pairs(Wk, r, p)
     for t in prange(N * Hk):
-        n = t // Hk
-        u = t % Hk
+        n, u = _split(t, Hk)
         acck = np.empty(C, gk.dtype)
         accv = np.empty(Cv, gv.dtype)
-        row_lo, row_hi = _pad_range(u, Hk, r)
         krow = kp[n, u + r]
         for v in range(Wk):
-            col_lo, col_hi = _pad_range(v, Wk, r)
             ko = (v + r) * C
             acck[:] = zero
             accv[:] = zero
-            for Pr in range(row_lo, row_hi + 1):
-                for a in range(max(Pr - Hk + 1, 0), min(Pr, p - 1) + 1):
-                    yi = Pr - a
-                    for Pc in range(col_lo, col_hi + 1):
-                        for b in range(max(Pc - Wk + 1, 0), min(Pc, p - 1) + 1):
-                            y = yi * Wk + Pc - b
-                            for e in range(off[n, y], off[n, y + 1]):
-                                q = ent[n, e, 0]
-                                xi = ent[n, e, 1]
-                                xj = ent[n, e, 2]
-                                gc = gcost[n, q]
-                                if dot:
-                                    _axpy(acck, gc, qp[n, xi + a], (xj + b) * C, C)
-                                else:
-                                    _axpy_diff(acck, gc, qp[n, xi + a], (xj + b) * C, krow, ko, C)
-                                if agg != CENTER:
-                                    zi = xi + a - r
-                                    zj = xj + b - r
-                                    if 0 <= zi < H and 0 <= zj < W:  # votes off the map were dropped
-                                        coef = sw[n, q]
-                                        if agg == PATCH:
-                                            coef = np.exp(coef - stat[n, zi, zj])
-                                        _axpy(accv, coef, g[n, zi, zj], 0, Cv)
+            for ia in range(rs[u], rs[u + 1]):
+                yi, a = rows[ia, 0], rows[ia, 1]
+                for ib in range(cs[v], cs[v + 1]):
+                    b = cols[ib, 1]
+                    y = yi * Wk + cols[ib, 0]
+                    for e in range(off[n, y], off[n, y + 1]):
+                        q = ent[n, e, 0]
+                        xi = ent[n, e, 1]
+                        xj = ent[n, e, 2]
+                        gc = gcost[n, q]
+                        if dot:
+                            _axpy(acck, gc, qp[n, xi + a], (xj + b) * C, C)
+                        else:
+                            _axpy_diff(acck, gc, qp[n, xi + a], (xj + b) * C, krow, ko, C)
+                        if agg != CENTER:
+                            zi = xi + a - r
+                            zj = xj + b - r
+                            if 0 <= zi < H and 0 <= zj < W:  # votes off the map were dropped
+                                coef = sw[n, q]
+                                if agg == PATCH:
+                                    coef = np.exp(coef - stat[n, zi, zj])
+                                _axpy(accv, coef, g[n, zi, zj], 0, Cv)
             if agg == CENTER:  # the value is read at y itself, unpadded
                 y = u * Wk + v
                 for e in range(off[n, y], off[n, y + 1]):
@@ -599,38 +637,35 @@ def backward_key_value(qp, kp, g, sw, stat, gcost, off, ent, p, dot, agg, gk, gv
 def backward_query(qp, kp, yr, yc, gcost, p, dot, gq):
     """One task per query row: the query gradient at every pixel ``u``, gathered.
 
-    Padded query positions ``Q`` that replicate padding reads from ``u``, offsets ``(a, b)``,
-    and the ``K`` matches of the patch ``x = Q - (a, b)``.
+    The patches ``x`` and offsets ``(a, b)`` whose padded read ``x + (a, b)`` is ``u``
+    (:func:`_fold_pairs`), and their ``K`` matches.
     """
     N, H, W, C = gq.shape
     K = yr.shape[3]
     r = p // 2
     zero = gq.dtype.type(0)
     scale = np.float32(-1.0) if dot else np.float32(2.0)
+    rs, rows = _fold_pairs(H, r, p)
+    cs, cols = _fold_pairs(W, r, p)
     for t in prange(N * H):
-        n = t // H
-        u = t % H
+        n, u = _split(t, H)
         acc = np.empty(C, gq.dtype)
-        row_lo, row_hi = _pad_range(u, H, r)
         qrow = qp[n, u + r]
         for v in range(W):
-            col_lo, col_hi = _pad_range(v, W, r)
             qo = (v + r) * C
             acc[:] = zero
-            for Qr in range(row_lo, row_hi + 1):
-                for a in range(max(Qr - H + 1, 0), min(Qr, p - 1) + 1):
-                    xi = Qr - a
-                    for Qc in range(col_lo, col_hi + 1):
-                        for b in range(max(Qc - W + 1, 0), min(Qc, p - 1) + 1):
-                            xj = Qc - b
-                            for m in range(K):
-                                gc = gcost[n, xi, xj, m]
-                                kr = kp[n, yr[n, xi, xj, m] + a]
-                                ko = (yc[n, xi, xj, m] + b) * C
-                                if dot:
-                                    _axpy(acc, gc, kr, ko, C)
-                                else:
-                                    _axpy_diff(acc, gc, qrow, qo, kr, ko, C)
+            for ia in range(rs[u], rs[u + 1]):
+                xi, a = rows[ia, 0], rows[ia, 1]
+                for ib in range(cs[v], cs[v + 1]):
+                    xj, b = cols[ib, 0], cols[ib, 1]
+                    for m in range(K):
+                        gc = gcost[n, xi, xj, m]
+                        kr = kp[n, yr[n, xi, xj, m] + a]
+                        ko = (yc[n, xi, xj, m] + b) * C
+                        if dot:
+                            _axpy(acc, gc, kr, ko, C)
+                        else:
+                            _axpy_diff(acc, gc, qrow, qo, kr, ko, C)
             dq = gq[n, u, v]
             for c in range(C):
                 dq[c] = scale * acc[c]
@@ -647,12 +682,11 @@ def sparse_forward_scores(qp, kp, vp, qpos, yr, yc, T, C, W, p, dot, agg, score,
     N, M, K = yr.shape
     Cv = out.shape[2]
     zero = score.dtype.type(0)
-    nc = (M + _CHUNK - 1) // _CHUNK
+    nc = _chunks(M)
     for t in prange(N * nc):
         n, m0, m1 = _chunk(t, nc, M)
         for m in range(m0, m1):
-            i = qpos[m] // W
-            j = qpos[m] - i * W
+            i, j = _listed(qpos, m, W)
             sv = score[n, m]
             for a in range(K):
                 c = _patch_cost(qp, kp, n, i, j, yr[n, m, a], yc[n, m, a], p, C, dot, zero, False, zero)
@@ -700,12 +734,11 @@ def sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat,
     Cv = out.shape[2]
     r = p // 2
     zero = out.dtype.type(0)
-    nc = (M + _CHUNK - 1) // _CHUNK
+    nc = _chunks(M)
     for t in prange(N * nc):
         n, m0, m1 = _chunk(t, nc, M)
         for m in range(m0, m1):
-            zi = qpos[m] // W
-            zj = qpos[m] - zi * W
+            zi, zj = _listed(qpos, m, W)
             c_lo = max(zj - r, 0)
             c_hi = min(zj + r, W - 1)
             mx = np.float32(-np.inf) + zero

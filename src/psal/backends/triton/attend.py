@@ -87,6 +87,34 @@ def _fold_range(u, n, d):
     return lo, tl.maximum(hi - lo + 1, 0)
 
 
+@triton.jit
+def _pixel_lanes(N, M, Wm, C, BLOCK: tl.constexpr, CB: tl.constexpr, IDX: tl.constexpr):
+    """A program's lanes over the pixels of ``N`` maps of ``M`` pixels, ``Wm`` wide, and its
+    chunk of ``CB`` of the ``C`` channels: ``(on, n, u, ui, uj, ch, cm)``."""
+    f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    on = f < N.to(tl.int64) * M
+    n, u = f // M, (f % M).to(IDX)
+    ch = tl.program_id(1) * CB + tl.arange(0, CB)[None, :]
+    return on, n, u, u // Wm, u % Wm, ch, ch < C
+
+
+@triton.jit
+def _fold_pairs(ui, uj, H, W, a, b, r, on):
+    """The positions of an ``H x W`` map whose read at offset ``(a - r, b - r)``, clamped, lands on
+    the lanes' pixel ``(ui, uj)``: a ``cnt`` of them (0 off the lanes ``on``), the ``t``-th
+    being :func:`_fold_pair` ``(t, lo_i, lo_j, n_j, W)``."""
+    lo_i, n_i = _fold_range(ui, H, a - r)
+    lo_j, n_j = _fold_range(uj, W, b - r)
+    return lo_i, lo_j, n_j, tl.where(on, n_i * n_j, 0)
+
+
+@triton.jit
+def _fold_pair(t, lo_i, lo_j, n_j, W):
+    """The flat position of the ``t``-th pair of :func:`_fold_pairs` (valid where ``t < cnt``)."""
+    ti = t // tl.maximum(n_j, 1)
+    return (lo_i + ti) * W + lo_j + (t - ti * n_j)
+
+
 @triton.jit(do_not_specialize=_SIZES)
 def _costs(
     q, k, idx, cost, listed, C, H, W, Hk, Wk, K, P, N, M,
@@ -251,26 +279,17 @@ def _query_grad(
     matches j, 2 gcost (q[u] - k[clamp(y_j(x) + d)]) ("l2") or -gcost k[...] ("dot")."""
     r = P // 2
     L = H * W
-    f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N.to(tl.int64) * L
-    n, u = f // L, (f % L).to(IDX)
-    ui, uj = u // W, u % W
-    ch = tl.program_id(1) * CB + tl.arange(0, CB)[None, :]
-    cm = ch < C
+    on, n, u, ui, uj, ch, cm = _pixel_lanes(N, L, W, C, BLOCK, CB, IDX)
     kb = k + n * C * Hk * Wk
     acc = tl.zeros([BLOCK, CB], ACC)
     sg = tl.zeros([BLOCK], ACC)
     for a in range(P):
-        lo_i, n_i = _fold_range(ui, H, a - r)
         for b in range(P):
-            lo_j, n_j = _fold_range(uj, W, b - r)
-            cnt = tl.where(on, n_i * n_j, 0)
+            lo_i, lo_j, n_j, cnt = _fold_pairs(ui, uj, H, W, a, b, r, on)
             # One patch per offset inside the map; the block runs to its longest border list.
             for t in range(0, tl.max(cnt, axis=0)):
                 real = t < cnt
-                ti = t // tl.maximum(n_j, 1)
-                x = (lo_i + ti) * W + lo_j + (t - ti * n_j)
-                x = tl.where(real, x, 0)
+                x = tl.where(real, _fold_pair(t, lo_i, lo_j, n_j, W), 0)
                 for j in range(K):
                     row = (n * K + j) * L + x
                     y = tl.load(idx + row, mask=real, other=0).to(IDX)
@@ -370,22 +389,14 @@ def _gather(
     r = P // 2
     L = H * W
     Nk = Hk * Wk
-    f = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    on = f < N.to(tl.int64) * Nk
-    n, u = f // Nk, (f % Nk).to(IDX)
-    ui, uj = u // Wk, u % Wk
-    ch = tl.program_id(1) * CB + tl.arange(0, CB)[None, :]
-    cm = ch < C
+    on, n, u, ui, uj, ch, cm = _pixel_lanes(N, Nk, Wk, C, BLOCK, CB, IDX)
     acc = tl.zeros([BLOCK, CB], ACC)
     for a in range(P):
-        lo_i, n_i = _fold_range(ui, Hk, a - r)
         for b in range(P):
-            lo_j, n_j = _fold_range(uj, Wk, b - r)
-            cnt = tl.where(on, n_i * n_j, 0)
+            lo_i, lo_j, n_j, cnt = _fold_pairs(ui, uj, Hk, Wk, a, b, r, on)
             for t in range(0, tl.max(cnt, axis=0)):
                 has = t < cnt
-                ti = t // tl.maximum(n_j, 1)
-                y = n * Nk + tl.where(has, (lo_i + ti) * Wk + lo_j + (t - ti * n_j), 0)
+                y = n * Nk + tl.where(has, _fold_pair(t, lo_i, lo_j, n_j, Wk), 0)
                 start = tl.load(rowptr + y, mask=has, other=0)
                 count = tl.load(rowptr + y + 1, mask=has, other=0) - start
                 # Each program runs to the longest list among its own lanes, not the map's longest.

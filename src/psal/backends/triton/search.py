@@ -38,6 +38,7 @@ import triton.language as tl
 from ..device import triton_interpreted
 from ..layout import allowed_table, compute_dtype, neighbour_table
 from . import search_lanes, search_tiles
+from .counters import launch_key
 
 # Jump-flood steps of one iteration's propagation, longest first (as in the pure-PyTorch backend).
 JUMPS = (8, 4, 2, 1)
@@ -156,6 +157,16 @@ class Problem:
     num_radii: int
     steps: tuple
     tables: dict
+
+    def schedule(self):
+        """The iterate launches of the search: ``(step, num_radii, neighbour table, launch key)``
+        for each jump step of each iteration, the random search (``num_radii > 0``) in the
+        launch of the last step (or alone, when the map is too small for any step)."""
+        for it in range(self.num_iters):
+            key = launch_key(self.seed, it)
+            steps = self.steps or (0,)
+            for i, step in enumerate(steps):
+                yield step, (self.num_radii if i == len(steps) - 1 else 0), (self.tables[step] if step else self.qpos), key
 
     def buffers(self, index_dtype: torch.dtype) -> tuple:
         """The ping-pong fields ``(N, K, M)``: indices and costs, and their spares."""

@@ -422,31 +422,9 @@ def run(pb, pad: bool = True, block: int = 32, warps: int = 1, prop_k: int | Non
         _init_kernel[grid](
             q, k, pb.mask_u8, pb.table, pb.n_allowed, pb.init, idx, cost, pb.qpos, *sizes, *launch_key(pb.seed, -1), pb.K0, **cfg
         )
-        for it in range(pb.num_iters):
-            key_lo, key_hi = launch_key(pb.seed, it)
-            # The random search runs in the launch of the last propagation step (or alone).
-            steps = pb.steps or (0,)
-            for i, step in enumerate(steps):
-                radii = pb.num_radii if i == len(steps) - 1 else 0
-                nbr = pb.tables[step] if step else pb.qpos
-                _iterate_kernel[grid](
-                    q,
-                    k,
-                    pb.mask_u8,
-                    idx,
-                    cost,
-                    spare_idx,
-                    spare_cost,
-                    pb.qpos,
-                    nbr,
-                    *sizes,
-                    key_lo,
-                    key_hi,
-                    step,
-                    radii,
-                    prop_k,
-                    rand_k,
-                    **cfg,
-                )
-                idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
+        for step, radii, nbr, key in pb.schedule():
+            _iterate_kernel[grid](
+                q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, nbr, *sizes, *key, step, radii, prop_k, rand_k, **cfg
+            )
+            idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
     return idx, cost

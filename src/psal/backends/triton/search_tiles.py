@@ -14,12 +14,12 @@ summation order inside ``tl.sum`` (the last bits of a cost); the block sizes are
 - ``_init_kernel``: ``K`` distinct random allowed positions per query pixel (ranks drawn without
   replacement among the allowed positions, mapped through ``layout.allowed_table``), then the
   warm-start candidates, offered like any other.
-- ``_propagate_kernel``: one jump-flood step (8, 4, 2, 1 in each iteration; a step that reaches
+- ``_iterate_kernel``: one jump-flood step (8, 4, 2, 1 in each iteration; a step that reaches
   past the query map is skipped): the neighbour ``x + e`` at that distance in each of the four
   directions matched ``y``, which suggests ``y - e`` for ``x``; all ``K`` matches of every
-  neighbour are offered (``4K`` candidates).
-- ``_random_kernel``: one uniform candidate in each window of radius ``max(Hk, Wk) / 2^i`` (down
-  to 1), clamped to the key map, around each of the ``K`` matches the launch starts from.
+  neighbour are offered (``4K`` candidates); in the launch of an iteration's last step, then the
+  random search: one uniform candidate in each window of radius ``max(Hk, Wk) / 2^i`` (down to 1),
+  clamped to the key map, around each of the ``K`` matches the list holds after propagation.
 
 Each program holds the k-best lists of ``BLOCK`` query pixels (one lane each; a block may span
 several maps) as ``(BLOCK, KB)`` register tiles of indices and costs, ``KB`` the power of two at or
@@ -283,53 +283,41 @@ def _init_kernel(
     tl.store(dst_cost + at, lcost, mask=on)
 
 
-@triton.jit(do_not_specialize=_RUNTIME + ["step"])
-def _propagate_kernel(
+@triton.jit(do_not_specialize=_RUNTIME + ["step", "num_radii"])
+def _iterate_kernel(
     q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost, qpos_ptr, nbr_ptr,
-    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, step,
+    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, step, num_radii,
     DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
     ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
 ):  # fmt: skip
-    """``SPARSE``: ``nbr_ptr`` holds, for each direction ``d`` and listed pixel, the list slot of
-    its neighbour at this step (-1: not listed), ``(4, M)``."""
-    _, n, slot, lane, qi, qj, ctx, lst, at, on, lidx, lcost = _setup(
+    """One jump-flood step at distance ``step`` (0: none), then, when ``num_radii > 0``, the
+    random search around each of the ``K`` matches the list holds after it (as the lanes kernels
+    do). ``SPARSE``: ``nbr_ptr`` holds, for each direction ``d`` and listed pixel, the list slot
+    of its neighbour at this step (-1: not listed), ``(4, M)``."""
+    g, n, slot, lane, qi, qj, ctx, lst, at, on, lidx, lcost = _setup(
         src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, True, SPARSE
     )
     mbase = n * Hk * Wk
-    for d in range(4):
-        dy, dx, nslot, near = jump_neighbour(d, step, qi, qj, lane, slot, nbr_ptr, H, W, M, SPARSE)
-        nat = n * K * M + nslot
-        for m in range(K):
-            y = tl.load(src_idx + (nat + m * M), mask=near, other=0)
-            ki = (y.to(tl.int32) // Wk).to(tl.int64)
-            kj = y - ki * Wk - dx
-            ki -= dy
-            ok = near & (ki >= 0) & (ki < Hk) & (kj >= 0) & (kj < Wk)
-            lidx, lcost = _offer(
-                lidx, lcost, ki, kj, ok, lst, q_ptr, k_ptr, mask_ptr, mbase, has_mask, ctx,
-                DOT, ACC, BLOCK, CB, ONE_CHUNK,
-            )  # fmt: skip
-    tl.store(dst_idx + at, lidx, mask=on)
-    tl.store(dst_cost + at, lcost, mask=on)
-
-
-@triton.jit(do_not_specialize=_RUNTIME + ["num_radii"])
-def _random_kernel(
-    q_ptr, k_ptr, mask_ptr, src_idx, src_cost, dst_idx, dst_cost, qpos_ptr,
-    N, H, W, Hk, Wk, C, K, P, M, has_mask, key_lo, key_hi, num_radii,
-    DOT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, KB: tl.constexpr, CB: tl.constexpr,
-    ONE_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
-):  # fmt: skip
-    g, n, _, lane, _, _, ctx, lst, at, on, lidx, lcost = _setup(
-        src_idx, src_cost, qpos_ptr, N, H, W, Hk, Wk, C, K, P, M, BLOCK, KB, CB, ONE_CHUNK, True, SPARSE
-    )
+    if step > 0:
+        for d in range(4):
+            dy, dx, nslot, near = jump_neighbour(d, step, qi, qj, lane, slot, nbr_ptr, H, W, M, SPARSE)
+            nat = n * K * M + nslot
+            for m in range(K):
+                y = tl.load(src_idx + (nat + m * M), mask=near, other=0)
+                ki = (y.to(tl.int32) // Wk).to(tl.int64)
+                kj = y - ki * Wk - dx
+                ki -= dy
+                ok = near & (ki >= 0) & (ki < Hk) & (kj >= 0) & (kj < Wk)
+                lidx, lcost = _offer(
+                    lidx, lcost, ki, kj, ok, lst, q_ptr, k_ptr, mask_ptr, mbase, has_mask, ctx,
+                    DOT, ACC, BLOCK, CB, ONE_CHUNK,
+                )  # fmt: skip
     col = lst[0]
-    mbase = n * Hk * Wk
     start = lidx
     Rmax = tl.maximum(Hk, Wk)
     ctr = g * (2 * K * num_radii)  # two draws (row, column) per window
-    for a in range(K):
-        # Windows around the a-th match the launch started from: the list shifts as it improves.
+    for a in range(K * (num_radii > 0)):
+        # Windows around the a-th match after propagation: the list shifts as it improves.
         y = tl.sum(tl.where(col == a, start, 0), axis=1)
         br = (y.to(tl.int32) // Wk).to(tl.int64)
         bc = y - br * Wk
@@ -379,13 +367,7 @@ def run(pb, shape=None):
         _init_kernel[grid](
             q, k, pb.mask_u8, pb.table, pb.n_allowed, pb.init, idx, cost, pb.qpos, *sizes, *launch_key(pb.seed, -1), pb.K0, **cfg
         )
-        for it in range(pb.num_iters):
-            for step in pb.steps:
-                _propagate_kernel[grid](
-                    q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, pb.tables[step], *sizes, 0, 0, step, **cfg
-                )
-                idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
-            key_lo, key_hi = launch_key(pb.seed, it)
-            _random_kernel[grid](q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, *sizes, key_lo, key_hi, pb.num_radii, **cfg)
+        for step, radii, nbr, key in pb.schedule():
+            _iterate_kernel[grid](q, k, pb.mask_u8, idx, cost, spare_idx, spare_cost, pb.qpos, nbr, *sizes, *key, step, radii, **cfg)
             idx, cost, spare_idx, spare_cost = spare_idx, spare_cost, idx, cost
     return idx, cost
