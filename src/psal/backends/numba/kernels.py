@@ -161,9 +161,11 @@ def _chunk(t, nc, M):
 
 
 @njit(inline="always", **_HOT)
-def _chunks(M):
-    """How many list chunks of ``_CHUNK`` cover ``M`` listed pixels: ``nc`` of :func:`_chunk`."""
-    return (M + _CHUNK - 1) // _CHUNK
+def _tasks(field):
+    """The sizes ``N, M, K`` of a list field ``(N, M, K)`` and how many list chunks of ``_CHUNK``
+    cover its ``M`` listed pixels (``nc`` of :func:`_chunk`: the kernel runs ``N * nc`` tasks)."""
+    N, M, K = field.shape
+    return N, M, K, (M + _CHUNK - 1) // _CHUNK
 
 
 @njit(inline="always", **_HOT)
@@ -198,9 +200,8 @@ def search_init(
     seed,
     screen,
 ):
-    N, M, K = out_idx.shape
+    N, M, K, nc = _tasks(out_idx)
     inf = np.float32(np.inf)
-    nc = _chunks(M)
     for t in prange(N * nc):
         n, m0, m1 = _chunk(t, nc, M)
         nal = n_allowed[n]
@@ -679,10 +680,9 @@ def backward_query(qp, kp, yr, yc, gcost, p, dot, gq):
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
 def sparse_forward_scores(qp, kp, vp, qpos, yr, yc, T, C, W, p, dot, agg, score, stat, out):
     """:func:`forward_scores` over the listed pixels, in chunks of the list."""
-    N, M, K = yr.shape
+    N, M, K, nc = _tasks(yr)
     Cv = out.shape[2]
     zero = score.dtype.type(0)
-    nc = _chunks(M)
     for t in prange(N * nc):
         n, m0, m1 = _chunk(t, nc, M)
         for m in range(m0, m1):
@@ -730,11 +730,10 @@ def sparse_forward_votes(vp, qpos, row_start, yr, yc, score, H, W, p, agg, stat,
     listed patches that cover it. The patches of row ``x_i = z_i + r - a`` that cover ``z`` are the
     listed positions of that row with columns in ``[z_j - r, z_j + r]``: one contiguous run of the
     list, found by two binary searches."""
-    N, M, K = yr.shape
+    N, M, K, nc = _tasks(yr)
     Cv = out.shape[2]
     r = p // 2
     zero = out.dtype.type(0)
-    nc = _chunks(M)
     for t in prange(N * nc):
         n, m0, m1 = _chunk(t, nc, M)
         for m in range(m0, m1):
