@@ -166,18 +166,21 @@ def test_no_backend_imports_the_dispatcher_or_another_engine():
 
 def test_the_command_line_and_the_service_share_the_task_layer_not_each_other():
     """``psal.serve`` and ``psal.cli`` both import ``psal.tasks``; the service never imports the
-    command line (the command line starts the service: ``psal serve``), and the task layer
-    imports neither."""
+    command line (the command line starts the service: ``psal serve``), the task layer imports
+    neither, and each layer below imports none above it (apps, then the library)."""
     import pathlib
     import re
 
     pkg = pathlib.Path(psal.__file__).parent
-    rules = {"serve": ("cli",), "tasks": ("cli", "serve")}
+    above = ("apps", "tasks", "cli", "serve", "bench", "examples")
+    rules = {"serve": ("cli",), "tasks": ("cli", "serve"), "apps": above[1:]}
+    # the library below the picture tools imports none of the layers above it
+    rules.update({name: above for name in ("backends", "functional.py", "nn.py", "_ops.py", "_dispatch.py", "_checks.py", "images.py")})
     for folder, banned in rules.items():
-        for path in (pkg / folder).rglob("*.py"):
+        for path in [pkg / folder] if folder.endswith(".py") else (pkg / folder).rglob("*.py"):
             text = path.read_text()
             for other in banned:
-                pattern = rf"^\s*(from psal\.{other}\b|from \.\.{other}\b|import psal\.{other}\b)"
+                pattern = rf"^\s*(from psal\.{other}\b|from \.+{other}\b|import psal\.{other}\b|from (psal|\.+) import {other}\b)"
                 assert not re.search(pattern, text, re.M), f"{path.relative_to(pkg)} imports psal.{other}"
     assert re.search(r"^from psal import tasks", (pkg / "serve" / "app.py").read_text(), re.M)
     assert re.search(r"^from \.\. import tasks", (pkg / "cli" / "main.py").read_text(), re.M)
