@@ -120,6 +120,13 @@ def test_a_connected_region_searches_as_well_as_the_dense_call(backend, device):
     mean cost ratio to exact is close to the dense call's on the same pixels."""
     if interpreted(backend, device):
         pytest.skip("25 s through the interpreter; Triton's sparse propagation is checked by the contract and dense-equality tests")
+    sparse_ratio, dense_ratio = _region_ratios(backend, device)
+    assert 1 - 1e-4 <= sparse_ratio <= dense_ratio * 1.03 + 0.005, (sparse_ratio, dense_ratio)
+
+
+def _region_ratios(backend, device):
+    """Mean cost ratios to exact over a disc of about 12% of a 64x64 smooth-noise map: the
+    sparse call's and the dense call's on the same pixels."""
     g = gen(3)
     S = 64
     x = torch.nn.functional.avg_pool2d(torch.rand(2, 3, S + 4, S + 4, generator=g), 5, stride=1)
@@ -132,7 +139,45 @@ def test_a_connected_region_searches_as_well_as_the_dense_call(backend, device):
     sparse = psal.patchmatch(q, k, patch_size=5, num_neighbors=3, generator=gen(0), backend=backend, positions=disc_d)
     dense_ratio = float(dense.costs.flatten(3)[..., disc.flatten().to(device)].mean() / exact)
     sparse_ratio = float(sparse.costs.mean() / exact)
+    return sparse_ratio, dense_ratio
+
+
+@pytest.mark.parametrize("fraction", [0, 10**9], ids=["in-place", "padded-copies"])
+def test_numba_sparse_search_in_place_and_on_padded_copies(monkeypatch, fraction):
+    """numba's sparse search over a small fraction of the key reads the caller's (N, C, H, W) maps
+    in place (clamped coordinates, no sketch, random starts offered at their true cost); forced
+    either way, it keeps the contract against the float64 oracle and searches a connected region
+    as well as the dense call."""
+    from psal.backends.numba import search as numba_search
+
+    monkeypatch.setattr(numba_search, "_IN_PLACE_FRACTION", fraction)
+
+    @settings(max_examples=30)
+    @given(problem=problems())
+    def check(problem):
+        seed = problem.pop("seed")
+        field = psal.patchmatch(**problem, generator=gen(seed), backend="numba")
+        opts = {n: problem[n] for n in ("patch_size", "num_neighbors", "num_heads", "key_mask", "similarity")}
+        check_sparse_field(field, problem["query"], problem["key"], problem["positions"], **opts)
+
+    check()
+    sparse_ratio, dense_ratio = _region_ratios("numba", "cpu")
     assert 1 - 1e-4 <= sparse_ratio <= dense_ratio * 1.03 + 0.005, (sparse_ratio, dense_ratio)
+
+
+def test_numba_sparse_search_of_a_few_pixels_reads_in_place(monkeypatch):
+    """The rule: listing at most 1/32 of the key's pixels takes the in-place path (which never
+    builds the padded channel-last copies); more takes the padded copies."""
+    from psal.backends.numba import search as numba_search
+
+    made = []
+    real = numba_search.channel_last_rows
+    monkeypatch.setattr(numba_search, "channel_last_rows", lambda *a: made.append(1) or real(*a))
+    q = torch.rand(1, 3, 32, 32, generator=gen(6))
+    psal.patchmatch(q, q, positions=torch.arange(32), backend="numba")
+    assert not made
+    psal.patchmatch(q, q, positions=torch.arange(33), backend="numba")
+    assert made
 
 
 @pytest.mark.parametrize("backend, device", SPARSE_CASES)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 # No 'nnan'/'ninf': NaN costs from NaN inputs must stay visible to the comparisons, and infinite
 # scores must keep their meaning. 'reassoc' lets the channel loops vectorise; the compiled order is
@@ -85,11 +86,73 @@ def _below(state, n):
     return state, np.int64(((z >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
 
 
-@njit(fastmath=_FASTMATH, **_HOT)
+@njit(fastmath=_FASTMATH, inline="always", **_HOT)
+def _clamped_cost(q, k, n, qi, qj, ki, kj, p, C, dot, bound):
+    """The patch cost read in place from the caller's ``(N, C, H, W)`` maps, replicate padding as
+    clamped coordinates: the same sum as :func:`_patch_cost` over padded channel-last copies (up
+    to rounding: channel by channel within a patch row), stopping early at ``bound`` after each
+    patch row."""
+    r = p // 2
+    H, W, Hk, Wk = q.shape[2], q.shape[3], k.shape[2], k.shape[3]
+    acc = np.float32(0.0)
+    if r <= qi < H - r and r <= qj < W - r and r <= ki < Hk - r and r <= kj < Wk - r:
+        # Both patches inside their maps (most pixels): no clamps, each channel's patch row one
+        # contiguous run.
+        for di in range(p):
+            s = np.float32(0.0)
+            for c in range(C):
+                qr = q[n, c, qi + di - r]
+                kr = k[n, c, ki + di - r]
+                qo = np.uint64(qj - r)
+                ko = np.uint64(kj - r)
+                if dot:
+                    for dj in range(np.uint64(p)):
+                        s -= qr[qo + dj] * kr[ko + dj]
+                else:
+                    for dj in range(np.uint64(p)):
+                        e = qr[qo + dj] - kr[ko + dj]
+                        s += e * e
+            acc += s
+            if not dot and acc >= bound:
+                return acc
+        return acc
+    for di in range(p):
+        qy = min(max(qi + di - r, 0), H - 1)
+        ky = min(max(ki + di - r, 0), Hk - 1)
+        s = np.float32(0.0)
+        for dj in range(p):
+            qx = min(max(qj + dj - r, 0), W - 1)
+            kx = min(max(kj + dj - r, 0), Wk - 1)
+            for c in range(C):
+                a = q[n, c, qy, qx]
+                b = k[n, c, ky, kx]
+                if dot:
+                    s -= a * b
+                else:
+                    e = a - b
+                    s += e * e
+        acc += s
+        if not dot and acc >= bound:
+            return acc
+    return acc
+
+
 def _cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
-    """The search's float32 patch cost, stopping early at ``bound`` (see :func:`_patch_cost`);
-    compiled once, not inlined into every candidate's call site."""
-    return _patch_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, np.float32(0.0), True, bound)
+    """The search's float32 patch cost of query pixel (qi, qj) against key pixel (ki, kj),
+    stopping early at ``bound``: over padded channel-last rows ``(N, H + 2r, (W + 2r) * C)``
+    (:func:`_patch_cost`, whose padded corner is the pixel) or in place over the caller's
+    ``(N, C, H, W)`` maps (:func:`_clamped_cost`), chosen at compile time by the maps' rank.
+    Compiled once per layout, not inlined into every candidate's call site."""
+    raise NotImplementedError("numba-only")  # pragma: no cover
+
+
+@overload(_cost, jit_options=dict(fastmath=_FASTMATH, error_model="numpy"))
+def _cost_layout(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
+    if qp.ndim == 4:
+        return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _clamped_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound)
+    return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _patch_cost(
+        qp, kp, n, qi, qj, ki, kj, p, C, dot, np.float32(0.0), True, bound
+    )
 
 
 @njit(inline="always", **_HOT)
@@ -199,7 +262,11 @@ def search_init(
     dot,
     seed,
     screen,
+    offers,
 ):
+    """The first k-best lists: ``K`` distinct random allowed positions (their sketch bounds
+    screening ``screen`` more), then ``offers`` more random positions offered at their true cost
+    (where there is no sketch), then the warm-start candidates."""
     N, M, K, nc = _tasks(out_idx)
     inf = np.float32(np.inf)
     for t in prange(N * nc):
@@ -248,6 +315,10 @@ def search_init(
                 y = li[a]
                 c = _cost(qp, kp, n, i, j, y // Wk, y % Wk, p, C, dot, inf)
                 _insert(li, lc, y, inf if c != c else c, a)  # sorted as the list fills
+            for _ in range(offers):
+                state, r = _below(state, nal)
+                y = allowed[n, r] if has_mask else r
+                _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, y // Wk, y % Wk, Wk, p, C, dot)
             if has_init:
                 for a in range(init_idx.shape[2]):
                     y = init_idx[n, m, a]
