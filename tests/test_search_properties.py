@@ -232,3 +232,34 @@ def test_low_precision_and_non_contiguous_inputs(backend, device):
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         field = psal.patchmatch(q.to(dtype), k.to(dtype), generator=gen(1), backend=backend)
         check_field(field, q.to(dtype), k.to(dtype), patch_size=3, num_neighbors=3)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.0], ids=["with-sketch", "without-sketch"])
+def test_numba_field_contract_with_and_without_the_sketch(monkeypatch, threshold):
+    """numba screens candidates by a lower-bound sketch only where it keeps enough of the key
+    patches' variance (``_SKETCH_MIN_CAPTURED``); forced either way, the field keeps the contract."""
+    from psal.backends.numba import search as numba_search
+
+    monkeypatch.setattr(numba_search, "_SKETCH_MIN_CAPTURED", threshold)
+
+    @settings(max_examples=40)
+    @given(problem=problems())
+    def check(problem):
+        seed, iters = problem.pop("seed"), problem.pop("num_iters")
+        field = psal.patchmatch(**problem, num_iters=iters, generator=gen(seed), backend="numba")
+        opts = {n: problem[n] for n in ("patch_size", "num_neighbors", "num_heads", "key_mask", "similarity")}
+        check_field(field, problem["query"], problem["key"], **opts)
+
+    check()
+
+
+def test_numba_sketch_is_used_where_it_keeps_the_variance():
+    """The rule's input: the share of the key patches' variance that the sketch keeps is high for
+    a natural picture and low for white noise with many channels."""
+    from psal.backends.numba import search as numba_search
+    from psal.images import load_bundled
+
+    picture = load_bundled("astronaut", 64)
+    noise = torch.randn(1, 64, 64, 64, generator=gen(8))
+    assert numba_search._sketch_basis(7, 3, picture, 8).captured > 0.8
+    assert numba_search._sketch_basis(3, 64, noise, 8).captured < 0.1 < numba_search._SKETCH_MIN_CAPTURED
