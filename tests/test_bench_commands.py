@@ -234,3 +234,24 @@ def test_inpainting_peers_fill_the_hole_with_the_pictures_colour(peer):
     assert float((out - image).abs()[known].max()) <= 1.5 / 255
     fill = out[..., 24:40, 8:20].mean((2, 3))[0]
     torch.testing.assert_close(fill, torch.tensor([0.8, 0.1, 0.0]), atol=0.05, rtol=0)
+
+
+def test_bench_profile_small(capsys):
+    """The search profile at a toy size prints every variant, and its stage bits do what they
+    say: with neither propagation nor random search, or with no cost, iterations leave the
+    random start as it is; the search as it is improves it."""
+    from psal.backends.numba import kernels
+    from psal.backends.numba import search as numba_search
+    from psal.bench import profile
+
+    assert profile.main(["--size", "24", "--repeats", "1", "--iters", "2", "--quality-sample", "64"]) == 0
+    printed = capsys.readouterr().out
+    for name, _ in profile._VARIANTS:
+        assert f"| {name} " in printed
+    assert "mean cost ratio to exact" in printed
+    q, k = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0)), torch.rand(1, 3, 24, 24)
+    start = numba_search.patchmatch(q, k, None, 3, 5, 0, "l2", None, 7)[1]
+    none = kernels.ALL_STAGES & ~kernels.RANDOM & ~kernels.PROPAGATE
+    for stages in (none, kernels.ALL_STAGES & ~kernels.COST):
+        assert torch.equal(numba_search.patchmatch(q, k, None, 3, 5, 3, "l2", None, 7, stages=stages)[1], start)
+    assert numba_search.patchmatch(q, k, None, 3, 5, 3, "l2", None, 7)[1].mean() < start.mean()

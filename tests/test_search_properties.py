@@ -262,4 +262,4 @@ def test_numba_sketch_is_used_where_it_keeps_the_variance():
     picture = load_bundled("astronaut", 64)
     noise = torch.randn(1, 64, 64, 64, generator=gen(8))
     assert numba_search._sketch_basis(7, 3, picture, 8).captured > 0.8
-    assert numba_search._sketch_basis(3, 64, noise, 8).captured < 0.1 < numba_search._SKETCH_MIN_CAPTURED
+    assert numba_search._sketch_basis(3, 64, noise, 8).captured < 0.05 < numba_search._SKETCH_MIN_CAPTURED

@@ -1,4 +1,4 @@
-"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu, kernels."""
+"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu, kernels, profile."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ SUITES = {
     "training": "psal.bench.training",
     "gpu": "psal.bench.gpu",
     "kernels": "psal.bench.kernels",
+    "profile": "psal.bench.profile",
 }
 
 

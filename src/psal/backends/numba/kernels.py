@@ -28,6 +28,10 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 # Aggregations, as the attention kernels take them.
 CENTER, PATCH, PATCH_MEAN = 0, 1, 2
+# The stages of a search iteration, as bits of ``search_iterate``'s ``stages``: every one in the
+# library; the profile (``python -m psal.bench profile``) leaves one out at a time.
+PROPAGATE, RANDOM, BOUND, COST = 1, 2, 4, 8
+ALL_STAGES = PROPAGATE | RANDOM | BOUND | COST
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,11 +185,12 @@ def _bound(sq, sk, n, m, ki, kj):
 
 
 @njit(fastmath=_FASTMATH, inline="always", **_HOT)
-def _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, ki, kj, Wk, p, C, dot):
+def _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, ki, kj, Wk, p, C, dot, stages=ALL_STAGES):
     """Offer key position (ki, kj) to the list of searched pixel ``m`` at (i, j).
 
     Kept if allowed, not in the list yet, and strictly better than the worst. The sketch lower
-    bound rejects most random candidates before their cost is computed.
+    bound rejects most random candidates before their cost is computed. ``stages`` without
+    ``BOUND`` or ``COST`` (the profile's variants) skips the bound or stops before the cost.
     """
     cand = ki * Wk + kj
     if has_mask and not mask[n, cand]:
@@ -195,7 +200,9 @@ def _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, ki, kj, Wk, p, C, d
         if li[t] == cand:
             return
     worst = lc[K - 1]
-    if sq.shape[2] > 0 and _bound(sq, sk, n, m, ki, kj) >= worst:
+    if stages & BOUND and sq.shape[2] > 0 and _bound(sq, sk, n, m, ki, kj) >= worst:
+        return
+    if not stages & COST:
         return
     c = _cost(qp, kp, n, i, j, ki, kj, p, C, dot, worst)
     if c < worst:  # False for NaN
@@ -327,7 +334,7 @@ def search_init(
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
 def search_iterate(
-    qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense, H, W, Hk, Wk, p, C, dot, seed, it, band
+    qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense, H, W, Hk, Wk, p, C, dot, seed, it, band, stages
 ):
     N, M, K = out_idx.shape
     HW = H * W
@@ -352,15 +359,16 @@ def search_iterate(
             # All K matches of the neighbour are offered.
             jn = j - d
             mn = m - d
-            if 0 <= jn < W and (dense or (lo <= mn < hi and qpos[mn] == pos - d)):
+            propagate = stages & PROPAGATE
+            if propagate and 0 <= jn < W and (dense or (lo <= mn < hi and qpos[mn] == pos - d)):
                 nl = out_idx[n, mn]
                 for a in range(K):
                     yr = nl[a] // Wk
                     yc = nl[a] - yr * Wk + d
                     if 0 <= yc < Wk:
-                        _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr, yc, Wk, p, C, dot)
+                        _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr, yc, Wk, p, C, dot, stages)
             iN = i - d
-            if r0 <= iN < r1:
+            if propagate and r0 <= iN < r1:
                 if dense:
                     mn = m - d * W
                 else:
@@ -372,13 +380,13 @@ def search_iterate(
                         yc = nl[a] - yr * Wk
                         yr += d
                         if 0 <= yr < Hk:
-                            _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr, yc, Wk, p, C, dot)
+                            _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr, yc, Wk, p, C, dot, stages)
             # Random search around each kept match in turn, in windows of radius
             # max(Hk, Wk) / 2^s down to 1. Searching around all k (not only the best) is what
             # brings the 2nd..k-th matches within a few percent of exact (measured: the mean
             # cost ratio to exact went from 1.06 to 1.03 at 128x128).
             state = _mix(seed ^ np.uint64(n * HW + pos))
-            for a in range(K):
+            for a in range(K if stages & RANDOM else 0):
                 br = li[a] // Wk
                 bc = li[a] - br * Wk
                 R = max(Hk, Wk)
@@ -387,7 +395,7 @@ def search_iterate(
                     lo_c = max(bc - R, 0)
                     state, r = _below(state, min(br + R, Hk - 1) - lo_r + 1)
                     state, c = _below(state, min(bc + R, Wk - 1) - lo_c + 1)
-                    _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, lo_r + r, lo_c + c, Wk, p, C, dot)
+                    _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, lo_r + r, lo_c + c, Wk, p, C, dot, stages)
                     R //= 2
 
 

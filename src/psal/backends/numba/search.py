@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .. import rng
 from ..layout import allowed_table, channel_last_rows, neighbour_table, patch_offsets, same_map
-from .kernels import search_init, search_iterate
+from .kernels import ALL_STAGES, search_init, search_iterate
 
 _BAND = 16  # rows per parallel task; fixed, so that results do not depend on the thread count
 # Lower-bound sketch: values per pixel. The key's sketch is read at random places, so it must stay
@@ -50,9 +50,10 @@ _SCREEN_PER_MATCH, _SCREEN_MAX = 16, 64
 # pixels listed make up for.
 _IN_PLACE_FRACTION = 32
 # The least share of the key patches' variance that the sketch must keep to be used (natural
-# images: 0.94-0.97 at RGB p = 7; unstructured 64-channel features: 0.02-0.12, where the bound rejected
-# none of 41 candidates per pixel and iteration and cost 18% of the search's time).
-_SKETCH_MIN_CAPTURED = 0.25
+# images: 0.94-0.97 at RGB p = 7; inpainting's 12-channel features at its coarse levels: 0.18-0.24;
+# 64-channel white noise: 0.02, where the bound rejected none of 41 candidates per pixel and
+# iteration and cost 18% of the search's time). 0.1 leaves every inpainting call as it was.
+_SKETCH_MIN_CAPTURED = 0.1
 
 
 class _SketchBasis(NamedTuple):
@@ -134,8 +135,21 @@ def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Te
     return out.numpy()
 
 
-def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
-    """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CPU tensors."""
+def patchmatch(
+    query,
+    key,
+    mask,
+    num_neighbors: int,
+    patch_size: int,
+    num_iters: int,
+    similarity: str,
+    init_idx,
+    seed: int,
+    positions=None,
+    stages=ALL_STAGES,
+):
+    """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CPU tensors. ``stages``
+    (bits of ``kernels.ALL_STAGES``) leaves stages of each iteration out, for the profile only."""
     N, C, H, W = query.shape
     Hk, Wk = key.shape[-2:]
     K, p, r = num_neighbors, patch_size, patch_size // 2
@@ -199,7 +213,7 @@ def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters:
                 qpos, dense, H * W, W, Wk, p, C, dot, np.uint64(rng.stream(seed, -1)), screen, offers)  # fmt: skip
     for it in range(num_iters):
         search_iterate(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense,
-                       H, W, Hk, Wk, p, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND)  # fmt: skip
+                       H, W, Hk, Wk, p, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND, stages)  # fmt: skip
     shape = (N, K, H, W) if dense else (N, K, M)
     idx = torch.from_numpy(out_idx).transpose(1, 2).reshape(shape).contiguous()
     cost = torch.from_numpy(out_cost).transpose(1, 2).reshape(shape).contiguous()
