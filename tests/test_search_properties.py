@@ -48,20 +48,17 @@ def problems(draw):
 @settings(max_examples=60)
 @given(problem=problems())
 def test_field_contract(backend, device, problem):
+    _search_and_check(problem, backend, device)
+
+
+def _search_and_check(problem, backend, device):
+    """One drawn problem searched on ``backend`` and checked against the contract."""
     seed = problem.pop("seed")
     iters = problem.pop("num_iters")
     problem["query"], problem["key"], problem["key_mask"] = to_device(device, problem["query"], problem["key"], problem["key_mask"])
     field = psal.patchmatch(**problem, num_iters=iters, generator=gen(seed), backend=backend)
-    check_field(
-        field,
-        problem["query"],
-        problem["key"],
-        patch_size=problem["patch_size"],
-        num_neighbors=problem["num_neighbors"],
-        num_heads=problem["num_heads"],
-        key_mask=problem["key_mask"],
-        similarity=problem["similarity"],
-    )
+    opts = {n: problem[n] for n in ("patch_size", "num_neighbors", "num_heads", "key_mask", "similarity")}
+    check_field(field, problem["query"], problem["key"], **opts)
 
 
 @pytest.mark.parametrize("backend, device", NATIVE_CASES)
@@ -245,10 +242,7 @@ def test_numba_field_contract_with_and_without_the_sketch(monkeypatch, threshold
     @settings(max_examples=40)
     @given(problem=problems())
     def check(problem):
-        seed, iters = problem.pop("seed"), problem.pop("num_iters")
-        field = psal.patchmatch(**problem, num_iters=iters, generator=gen(seed), backend="numba")
-        opts = {n: problem[n] for n in ("patch_size", "num_neighbors", "num_heads", "key_mask", "similarity")}
-        check_field(field, problem["query"], problem["key"], **opts)
+        _search_and_check(problem, "numba", "cpu")
 
     check()
 

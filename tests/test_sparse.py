@@ -79,14 +79,19 @@ def test_sparse_field_contract(backend, device):
     @settings(max_examples=6 if interpreted(backend, device) else 40)
     @given(problem=problems())
     def check(problem):
-        seed = problem.pop("seed")
-        for name in ("query", "key", "key_mask", "positions"):
-            problem[name] = to_device(device, problem[name])[0]
-        field = psal.patchmatch(**problem, generator=gen(seed), backend=backend)
-        opts = {n: problem[n] for n in ("patch_size", "num_neighbors", "num_heads", "key_mask", "similarity")}
-        check_sparse_field(field, problem["query"], problem["key"], problem["positions"], **opts)
+        _search_and_check(problem, backend, device)
 
     check()
+
+
+def _search_and_check(problem, backend, device):
+    """One drawn problem searched on ``backend`` and checked against the contract."""
+    seed = problem.pop("seed")
+    for name in ("query", "key", "key_mask", "positions"):
+        problem[name] = to_device(device, problem[name])[0]
+    field = psal.patchmatch(**problem, generator=gen(seed), backend=backend)
+    opts = {n: problem[n] for n in ("patch_size", "num_neighbors", "num_heads", "key_mask", "similarity")}
+    check_sparse_field(field, problem["query"], problem["key"], problem["positions"], **opts)
 
 
 @pytest.mark.parametrize("backend, device", SPARSE_CASES)
@@ -155,10 +160,7 @@ def test_numba_sparse_search_in_place_and_on_padded_copies(monkeypatch, fraction
     @settings(max_examples=30)
     @given(problem=problems())
     def check(problem):
-        seed = problem.pop("seed")
-        field = psal.patchmatch(**problem, generator=gen(seed), backend="numba")
-        opts = {n: problem[n] for n in ("patch_size", "num_neighbors", "num_heads", "key_mask", "similarity")}
-        check_sparse_field(field, problem["query"], problem["key"], problem["positions"], **opts)
+        _search_and_check(problem, "numba", "cpu")
 
     check()
     sparse_ratio, dense_ratio = _region_ratios("numba", "cpu")

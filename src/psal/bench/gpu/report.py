@@ -8,6 +8,11 @@ import math
 from psal.bench import common
 
 
+def _same_cell(row: dict) -> str:
+    """A row's "same as the reference" column: yes, NO, or – where it was not compared."""
+    return "–" if "same" not in row else ("yes" if row["same"] else "NO")
+
+
 def fmt(x, digits=3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -28,7 +33,7 @@ def variants(res: dict) -> str:
     for cls, block in res.get("search", {}).items():
         rows = [
             [r["name"], fmt(r.get("ms"), 4), fmt(r.get("mean_cost"), 5), fmt(r.get("index_agreement"), 4),
-             "yes" if r.get("same") else ("–" if "same" not in r else "NO"), (r.get("error") or r.get("skipped") or "")[:60]]
+             _same_cell(r), (r.get("error") or r.get("skipped") or "")[:60]]
             for r in block["rows"]
         ]  # fmt: skip
         parts.append(
@@ -58,7 +63,7 @@ def variants(res: dict) -> str:
     if res.get("attend"):
         rows = [
             [r["name"], fmt(r.get("ms"), 4), fmt(r.get("peak_mib"), 4), fmt(r.get("sdpa_flash_peak_mib"), 4),
-             "yes" if r.get("same") else ("–" if "same" not in r else "NO"), (r.get("error") or "")[:60]]
+             _same_cell(r), (r.get("error") or "")[:60]]
             for r in res["attend"]
         ]  # fmt: skip
         setup = res.get("attend_setup", {})

@@ -27,21 +27,24 @@ AUTHORS_10_ITER_RATIO = 1.203
 _WARM = """
 import sys, torch
 from psal.backends.triton import search as ts
-names = sys.argv[1].split(",")
+names, device = sys.argv[1].split(","), torch.device(sys.argv[2])
 for dtype, C, P, K in ((torch.float32, 3, 7, 3), (torch.bfloat16, 64, 3, 4)):
-    q = torch.rand(1, C, 9, 11, device="cuda").to(dtype)
-    k = torch.rand(1, C, 10, 8, device="cuda").to(dtype)
+    q = torch.rand(1, C, 9, 11, device=device).to(dtype)
+    k = torch.rand(1, C, 10, 8, device=device).to(dtype)
     for name in names:
         ts.patchmatch(q, k, None, K, P, 1, "l2", None, 0, variant=name)
-torch.cuda.synchronize()
+if device.type == "cuda":
+    torch.cuda.synchronize()
 """
 _WARM_ATTEND = """
 import os, sys, torch, psal
 os.environ["PSAL_TRITON_KEY_GRAD"] = sys.argv[1]
-x = torch.rand(1, 64, 9, 11, device="cuda").to(torch.bfloat16).requires_grad_()
+device = torch.device(sys.argv[2])
+x = torch.rand(1, 64, 9, 11, device=device).to(torch.bfloat16).requires_grad_()
 for aggregation in ("center", "patch", "patch_mean"):
     psal.ps_attention(x, x, x, patch_size=3, num_neighbors=4, num_iters=1, aggregation=aggregation).float().sum().backward()
-torch.cuda.synchronize()
+if device.type == "cuda":
+    torch.cuda.synchronize()
 """
 
 
@@ -53,16 +56,17 @@ def precompile(run: Run, variants, workers: int | None = None) -> dict:
     root = Path(__file__).resolve().parents[3]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    jobs = [[sys.executable, "-c", _WARM, name] for name in variants]
-    jobs += [[sys.executable, "-c", _WARM_ATTEND, path] for path in KEY_GRAD_PATHS]
+    device = str(run.device)
+    jobs = [[sys.executable, "-c", _WARM, name, device] for name in variants]
+    jobs += [[sys.executable, "-c", _WARM_ATTEND, path, device] for path in KEY_GRAD_PATHS]
     workers = workers or max(1, min(len(jobs), (os.cpu_count() or 2) - 1))
 
     def one(cmd):
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(30.0, run.left() - 120))
-            return cmd[-1], None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
+            return cmd[3], None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1][:300]
         except subprocess.TimeoutExpired:
-            return cmd[-1], "timed out"
+            return cmd[3], "timed out"
 
     with ThreadPoolExecutor(workers) as pool:
         return {name: err for name, err in pool.map(one, jobs) if err}
