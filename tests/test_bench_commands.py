@@ -255,3 +255,42 @@ def test_bench_profile_small(capsys):
     for stages in (none, kernels.ALL_STAGES & ~kernels.COST):
         assert torch.equal(numba_search.patchmatch(q, k, None, 3, 5, 3, "l2", None, 7, stages=stages)[1], start)
     assert numba_search.patchmatch(q, k, None, 3, 5, 3, "l2", None, 7)[1].mean() < start.mean()
+
+
+def test_bench_attention_against_a_convolution(tmp_path, capsys):
+    """The layer suite at a toy size: psal with q = k and the 3x3 convolution it is compared with,
+    each in its own process, the ``x conv3x3`` column the ratio of their medians."""
+    from psal.bench import attention
+
+    report = tmp_path / "attention.json"
+    argv = ["--sizes", "16", "--methods", "psal-qk", "conv3x3", "--channels", "8", "--repeats", "2", "--json", str(report)]
+    assert attention.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "x conv3x3" in out
+    records = {r["method"]: r for r in json.loads(report.read_text())["results"]}
+    assert set(records) == {"psal-qk", "conv3x3"}
+    for r in records.values():
+        assert r["size"] == 16 and len(r["times_s"]) == 2 and r["median_s"] > 0
+    ratio = records["psal-qk"]["median_s"] / records["conv3x3"]["median_s"]
+    row = next(line for line in out.splitlines() if "| psal-qk" in line)
+    assert row.rstrip(" |").endswith(f"{ratio:.1f}x")
+    assert next(line for line in out.splitlines() if "| conv3x3" in line).rstrip(" |").endswith("1.0x")
+
+
+def test_bench_video_dry_run(tmp_path, capsys):
+    """The video suite at its dry-run size: every method on the case, in a process each, with the
+    metrics it reports; the layer section against SDPA; JSON and markdown written."""
+    from psal.bench import video
+
+    assert video.main(["--dry-run", "--methods", "psal-video", "psal-frames", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Goals of issue 30" in out and "**Layer forward + backward**" in out
+    results = json.loads((tmp_path / "video.json").read_text())["results"]
+    cases = {r["method"]: r for r in results["cases"]}
+    assert set(cases) == {"psal-video", "psal-frames"}
+    for r in cases.values():
+        assert (r["width"], r["height"], r["frames"]) == (40, 32, 6) and 0.02 < r["hole_share"] < 0.08
+        assert r["seconds"] > 0 and r["peak_mib"] > 0 and r["hole_psnr_db"] > 10 and r["flicker"] >= 0
+    # the space-time fill reaches what the moving disc hides in other frames; frame by frame cannot
+    assert cases["psal-video"]["hole_psnr_db"] > cases["psal-frames"]["hole_psnr_db"] + 3
+    assert (tmp_path / "video.md").read_text().count("|") > 20

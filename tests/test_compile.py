@@ -37,13 +37,13 @@ def _skip_interpreted(backend, device):
 def test_opcheck_attend(backend, device, aggregation):
     _skip_interpreted(backend, device)
     q, k, v, idx, T = _attend_args(device)
-    torch.library.opcheck(torch.ops.psal.attend.default, (q, k, v, idx, T, 3, aggregation, "l2", backend))
-    out, stat = torch.ops.psal.attend(q, k, v, idx, T, 3, aggregation, "dot", backend)
+    torch.library.opcheck(torch.ops.psal.attend.default, (q, k, v, idx, T, [3], aggregation, "l2", backend))
+    out, stat = torch.ops.psal.attend(q, k, v, idx, T, [3], aggregation, "dot", backend)
     grad = torch.randn(out.shape, dtype=out.dtype, generator=gen(1)).to(device)
     detached = [t.detach() for t in (q, k, v)]
     torch.library.opcheck(
         torch.ops.psal.attend_backward.default,
-        (grad, *detached, idx, T.detach(), out.detach(), stat, 3, aggregation, "dot", backend),
+        (grad, *detached, idx, T.detach(), out.detach(), stat, [3], aggregation, "dot", backend),
     )
 
 
@@ -52,7 +52,7 @@ def test_opcheck_attend_half_precision(backend, device):
     # The statistic comes out in float32 for half inputs: the fake kernel must say so too.
     q, k, v, idx, _ = (t.detach() for t in _attend_args(device, torch.float32))
     T = torch.tensor(1.5, device=device)
-    args = (q.half(), k.half(), v.half(), idx, T, 3, "patch", "l2", backend)
+    args = (q.half(), k.half(), v.half(), idx, T, [3], "patch", "l2", backend)
     torch.library.opcheck(torch.ops.psal.attend.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -63,8 +63,8 @@ def test_opcheck_patchmatch(backend, device):
     mask = torch.ones(2, 18, dtype=torch.bool, device=device)
     mask[0, :5] = False
     seed = torch.tensor([11])  # on the CPU whatever the device, as psal.patchmatch passes it
-    torch.library.opcheck(torch.ops.psal.patchmatch.default, (q, k, mask, 3, 3, 2, "l2", idx, seed, backend))
-    torch.library.opcheck(torch.ops.psal.patchmatch.default, (q, k, None, 2, 1, 0, "dot", None, seed, backend))
+    torch.library.opcheck(torch.ops.psal.patchmatch.default, (q, k, mask, 3, [3], 2, "l2", idx, seed, backend))
+    torch.library.opcheck(torch.ops.psal.patchmatch.default, (q, k, None, 2, [1], 0, "dot", None, seed, backend))
 
 
 class _Net(torch.nn.Module):

@@ -138,8 +138,12 @@ def test_block_cross_attention_context(backend, device):
 @pytest.mark.parametrize(
     "call, error, pattern",
     [
-        (lambda b: b(torch.rand(2, 4, 8, 8)), ValueError, r"psal.PSALBlock: x must have shape \(B, 5, H, W\), got \(2, 4, 8, 8\)"),
-        (lambda b: b(torch.rand(2, 5, 8)), ValueError, r"x must have shape \(B, 5, H, W\), got \(2, 5, 8\)"),
+        (
+            lambda b: b(torch.rand(2, 4, 8, 8)),
+            ValueError,
+            r"psal.PSALBlock: x must have shape \(B, 5, H, W\) or \(B, 5, T, H, W\), got \(2, 4, 8, 8\)",
+        ),
+        (lambda b: b(torch.rand(2, 5, 8)), ValueError, r"x must have shape \(B, 5, H, W\) or \(B, 5, T, H, W\), got \(2, 5, 8\)"),
         (lambda b: b(torch.rand(2, 5, 8, 8), context=torch.rand(2, 3, 8, 8)), ValueError, r"context must have shape \(B, 5, H, W\)"),
         (lambda b: b([1.0]), TypeError, r"x must be a torch.Tensor"),
     ],

@@ -101,6 +101,7 @@ def test_key_side_path_choice(monkeypatch):
     always in deterministic mode."""
     from psal.backends.triton import attend as ta
 
+    monkeypatch.delenv("PSAL_TRITON_KEY_GRAD", raising=False)
     launched = []
 
     class Spy:

@@ -24,8 +24,12 @@ def search(**kw):
 @pytest.mark.parametrize(
     "kwargs, error, pattern",
     [
-        (dict(query=torch.rand(4, 8, 9)), ValueError, r"query must be a 4-D tensor .*\(4, 8, 9\)"),
-        (dict(key=torch.rand(1, 2, 4, 7, 6)), ValueError, r"key must be a 4-D tensor .*\(1, 2, 4, 7, 6\)"),
+        (dict(query=torch.rand(4, 8, 9)), ValueError, r"query must be a 4-D map \(B, C, H, W\) or a 5-D volume .*\(4, 8, 9\)"),
+        (
+            dict(key=torch.rand(1, 2, 4, 7, 6)),
+            ValueError,
+            r"query and key must both be maps .* or both volumes .*got query \(2, 4, 8, 9\) and key \(1, 2, 4, 7, 6\)",
+        ),
         (dict(query=Q.numpy()), TypeError, r"query must be a torch.Tensor"),
         (dict(key=torch.rand(3, 4, 7, 6)), ValueError, r"same batch size.*\(2, 4, 8, 9\).*\(3, 4, 7, 6\)"),
         (dict(key=torch.rand(2, 3, 7, 6)), ValueError, r"same number of channels.*\(2, 4, 8, 9\).*\(2, 3, 7, 6\)"),
@@ -167,7 +171,11 @@ def attend(**kw):
             r"value must have the key's batch and spatial size \(B, Cv, Hk, Wk\) = \(2, Cv, 7, 6\), got value \(2, 3, 6, 7\)",
         ),
         (dict(value=torch.rand(1, 3, 7, 6)), ValueError, r"value must have the key's batch and spatial size .* got value \(1, 3, 7, 6\)"),
-        (dict(value=torch.rand(3, 7, 6)), ValueError, r"value must be a 4-D tensor \(B, C, H, W\), got shape \(3, 7, 6\)"),
+        (
+            dict(value=torch.rand(3, 7, 6)),
+            ValueError,
+            r"value must be a 4-D map \(B, C, H, W\) or a 5-D volume \(B, C, T, H, W\), got shape \(3, 7, 6\)",
+        ),
         (
             dict(value=V.double()),
             TypeError,

@@ -83,6 +83,29 @@ _PREDICATES = {"numba": can_run_numba, "triton": can_run_triton, "torch": can_ru
 SPARSE_OPS = {"numba": ("search", "attend"), "triton": ("search", "attend"), "torch": ("search", "attend")}
 
 
+# The ops each backend runs over space-time volumes (5-D inputs that are not one frame). numba and
+# Triton run them on their map kernels (``backends/tall.py``): square frames of patches (ph == pw)
+# only, and the attention with "center" aggregation over dense queries only.
+VOLUME_OPS = {"numba": ("search", "attend"), "triton": ("search", "attend"), "torch": ("search", "attend")}
+# The backends whose volumes run on their map kernels (``backends/tall.py``), with its limits.
+_TALL = ("numba", "triton")
+
+
+def _volume_ok(name: str, op: str, volume, raise_error: bool = False, aggregation: str | None = None, sparse: bool = False) -> bool:
+    """``volume``: False for a map, else True or the volume's ``(pt, ph, pw)`` patch."""
+    what = {"search": "search", "attend": "attention"}[op]
+    if name in _TALL and isinstance(volume, tuple) and volume[1] != volume[2]:
+        return _fail(
+            f"backend {name!r} has no space-time {what} over non-square frames of patches {volume} yet; use 'torch' or 'auto'", raise_error
+        )
+    if name in _TALL and volume and op == "attend" and (aggregation != "center" or sparse):
+        how = "over sparse positions" if sparse else f"with {aggregation!r} aggregation"
+        return _fail(f"backend {name!r} has no space-time attention {how} yet (only 'center', dense); use 'torch' or 'auto'", raise_error)
+    if not volume or op in VOLUME_OPS[name]:
+        return True
+    return _fail(f"backend {name!r} has no space-time {what} (5-D inputs of several frames) yet; use 'torch' or 'auto'", raise_error)
+
+
 def _sparse_ok(name: str, op: str, sparse: bool, raise_error: bool = False) -> bool:
     if not sparse or op in SPARSE_OPS[name]:
         return True
@@ -135,11 +158,21 @@ def _module(name: str, op: str, sparse: bool = False) -> ModuleType:
     return importlib.import_module(f"psal.backends.{name}.{op}")
 
 
-def choose(fn: str, op: str, backend: str, device: torch.device, positions: int = 0, sparse: bool = False) -> ModuleType:
+def choose(
+    fn: str,
+    op: str,
+    backend: str,
+    device: torch.device,
+    positions: int = 0,
+    sparse: bool = False,
+    volume: bool | tuple = False,
+    aggregation: str | None = None,
+) -> ModuleType:
     """The module that implements ``op`` (``"search"``: ``patchmatch``; ``"attend"``:
     ``attend_forward``; ``"attend_backward"``: ``attend_backward``, of the backend chosen for the
     forward, or of :data:`SPARSE_BACKWARD`'s) with ``backend`` for a problem on ``device`` of
-    ``positions`` (see :func:`positions`), over ``sparse`` query positions or not. ``"auto"``: the
+    ``positions`` (see :func:`positions`), over ``sparse`` query positions or not, on a
+    space-time ``volume`` or not. ``"auto"``: the
     first backend of ``ORDER`` that can run it (never the Triton interpreter, which is for tests)."""
     module = op
     op = "attend" if op == "attend_backward" else op
@@ -147,9 +180,17 @@ def choose(fn: str, op: str, backend: str, device: torch.device, positions: int 
         for name in ORDER:
             if name == "triton" and device.type == "cpu":
                 continue
-            if _PREDICATES[name](device, positions) and _sparse_ok(name, op, sparse):
+            if (
+                _PREDICATES[name](device, positions)
+                and _sparse_ok(name, op, sparse)
+                and _volume_ok(name, op, volume, False, aggregation, sparse)
+            ):
                 missing = "numba" if device.type == "cpu" else "triton"
-                fallback = positions >= TRITON_MAX_POSITIONS or (sparse and op not in SPARSE_OPS[missing])
+                fallback = (
+                    positions >= TRITON_MAX_POSITIONS
+                    or (sparse and op not in SPARSE_OPS[missing])
+                    or (bool(volume) and not _volume_ok(missing, op, volume, False, aggregation, sparse))
+                )
                 if name == "torch" and device.type in ("cpu", "cuda") and not fallback:
                     warnings.warn(
                         f"psal: {missing} is not installed, so {device.type.upper()} tensors run on the "
@@ -164,6 +205,7 @@ def choose(fn: str, op: str, backend: str, device: torch.device, positions: int 
     require(fn, backend, device, positions)
     try:
         _sparse_ok(backend, op, sparse, raise_error=True)
+        _volume_ok(backend, op, volume, True, aggregation, sparse)
     except ValueError as exc:
         raise ValueError(f"{fn}: {exc}") from None
     return _module(backend, module, sparse)

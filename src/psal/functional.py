@@ -1,4 +1,12 @@
-"""The public functions: validate once, fold heads into the batch, dispatch to a backend."""
+"""The public functions: validate once, fold heads into the batch, dispatch to a backend.
+
+Every function takes maps ``(B, C, H, W)`` and, the same way, videos or volumes
+``(B, C, T, H, W)``: ``patch_size`` is then an odd int (a cube) or a ``(pt, ph, pw)`` triple,
+``key_mask`` ``(B, Tk, Hk, Wk)``, fields ``(B, heads, k, T, H, W)`` with flat key indices
+``t * Hk * Wk + row * Wk + col``, and query and key volumes may differ in length and size. A map
+is a volume of one frame (the same results). Outside a volume, voxels are read with replicate
+padding in time as in space.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +25,14 @@ FULL_ATTENTION_METHODS = ("auto", "sdpa", "chunked")
 
 
 def _spatial(shapes: checks.MapShapes, positions: torch.Tensor | None) -> tuple:
-    """The spatial part of a field's shape: ``(H, W)``, or ``(M,)`` for sparse query positions."""
-    return (shapes.height, shapes.width) if positions is None else (positions.numel(),)
+    """The spatial part of a field's shape: ``(H, W)`` (``(T, H, W)`` for volumes), or ``(M,)``
+    for sparse query positions."""
+    return shapes.spatial if positions is None else (positions.numel(),)
+
+
+def _op_patch(patch) -> list[int]:
+    """The ops' patch argument: ``[p]`` for a map's square patch, ``[pt, ph, pw]`` for a volume's."""
+    return [patch] if isinstance(patch, int) else list(patch)
 
 
 def _empty_field(shapes: checks.MapShapes, k: int, device: torch.device, positions: torch.Tensor | None = None) -> KNNField:
@@ -57,7 +71,7 @@ def patchmatch(
     query: torch.Tensor,
     key: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     num_neighbors: int = 3,
     num_iters: int = 5,
     key_mask: torch.Tensor | None = None,
@@ -71,10 +85,12 @@ def patchmatch(
     """Approximate k nearest key patches of every query patch, by PatchMatch.
 
     Args:
-        query: ``Tensor[B, C, H, W]``, floating point.
+        query: ``Tensor[B, C, H, W]``, floating point (or a video ``Tensor[B, C, T, H, W]``,
+            see the module docstring).
         key: ``Tensor[B, C, Hk, Wk]`` on the query's device; its size may differ from the query's.
-        patch_size: odd side ``p >= 1`` of the square patches; outside a map, pixels are read with
-            replicate padding, so border pixels get real matches.
+        patch_size: odd side ``p >= 1`` of the square patches (videos: also ``(pt, ph, pw)``);
+            outside a map, pixels are read with replicate padding, so border pixels get real
+            matches.
         num_neighbors: ``k >= 1``, at most the number of allowed key positions.
         num_iters: PatchMatch iterations (``0``: random initialisation only).
         key_mask: ``Tensor[B, Hk, Wk]`` of bool, True where a key position may be matched.
@@ -119,7 +135,7 @@ def _search(
     query: torch.Tensor,
     key: torch.Tensor,
     shapes: checks.MapShapes,
-    patch_size: int,
+    patch_size: int | tuple[int, int, int],
     k: int,
     num_iters: int,
     key_mask: torch.Tensor | None,
@@ -130,7 +146,7 @@ def _search(
     positions: torch.Tensor | None = None,
 ) -> KNNField:
     """The search once query, key, mask and ``k`` are checked: checks the rest, runs the op."""
-    patch_size = checks.check_patch_size(fn, patch_size)
+    patch_size = checks.check_patch_size(fn, patch_size, shapes.volume)
     num_iters = checks.check_int(fn, "num_iters", num_iters, 0)
     similarity = checks.check_similarity(fn, similarity)
     positions = checks.check_positions(fn, positions, shapes, query.device)
@@ -143,7 +159,7 @@ def _search(
         kk,
         mask,
         k,
-        patch_size,
+        _op_patch(patch_size),
         num_iters,
         similarity,
         None if init_idx is None else init_idx.flatten(0, 1),
@@ -158,7 +174,7 @@ def exact_knn(
     query: torch.Tensor,
     key: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     num_neighbors: int = 3,
     key_mask: torch.Tensor | None = None,
     similarity: str = "l2",
@@ -180,11 +196,11 @@ def exact_knn(
     """
     fn = "psal.exact_knn"
     shapes = checks.check_query_key(fn, query, key, num_heads)
-    patch_size = checks.check_patch_size(fn, patch_size)
+    patch_size = checks.check_patch_size(fn, patch_size, shapes.volume)
     similarity = checks.check_similarity(fn, similarity)
     key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
     k = checks.check_num_neighbors(fn, num_neighbors, key_mask, shapes)
-    if shapes.batch == 0 or shapes.height * shapes.width == 0:
+    if shapes.batch == 0 or shapes.num_queries == 0:
         return _empty_field(shapes, k, query.device)
     with torch.no_grad():
         q, kk, mask = _folded(query, key, key_mask, shapes.num_heads)
@@ -197,7 +213,7 @@ def patch_costs(
     key: torch.Tensor,
     indices: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     similarity: str = "l2",
     num_heads: int = 1,
     positions: torch.Tensor | None = None,
@@ -221,7 +237,7 @@ def patch_costs(
     """
     fn = "psal.patch_costs"
     shapes = checks.check_query_key(fn, query, key, num_heads)
-    patch_size = checks.check_patch_size(fn, patch_size)
+    patch_size = checks.check_patch_size(fn, patch_size, shapes.volume)
     similarity = checks.check_similarity(fn, similarity)
     positions = checks.check_positions(fn, positions, shapes, query.device)
     indices = checks.check_field_indices(fn, "indices", indices, shapes, query.device, positions=positions)
@@ -243,7 +259,7 @@ def attend(
     value: torch.Tensor,
     indices: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     temperature: float | torch.Tensor = 1.0,
     aggregation: str = "center",
     similarity: str = "l2",
@@ -315,7 +331,7 @@ def _attend(
     value: torch.Tensor,
     indices: torch.Tensor,
     shapes: checks.MapShapes,
-    patch_size: int,
+    patch_size: int | tuple[int, int, int],
     temperature: float | torch.Tensor,
     aggregation: str,
     similarity: str,
@@ -325,7 +341,7 @@ def _attend(
     """``attend`` once query, key and indices are checked."""
     checks.check_value(fn, value, shapes, query)
     checks.check_same_dtype(fn, query=query, key=key, value=value)
-    patch_size = checks.check_patch_size(fn, patch_size)
+    patch_size = checks.check_patch_size(fn, patch_size, shapes.volume)
     aggregation = checks.check_aggregation(fn, aggregation)
     similarity = checks.check_similarity(fn, similarity)
     temperature = checks.check_temperature(fn, temperature, query)
@@ -337,7 +353,7 @@ def _attend(
         layout.fold_heads(value, h),
         indices.flatten(0, 1),
         temperature,
-        patch_size,
+        _op_patch(patch_size),
         aggregation,
         similarity,
         backend,
@@ -352,7 +368,7 @@ def ps_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     num_neighbors: int = 3,
     num_iters: int = 5,
     temperature: float | torch.Tensor = 1.0,
@@ -373,7 +389,7 @@ def ps_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     num_neighbors: int = 3,
     num_iters: int = 5,
     temperature: float | torch.Tensor = 1.0,
@@ -393,7 +409,7 @@ def ps_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     num_neighbors: int = 3,
     num_iters: int = 5,
     temperature: float | torch.Tensor = 1.0,
@@ -443,7 +459,7 @@ def full_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     *,
-    patch_size: int = 3,
+    patch_size: int | tuple[int, int, int] = 3,
     temperature: float | torch.Tensor = 1.0,
     aggregation: str = "center",
     key_mask: torch.Tensor | None = None,
@@ -479,7 +495,7 @@ def full_attention(
     shapes = checks.check_query_key(fn, query, key, num_heads)
     checks.check_value(fn, value, shapes, query)
     checks.check_same_dtype(fn, query=query, key=key, value=value)
-    patch_size = checks.check_patch_size(fn, patch_size)
+    patch_size = checks.check_patch_size(fn, patch_size, shapes.volume)
     aggregation = checks.check_aggregation(fn, aggregation)
     similarity = checks.check_similarity(fn, similarity)
     key_mask = checks.check_key_mask(fn, key_mask, shapes, query.device)
@@ -495,9 +511,9 @@ def full_attention(
     if method == "auto":
         method = "chunked" if aggregation == "patch" or not sdpa_dtype_ok else "sdpa"
     B, Cv = shapes.batch, value.shape[1]
-    if B == 0 or shapes.height * shapes.width == 0:
+    if B == 0 or shapes.num_queries == 0:
         # Nothing to compute, but still a result of the graph, so that a backward runs.
-        empty = value.new_zeros(B, Cv, shapes.height, shapes.width)
+        empty = value.new_zeros(B, Cv, *shapes.spatial)
         return empty + 0 * (query.sum() + key.sum() + value.sum())
     h = shapes.num_heads
     out = dense.full_attention(
@@ -511,4 +527,4 @@ def full_attention(
         similarity,
         method,
     )
-    return out.reshape(B, Cv, shapes.height, shapes.width).to(value.dtype)
+    return out.reshape(B, Cv, *shapes.spatial).to(value.dtype)

@@ -24,7 +24,7 @@ def _need(module: str, extra: str = "demo"):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(f"psal.images needs {module}: pip install 'psal[{extra}]' ({exc})") from None
+        raise ImportError(f"psal needs {module} for this: pip install 'psal[{extra}]' ({exc})") from None
 
 
 def to_tensor(array) -> torch.Tensor:

@@ -33,7 +33,9 @@ class PSAttention(nn.Module):
         ``forward(query, key=None, value=None, key_mask=None, generator=None)``: query ``(B, C, H, W)``, key
         ``(B, C, Hk, Wk)`` (default: the query, self-attention), value ``(B, Cv, Hk, Wk)``
         (default: the key), key_mask ``(B, Hk, Wk)`` bool -> ``(B, Cv, H, W)``, in the inputs'
-        dtype (float16/bfloat16 computed in float32).
+        dtype (float16/bfloat16 computed in float32). Videos and volumes: ``(B, C, T, H, W)``
+        and ``(B, C, Tk, Hk, Wk)``, key_mask ``(B, Tk, Hk, Wk)`` -> ``(B, Cv, T, H, W)``, with
+        ``patch_size`` an odd int (a cube) or a ``(pt, ph, pw)`` triple.
 
     Raises:
         TypeError, ValueError: on a bad option here, or bad input to ``forward``, naming the
@@ -47,7 +49,7 @@ class PSAttention(nn.Module):
 
     def __init__(
         self,
-        patch_size: int = 3,
+        patch_size: int | tuple[int, int, int] = 3,
         num_neighbors: int = 3,
         num_iters: int = 5,
         temperature: float = 1.0,
@@ -61,7 +63,8 @@ class PSAttention(nn.Module):
     ) -> None:
         super().__init__()
         fn = "psal.PSAttention"
-        self.patch_size = checks.check_patch_size(fn, patch_size)
+        # An int (a square patch, or a cube for videos) or a (pt, ph, pw) triple for videos only.
+        self.patch_size = checks.check_patch_size(fn, patch_size, volume=isinstance(patch_size, (tuple, list)))
         self.num_neighbors = checks.check_int(fn, "num_neighbors", num_neighbors, 1)
         self.num_iters = checks.check_int(fn, "num_iters", num_iters, 0)
         checks.check_temperature(fn, temperature, torch.empty(0))
@@ -155,11 +158,14 @@ class PSALBlock(nn.Module):
 
     Shapes:
         ``forward(x, context=None, key_mask=None, generator=None)``: x ``(B, channels, H, W)``, context
-        ``(B, channels, Hk, Wk)``, key_mask ``(B, Hk, Wk)`` bool -> ``(B, channels, H, W)``.
+        ``(B, channels, Hk, Wk)``, key_mask ``(B, Hk, Wk)`` bool -> ``(B, channels, H, W)``; or
+        videos ``(B, channels, T, H, W)``, ``(B, channels, Tk, Hk, Wk)``, ``(B, Tk, Hk, Wk)`` (the
+        1x1 projections are the same weights, applied per voxel).
 
     Raises:
         TypeError, ValueError: on a bad option (``inner_channels`` not divisible by ``num_heads``
-            among them), or an ``x`` or ``context`` that is not ``(B, channels, H, W)``.
+            among them), or an ``x`` or ``context`` that is not ``(B, channels, H, W)`` or
+            ``(B, channels, T, H, W)`` (both maps or both videos).
 
     Example:
         >>> block = psal.PSALBlock(16, num_neighbors=4)
@@ -189,8 +195,10 @@ class PSALBlock(nn.Module):
         fn = "psal.PSALBlock"
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4 or t.shape[1] != self.channels:
-            raise ValueError(f"{fn}: {name} must have shape (B, {self.channels}, H, W), got {tuple(t.shape)}")
+        if t.dim() not in (4, 5) or t.shape[1] != self.channels:
+            raise ValueError(
+                f"{fn}: {name} must have shape (B, {self.channels}, H, W) or (B, {self.channels}, T, H, W), got {tuple(t.shape)}"
+            )
 
     def forward(
         self,
@@ -204,5 +212,18 @@ class PSALBlock(nn.Module):
             context = x
         else:
             self._check("context", context)
-        y = self.attention(self.query(x), self.key(context), self.value(context), key_mask=key_mask, generator=generator)
-        return x + self.out(y)
+            if context.dim() != x.dim():
+                raise ValueError(
+                    f"psal.PSALBlock: x and context must both be maps or both videos, got x {tuple(x.shape)} and context {tuple(context.shape)}"
+                )
+        q, k, v = _pointwise(self.query, x), _pointwise(self.key, context), _pointwise(self.value, context)
+        y = self.attention(q, k, v, key_mask=key_mask, generator=generator)
+        return x + _pointwise(self.out, y)
+
+
+def _pointwise(conv: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution of a map, or of a video ``(B, C, T, H, W)`` seen as the map
+    ``(B, C, T * H, W)`` (a view; the same weights at every voxel)."""
+    if t.dim() == 4:
+        return conv(t)
+    return conv(t.flatten(2, 3)).unflatten(2, t.shape[2:4])

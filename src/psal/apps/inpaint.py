@@ -326,6 +326,22 @@ def _check_inputs(image, mask, patch_size, num_neighbors):
     return hole, patch_size, k
 
 
+def check_options(fn, num_iters, search_iters, scales, tolerance, generator, progress, backend, device):
+    """The options the picture and the video inpainters share, checked as ``fn``; returns
+    ``(num_iters, search_iters, scales, generator, backend)``."""
+    num_iters = checks.check_int(fn, "num_iters", num_iters, 1)
+    search_iters = checks.check_int(fn, "search_iters", search_iters, 0)
+    if scales is not None:
+        scales = checks.check_int(fn, "scales", scales, 1)
+    if not checks.is_real_number(tolerance) or not tolerance >= 0:
+        raise ValueError(f"{fn}: tolerance must be a number >= 0, got {tolerance!r}")
+    generator = checks.check_generator(fn, generator)
+    backend = checks.check_backend(fn, backend, BACKENDS, device)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"{fn}: progress must be callable as progress(done, total) or None, got {type(progress).__name__}")
+    return num_iters, search_iters, scales, generator, backend
+
+
 # ----------------------------------------------------------------------------------------------
 # The method.
 
@@ -386,16 +402,9 @@ def inpaint(
         True
     """
     hole, patch_size, k = _check_inputs(image, mask, patch_size, num_neighbors)
-    num_iters = checks.check_int(_FN, "num_iters", num_iters, 1)
-    search_iters = checks.check_int(_FN, "search_iters", search_iters, 0)
-    if scales is not None:
-        scales = checks.check_int(_FN, "scales", scales, 1)
-    if not checks.is_real_number(tolerance) or not tolerance >= 0:
-        raise ValueError(f"{_FN}: tolerance must be a number >= 0, got {tolerance!r}")
-    generator = checks.check_generator(_FN, generator)
-    backend = checks.check_backend(_FN, backend, BACKENDS, image.device)
-    if progress is not None and not callable(progress):
-        raise TypeError(f"{_FN}: progress must be callable as progress(done, total) or None, got {type(progress).__name__}")
+    num_iters, search_iters, scales, generator, backend = check_options(
+        _FN, num_iters, search_iters, scales, tolerance, generator, progress, backend, image.device
+    )
 
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
     C = image.shape[1]

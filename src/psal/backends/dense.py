@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .layout import compute_dtype, unfold_patches, vote_counts
+from .layout import compute_dtype, patch_dims, unfold_patches, vote_counts
 
 # Score elements per chunk of the chunked path (a (chunk, Nk) matrix of this many entries).
 CHUNK_ELEMENTS = 1 << 22
 
 
-def _value_columns(value, patch_size: int, aggregation: str):
+def _value_columns(value, patch_size, aggregation: str):
     """``(N, E, Nk)``: the value pixel (center) or the whole value patch of every key position."""
     if aggregation == "center":
         return value.to(compute_dtype(value.dtype)).flatten(2)
@@ -141,25 +141,36 @@ def _sdpa(qpat, kpat, vcols, mask, T, dot: bool):
     return out[:, 0, :, :E].transpose(1, 2), None
 
 
-def full_attention(query, key, value, mask, temperature, patch_size: int, aggregation: str, similarity: str, method: str):
-    """``(N, Cv, H, W)`` in the compute dtype; differentiable by autograd."""
-    N, _, H, W = query.shape
+def full_attention(query, key, value, mask, temperature, patch_size, aggregation: str, similarity: str, method: str):
+    """``(N, Cv, *S)`` in the compute dtype, ``S`` the query's spatial shape; differentiable by
+    autograd. Maps ``(N, C, H, W)`` take an int ``patch_size``, volumes ``(N, C, T, H, W)`` a
+    ``(pt, ph, pw)``."""
+    N = query.shape[0]
+    S = tuple(query.shape[2:])
     Cv = value.shape[1]
-    p, r = patch_size, patch_size // 2
     dt = compute_dtype(query.dtype)
     T = temperature.to(dt)
-    qpat = unfold_patches(query, p)  # (N, C * p * p, L)
-    kpat = unfold_patches(key, p)  # (N, C * p * p, Nk)
-    vcols = _value_columns(value, p, aggregation)  # (N, E, Nk)
+    qpat = unfold_patches(query, patch_size)  # (N, C * P, L)
+    kpat = unfold_patches(key, patch_size)  # (N, C * P, Nk)
+    vcols = _value_columns(value, patch_size, aggregation)  # (N, E, Nk)
     if method == "sdpa":
         A, lse = _sdpa(qpat, kpat, vcols, mask, T, similarity == "dot")  # A: (N, E, L)
     else:
         A, lse = _Chunked.apply(qpat, kpat, vcols, mask, T, similarity == "dot")
     if aggregation == "center":
-        return A.reshape(N, Cv, H, W)
+        return A.reshape(N, Cv, *S)
+    if query.dim() == 4:
+        return _combine_map(A, lse, N, Cv, S, patch_size, aggregation)
+    return _combine_volume(A, lse, N, Cv, S, patch_dims(patch_size), aggregation)
+
+
+def _combine_map(A, lse, N, Cv, S, p, aggregation):
+    """The per-patch means ``A (N, Cv * p * p, H * W)`` of a map combined into pixels."""
+    H, W = S
+    r = p // 2
     if aggregation == "patch_mean":
         votes = F.fold(A, (H, W), p, padding=r)
-        return votes / vote_counts(H, W, p, A.device, A.dtype)
+        return votes / vote_counts((H, W), (p, p), A.device, A.dtype)
     # "patch": out(z) = sum_d exp(lse(z - d)) A(z - d)[d] / sum_d exp(lse(z - d)).
     lse = lse.view(N, 1, H, W)
     m = F.max_pool2d(lse, p, 1, r)  # (N, 1, H, W), the largest weight reaching each pixel
@@ -175,3 +186,34 @@ def full_attention(query, key, value, mask, temperature, patch_size: int, aggreg
             den = den + wgt
             num = num + wgt * Ap[:, :, a, b, sl[0], sl[1]]
     return num / den
+
+
+def _combine_volume(A, lse, N, Cv, S, patch, aggregation):
+    """:func:`_combine_map` for a volume: ``A (N, Cv * pt * ph * pw, T * H * W)``. Patch ``x``'s
+    vote with offset ``d`` lands on ``z = x + d``; votes outside the volume are dropped."""
+    T, H, W = S
+    pt, ph, pw = patch
+    rt, rh, rw = (q // 2 for q in patch)
+    pad = (rw, rw, rh, rh, rt, rt)
+    A = A.view(N, Cv, pt, ph, pw, T, H, W)
+    if aggregation == "patch":
+        lse = lse.view(N, 1, T, H, W)
+        m = F.max_pool3d(lse, patch, 1, (rt, rh, rw))
+        lsep = F.pad(lse, pad, value=float("-inf"))
+    num = A.new_zeros(N, Cv, T, H, W)
+    den = A.new_zeros(N, 1, T, H, W)
+    for a in range(pt):
+        for b in range(ph):
+            for c in range(pw):
+                # Patch x = z - d, d = (a, b, c) - r, sits at padded z + patch - 1 - (a, b, c).
+                sl = (slice(pt - 1 - a, pt - 1 - a + T), slice(ph - 1 - b, ph - 1 - b + H), slice(pw - 1 - c, pw - 1 - c + W))
+                vote = F.pad(A[:, :, a, b, c], pad)[..., sl[0], sl[1], sl[2]]
+                if aggregation == "patch":
+                    wgt = torch.exp(lsep[..., sl[0], sl[1], sl[2]] - m)
+                    den = den + wgt
+                    num = num + wgt * vote
+                else:
+                    num = num + vote
+    if aggregation == "patch":
+        return num / den
+    return num / vote_counts(S, patch, A.device, A.dtype)

@@ -4,6 +4,12 @@ the neighbour tables and patch pixels of sparse query positions.
 
 Pure PyTorch, no kernels and no dispatch: the backends (``torch``, ``numba``, ``triton``, ``dense``)
 import from here, never from each other.
+
+Maps and volumes: a 2-D map is ``(N, C, H, W)`` with a square patch ``p`` (an int); a space-time
+volume is ``(N, C, T, H, W)`` with a patch ``(pt, ph, pw)`` (a tuple). :func:`as_volume` and
+:func:`patch_dims` read both as volumes (a map is a volume of one frame, patch ``(1, p, p)``), so
+that one implementation serves both; flat positions are ``t * H * W + row * W + col``, which for
+one frame is the map's ``row * W + col``.
 """
 
 from __future__ import annotations
@@ -17,23 +23,56 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_volume(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` -> ``(N, C, 1, H, W)`` (a view); a volume ``(N, C, T, H, W)`` as it is."""
+    return x.unsqueeze(2) if x.dim() == 4 else x
+
+
+def patch_dims(patch_size) -> tuple[int, int, int]:
+    """``(pt, ph, pw)``: an int ``p`` is a map's square patch ``(1, p, p)``; a triple as it is."""
+    if isinstance(patch_size, int):
+        return (1, patch_size, patch_size)
+    pt, ph, pw = patch_size
+    return (int(pt), int(ph), int(pw))
+
+
+def replicate_pad(x: torch.Tensor, radii) -> torch.Tensor:
+    """A volume ``(N, C, T, H, W)`` replicate padded by ``radii = (rt, rh, rw)``."""
+    rt, rh, rw = radii
+    if rt == 0:  # the 2-D kernel, which is what a map (one frame) needs
+        N, C, T, H, W = x.shape
+        y = F.pad(x.reshape(N, C * T, H, W), (rw, rw, rh, rh), mode="replicate") if rh or rw else x
+        return y.reshape(N, C, T, H + 2 * rh, W + 2 * rw)
+    return F.pad(x, (rw, rw, rh, rh, rt, rt), mode="replicate")
+
+
 def fold_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, C, H, W)`` -> ``(B * heads, C // heads, H, W)``; head ``h`` owns a contiguous channel block."""
-    B, C, H, W = x.shape
-    return x.reshape(B * num_heads, C // num_heads, H, W)
+    """``(B, C, *S)`` -> ``(B * heads, C // heads, *S)`` for a map or a volume; head ``h`` owns a
+    contiguous channel block."""
+    B, C = x.shape[:2]
+    return x.reshape(B * num_heads, C // num_heads, *x.shape[2:])
 
 
 def fold_mask(key_mask, num_heads: int):
-    """``(B, Hk, Wk)`` bool -> ``(B * heads, Hk * Wk)``, or ``None``."""
+    """``(B, Hk, Wk)`` or ``(B, Tk, Hk, Wk)`` bool -> ``(B * heads, Nk)``, or ``None``."""
     if key_mask is None:
         return None
     return key_mask.flatten(1).repeat_interleave(num_heads, dim=0)
 
 
-def unfold_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``(N, C, H, W)`` -> every patch as a column, ``(N, C * p * p, H * W)``, replicate padded."""
-    r = patch_size // 2
-    return F.unfold(F.pad(x.to(compute_dtype(x.dtype)), (r, r, r, r), mode="replicate"), patch_size)
+def unfold_patches(x: torch.Tensor, patch_size) -> torch.Tensor:
+    """Every patch as a column, replicate padded: a map ``(N, C, H, W)`` with an int ``p`` ->
+    ``(N, C * p * p, H * W)``; a volume ``(N, C, T, H, W)`` with ``(pt, ph, pw)`` ->
+    ``(N, C * pt * ph * pw, T * H * W)``, rows ordered channel, then patch offset (row-major)."""
+    x = x.to(compute_dtype(x.dtype))
+    if x.dim() == 4:
+        r = patch_size // 2
+        return F.unfold(F.pad(x, (r, r, r, r), mode="replicate"), patch_size)
+    pt, ph, pw = patch_dims(patch_size)
+    N, C, T, H, W = x.shape
+    xp = replicate_pad(x, (pt // 2, ph // 2, pw // 2))
+    cols = [xp[:, :, a : a + T, b : b + H, c : c + W] for a in range(pt) for b in range(ph) for c in range(pw)]
+    return torch.stack(cols, 2).reshape(N, C * pt * ph * pw, T * H * W)
 
 
 def channel_last(x: torch.Tensor, dtype: torch.dtype | None = None, pad: int = 0) -> torch.Tensor:
@@ -52,17 +91,20 @@ def channel_last_rows(x: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Te
     return channel_last(x, dtype, pad).reshape(N, H + 2 * pad, (W + 2 * pad) * C)
 
 
-def replicate_pad_adjoint(g: torch.Tensor, r: int) -> torch.Tensor:
-    """The adjoint of ``F.pad(x, (r, r, r, r), mode="replicate")``: fold the border rows back in."""
-    if r == 0:
-        return g
-    H, W = g.shape[-2] - 2 * r, g.shape[-1] - 2 * r
-    rows = g[..., r : r + H, :].clone()
-    rows[..., 0, :] += g[..., :r, :].sum(-2)
-    rows[..., H - 1, :] += g[..., r + H :, :].sum(-2)
-    out = rows[..., r : r + W].clone()
-    out[..., 0] += rows[..., :r].sum(-1)
-    out[..., W - 1] += rows[..., r + W :].sum(-1)
+def replicate_pad_adjoint(g: torch.Tensor, r) -> torch.Tensor:
+    """The adjoint of replicate padding: fold the border slices back in. ``r`` an int pads the
+    last two dimensions by ``r`` (a map); a tuple pads the last ``len(r)`` dimensions by its
+    entries (``(rt, rh, rw)`` for a volume)."""
+    radii = (r, r) if isinstance(r, int) else tuple(r)
+    out = g
+    for axis, rad in zip(range(-len(radii), 0), radii):
+        if rad == 0:
+            continue
+        n = out.shape[axis] - 2 * rad
+        inner = out.narrow(axis, rad, n).clone()
+        inner.narrow(axis, 0, 1).add_(out.narrow(axis, 0, rad).sum(axis, keepdim=True))
+        inner.narrow(axis, n - 1, 1).add_(out.narrow(axis, rad + n, rad).sum(axis, keepdim=True))
+        out = inner
     return out
 
 
@@ -72,15 +114,17 @@ def same_map(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
 
 
-def vote_counts(H: int, W: int, patch_size: int, device, dtype) -> torch.Tensor:
-    """``(H, W)``: how many query patches cover each pixel (``p * p`` away from the borders)."""
-    r = patch_size // 2
-
-    def along(n):
+def vote_counts(dims, patch, device, dtype) -> torch.Tensor:
+    """``dims``: how many query patches of sizes ``patch`` (one per dimension of ``dims``, e.g.
+    ``(H, W)`` and ``(p, p)``, or ``(T, H, W)`` and ``(pt, ph, pw)``) cover each pixel: the
+    product of the patch sizes away from the borders."""
+    out = torch.ones((), device=device, dtype=dtype)
+    for n, p in zip(dims, patch):
+        r = p // 2
         i = torch.arange(n, device=device)
-        return (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(dtype)
-
-    return along(H)[:, None] * along(W)[None, :]
+        along = (torch.clamp(i + r, max=n - 1) - torch.clamp(i - r, min=0) + 1).to(dtype)
+        out = out[..., None] * along
+    return out
 
 
 def allowed_table(mask, N: int, Nk: int):
@@ -97,20 +141,28 @@ def allowed_table(mask, N: int, Nk: int):
     return order, count[:, 0]
 
 
-def neighbour_table(positions: torch.Tensor, H: int, W: int, dy: int, dx: int) -> torch.Tensor:
-    """For ascending flat positions ``(M,)`` of an ``H x W`` map (sparse queries): the list index
-    of each one's neighbour at ``(+dy, +dx)``, or -1 where that pixel is off the map or not listed."""
-    return offset_tables(positions, H, W, [(dy, dx)])[0]
+def neighbour_table(positions: torch.Tensor, dims, offset) -> torch.Tensor:
+    """For ascending flat positions ``(M,)`` of a map ``dims = (H, W)`` or a volume ``(T, H, W)``
+    (sparse queries): the list index of each one's neighbour at ``offset`` (``(dy, dx)``, or
+    ``(dt, dy, dx)``), or -1 where that pixel is outside or not listed."""
+    return offset_tables(positions, dims, [offset])[0]
 
 
-def offset_tables(positions: torch.Tensor, H: int, W: int, offsets) -> torch.Tensor:
-    """:func:`neighbour_table` for many offsets ``[(dy, dx), ...]`` at once: ``(len(offsets), M)``,
-    one search for all of them."""
-    d = torch.tensor(offsets, dtype=positions.dtype, device=positions.device).view(-1, 2, 1)
-    i, j = positions // W, positions % W
-    ti, tj = i[None] + d[:, 0], j[None] + d[:, 1]
-    inside = (ti >= 0) & (ti < H) & (tj >= 0) & (tj < W)
-    want = ti * W + tj
+def offset_tables(positions: torch.Tensor, dims, offsets) -> torch.Tensor:
+    """:func:`neighbour_table` for many offsets at once: ``(len(offsets), M)``, one search for
+    all of them."""
+    n = len(dims)
+    d = torch.tensor(offsets, dtype=positions.dtype, device=positions.device).view(-1, n, 1)
+    inside = torch.ones((), dtype=torch.bool, device=positions.device)
+    want = torch.zeros((), dtype=positions.dtype, device=positions.device)
+    stride = 1
+    for axis in reversed(range(n)):
+        size = dims[axis]
+        coord = (positions // stride) % size
+        moved = coord[None] + d[:, axis]
+        inside = inside & (moved >= 0) & (moved < size)
+        want = want + moved * stride
+        stride *= size
     at = torch.searchsorted(positions, want.flatten()).view(want.shape).clamp_(max=max(positions.numel() - 1, 0))
     found = inside & (positions[at] == want)
     return torch.where(found, at, torch.full_like(at, -1))
@@ -124,3 +176,105 @@ def patch_offsets(positions: torch.Tensor, H: int, W: int, patch_size: int) -> t
     i = (positions // W)[:, None, None] + d[None, :, None]
     j = (positions % W)[:, None, None] + d[None, None, :]
     return (i.clamp(0, H - 1) * W + j.clamp(0, W - 1)).flatten(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Volumes as tall maps, for the map kernels. A space-time patch (pt, p, p) of a volume
+# (C, T, H, W) is the p x p patch of the tall map (C * pt, T * (H + 2r), W), r = p // 2: each
+# pixel carries its pt frames (t - pt // 2 ... t + pt // 2, clamped: replicate padding in time) as
+# channels, and the frames are stacked one under the other, each padded by r replicated rows, so
+# that no patch of a frame reads another frame's rows. Its l2 or dot cost is the space-time
+# patch's, term for term. Each transform is a gather; its adjoint (for gradients) the matching
+# index_add.
+
+
+def _time_index(T: int, pt: int, device) -> torch.Tensor:
+    return (torch.arange(T, device=device)[:, None] + torch.arange(pt, device=device)[None, :] - pt // 2).clamp_(0, T - 1)
+
+
+def stack_frames(x: torch.Tensor, pt: int) -> torch.Tensor:
+    """``(N, C, T, H, W)`` -> ``(N, C * pt, T, H, W)``: channel ``c * pt + d`` of frame ``t`` is
+    channel ``c`` of frame ``clamp(t + d - pt // 2)``."""
+    if pt == 1:
+        return x
+    T = x.shape[2]
+    stacked = x[:, :, _time_index(T, pt, x.device).flatten()].unflatten(2, (T, pt))  # (N, C, T, pt, H, W)
+    return stacked.transpose(2, 3).flatten(1, 2)
+
+
+def stack_frames_adjoint(g: torch.Tensor, pt: int) -> torch.Tensor:
+    """The adjoint of :func:`stack_frames`: ``(N, C * pt, T, H, W)`` -> ``(N, C, T, H, W)``; by
+    shifted slices (an ``index_add_`` along the frames was 10x slower on CPU)."""
+    if pt == 1:
+        return g
+    N, Cpt, T = g.shape[:3]
+    parts = g.unflatten(1, (Cpt // pt, pt))  # (N, C, pt, T, H, W)
+    out = parts[:, :, pt // 2].clone()
+    for d in range(pt):
+        shift = d - pt // 2  # frame t' of part d was read from frame clamp(t' + shift)
+        if shift == 0:
+            continue
+        src = parts[:, :, d]
+        k = max(T - abs(shift), 0)  # frames whose source is not clamped
+        if shift > 0:
+            out[:, :, shift : shift + k] += src[:, :, :k]
+            out[:, :, T - 1] += src[:, :, k:].sum(2)
+        else:
+            out[:, :, :k] += src[:, :, T - k :]
+            out[:, :, 0] += src[:, :, : T - k].sum(2)
+    return out
+
+
+def _row_index(H: int, r: int, device) -> torch.Tensor:
+    return torch.arange(-r, H + r, device=device).clamp_(0, H - 1)
+
+
+def tall(x: torch.Tensor, r: int) -> torch.Tensor:
+    """``(N, C, T, H, W)`` -> ``(N, C, T * (H + 2r), W)``, every frame padded by ``r`` replicated rows."""
+    N, C, T, H, W = x.shape
+    return x[:, :, :, _row_index(H, r, x.device)].reshape(N, C, T * (H + 2 * r), W)
+
+
+def tall_adjoint(g: torch.Tensor, T: int, r: int) -> torch.Tensor:
+    """The adjoint of :func:`tall`: ``(N, C, T * (H + 2r), W)`` -> ``(N, C, T, H, W)``, the
+    padding rows added to the frame rows they replicate."""
+    N, C, rows, W = g.shape
+    H = rows // T - 2 * r
+    frames = g.view(N, C, T, H + 2 * r, W)
+    out = frames[:, :, :, r : r + H].clone()
+    if r:
+        out[:, :, :, 0] += frames[:, :, :, :r].sum(3)
+        out[:, :, :, H - 1] += frames[:, :, :, r + H :].sum(3)
+    return out
+
+
+def untall(x: torch.Tensor, T: int, r: int) -> torch.Tensor:
+    """The frames of a tall map without their padding rows: ``(N, C, T, H, W)``."""
+    N, C, rows, W = x.shape
+    return x.view(N, C, T, rows // T, W)[:, :, :, r : rows // T - r]
+
+
+def tall_stacked(x: torch.Tensor, pt: int, r: int) -> torch.Tensor:
+    """``tall(stack_frames(x, pt), r)``, contiguous, written frame by frame into one allocation
+    (no intermediate copy of the stacked volume)."""
+    N, C, T, H, W = x.shape
+    frames = _time_index(T, pt, x.device).T.tolist()  # [d][t]: the source frame
+    rows = _row_index(H, r, x.device)
+    out = x.new_empty(N, C, pt, T, H + 2 * r, W)
+    for d in range(pt):
+        for t in range(T):
+            out[:, :, d, t] = x[:, :, frames[d][t]].index_select(2, rows)
+    return out.view(N, C * pt, T * (H + 2 * r), W)
+
+
+def to_tall(i: torch.Tensor, H: int, W: int, r: int) -> torch.Tensor:
+    """Flat volume positions ``t * H * W + row * W + col`` -> the tall map's flat positions."""
+    t, rest = i // (H * W), i % (H * W)
+    return (t * (H + 2 * r) + rest // W + r) * W + rest % W
+
+
+def from_tall(j: torch.Tensor, H: int, W: int, r: int) -> torch.Tensor:
+    """The inverse of :func:`to_tall` on the positions of frame rows."""
+    rows, col = j // W, j % W
+    t, row = rows // (H + 2 * r), rows % (H + 2 * r) - r
+    return (t * H + row) * W + col

@@ -1,4 +1,4 @@
-"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu, kernels, profile."""
+"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu, kernels, profile, video."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ SUITES = {
     "gpu": "psal.bench.gpu",
     "kernels": "psal.bench.kernels",
     "profile": "psal.bench.profile",
+    "video": "psal.bench.video",
 }
 
 

@@ -8,7 +8,12 @@ patch size p = 3, l2 costs, ``"center"`` aggregation; the loss is ``sum(out * g)
 random ``g``, and one step is its forward and backward (gradients for query, key and value).
 
 - ``psal``: :func:`psal.ps_attention` (PatchMatch search with k = 4 and 5 iterations, then
-  :func:`psal.attend`), backend ``"auto"``.
+  :func:`psal.attend`), backend ``"auto"``, with independent query, key and value.
+- ``psal-qk``: the same with the query as the key (one tensor, as in
+  ``PSALBlock(shared_query_key=True)``'s self-attention).
+- ``conv3x3``: one 3x3 convolution C -> C (bias, zero padding) of the query, gradients for its
+  input and weights: the cost of the layer a network would otherwise spend here. Where it runs,
+  ``x conv3x3`` is each method's median over the convolution's, from the same run.
 - ``full-flash``: :func:`psal.full_attention` with ``method="sdpa"``: PyTorch's fused (flash)
   kernel over patch vectors, the same semantics over all keys.
 - ``full-chunked``: :func:`psal.full_attention` with ``method="chunked"``: dense scores in
@@ -40,8 +45,8 @@ import torch
 
 from psal.bench import common
 
-METHODS = ("psal", "full-flash", "full-chunked", "sdpa")
-DEFAULT_METHODS = {"cpu": ("psal", "full-flash", "full-chunked"), "cuda": ("psal", "sdpa", "full-flash")}
+METHODS = ("psal", "psal-qk", "full-flash", "full-chunked", "sdpa", "conv3x3")
+DEFAULT_METHODS = {"cpu": ("psal", "full-flash", "full-chunked", "conv3x3"), "cuda": ("psal", "sdpa", "full-flash", "conv3x3")}
 
 
 def _inputs(size: int, channels: int, device: str = "cpu", dtype: str = "float32", seed: int = 0):
@@ -63,10 +68,17 @@ def _step(method: str, args):
     import psal
 
     gen = torch.Generator(device=args.device).manual_seed(0)
+    conv = None
+    if method == "conv3x3":
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(args.channels, args.channels, 3, padding=1).to(device=args.device, dtype=getattr(torch, args.dtype))
 
     def forward(q, k, v):
-        if method == "psal":
+        if method in ("psal", "psal-qk"):
+            k = q if method == "psal-qk" else k
             return psal.ps_attention(q, k, v, patch_size=args.patch_size, num_neighbors=args.k, num_iters=args.iters, generator=gen)
+        if conv is not None:
+            return conv(q)
         if method == "sdpa":
             return _sdpa(q, k, v)
         how = "sdpa" if method == "full-flash" else "chunked"
@@ -92,7 +104,7 @@ def worker(args) -> None:
     q, k, v, grad = _inputs(args.size, args.channels, args.device, args.dtype)
     step = _step(args.method, args)
     first = None
-    if args.method == "psal" or args.device != "cpu":
+    if args.method in ("psal", "psal-qk", "conv3x3") or args.device != "cpu":
         first = sum(step(q, k, v, grad))
     memory = common.PeakMemory(args.device)
     memory.start()
@@ -117,7 +129,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench attention", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument(
-        "--methods", nargs="+", choices=METHODS, help="default: psal, full-flash, full-chunked (CPU); psal, sdpa, full-flash (CUDA)"
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        help="default: psal, full-flash, full-chunked, conv3x3 (CPU); psal, sdpa, full-flash, conv3x3 (CUDA)",
     )
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per method (median reported)")
@@ -140,11 +155,15 @@ def main(argv=None) -> int:
     )
     base = "sdpa" if "sdpa" in args.methods else "full-flash"  # the competitor the ratios are against
     header = ["size", "method", "fwd+bwd s", "forward s", "backward s", "steps", "peak MiB", f"vs {base} (time)", f"memory / {base}"]
+    if "conv3x3" in args.methods:
+        header.append("x conv3x3")
     rows, records = [], []
     for size in args.sizes:
         results = {m: r for m in args.methods if (r := _run_worker(m, size, args)) is not None}
         flash = results.get(base)
         flash_med = statistics.median(f + b for f, b in flash["times"]) if flash else float("nan")
+        conv = results.get("conv3x3")
+        conv_med = statistics.median(f + b for f, b in conv["times"]) if conv else float("nan")
         for method, res in results.items():
             total = [f + b for f, b in res["times"]]
             med = statistics.median(total)
@@ -155,7 +174,7 @@ def main(argv=None) -> int:
             rows.append([
                 f"{size}²", method, f"{med:.3f}", f"{fwd:.3f}", f"{bwd:.3f}", len(total), f"{mem:.0f}",
                 f"{flash_med / med:.1f}x", f"{mem_ratio:.2f}",
-            ])  # fmt: skip
+            ] + ([f"{med / conv_med:.1f}x"] if "conv3x3" in args.methods else []))  # fmt: skip
             records.append({
                 "size": size, "method": method, "times_s": res["times"], "median_s": med, "first_call_s": res["first"],
                 "peak_mib": mem,

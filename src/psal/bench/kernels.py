@@ -5,7 +5,7 @@
     python -m psal.bench kernels --dry-run             # a few kernels (what `make test` runs)
 
 Triton compiles for ``GPUTarget("cuda", 90, 32)`` on any machine, with its own ptxas; Triton's
-cuobjdump disassembles the cubin. For every search variant (:data:`psal.backends.triton.search.VARIANTS`)
+cuobjdump disassembles the cubin. For every search variant (:data:`psal.backends.triton.search.ALL_VARIANTS`)
 on the two problems of the GPU check (``rgb``: 512² RGB float32, p = 7, k = 3; ``c64``: 512², 64
 channels bfloat16, p = 3, k = 4) and every attention kernel, the report prints registers, spills
 and stack (``ptxas -v``), resident warps per SM, and the **cost loop**: the innermost SASS loop
@@ -544,7 +544,9 @@ def search_table(results: list) -> str:
 
 def parse(argv):
     ap = argparse.ArgumentParser(prog="python -m psal.bench kernels", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", nargs="+", default=None, help="search variants (default: all of psal.backends.triton.search.VARIANTS)")
+    ap.add_argument(
+        "--variants", nargs="+", default=None, help="search variants (default: all of psal.backends.triton.search.ALL_VARIANTS)"
+    )
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     ap.add_argument("--peer", default=None, help="a copy of ncherel-psal (default: peers/ncherel-psal or ../shared/peers/ncherel-psal)")
     ap.add_argument(
@@ -587,7 +589,7 @@ def main(argv=None) -> int:
     import triton
 
     out: dict = {"triton": triton.__version__, "target": "cuda sm_90", "search": [], "attend": [], "peer": None}
-    variants = args.variants or list(ts.VARIANTS)
+    variants = args.variants or list(ts.ALL_VARIANTS)
     for problem in args.problems:
         for v in variants:
             log(f"compiling {v} on {problem}")

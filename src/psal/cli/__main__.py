@@ -1,7 +1,5 @@
 """``python -m psal.cli``: the same as the ``psal`` command."""
 
-import sys
+from .main import entry
 
-from .main import main
-
-sys.exit(main())
+entry()

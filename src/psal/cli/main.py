@@ -2,6 +2,7 @@
 
     psal reconstruct QUERY SOURCE -o OUT     rebuild QUERY from the patches of SOURCE
     psal inpaint IMAGE MASK -o OUT           fill the white region of MASK
+    psal inpaint VIDEO MASK -o OUT           the same in a video (a file, or a folder of frames with --video)
     psal colorize GRAY REFERENCE -o OUT      colour GRAY like the colour image REFERENCE
     psal upscale IMAGE --scale 2 -o OUT      super-resolution learnt from the image itself
     psal demo [--out out]                    all four on bundled pictures: gallery and metrics
@@ -9,7 +10,9 @@
 
 inpaint, upscale and colorize also take a folder of pictures (and inpaint a folder of masks named
 as the pictures) with ``-o OUT_DIR``: one progress bar, a summary, and every file that failed
-named, the others still written.
+named, the others still written. A video (``.mp4 .avi .mov .mkv .webm``, or a folder of frames
+with ``--video``) is filled with space-time patches; its mask is a video, a folder of frames or one
+picture for every frame; OUT is a video file (at the input's frame rate) or a folder of PNG frames.
 
 Every subcommand reads ordinary image files (8/16-bit grayscale or RGB, opaque RGBA), writes its
 result atomically (a temporary file renamed into place) and never onto an input, takes ``--seed``
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 import time
 
@@ -121,7 +125,10 @@ def cmd_colorize(args) -> dict:
 
 def cmd_inpaint(args) -> dict:
     """Fill the white region of MASK in IMAGE with patches of the rest of the image (coarse to
-    fine, masked self-attention and patch voting); the other pixels are kept exactly."""
+    fine, masked self-attention and patch voting); the other pixels are kept exactly. For a video
+    (a video file, or a folder of frames with --video), space-time patches of the whole video."""
+    if args.video or _is_video(args.image):
+        return cmd_inpaint_video(args)
     from psal.apps.inpaint_net import PRETRAINED_PATH
 
     from ..tasks import hole_from_mask, inpaint_image
@@ -136,7 +143,8 @@ def cmd_inpaint(args) -> dict:
     bar, progress = _steps("inpaint", args.quiet or model_path is not None)
     try:
         out = inpaint_image(
-            image, hole, device=device, seed=args.seed, patch_size=args.patch_size, iters=args.iters,
+            image, hole, device=device, seed=args.seed, patch_size=_given(args.patch_size, tasks.inpaint_image, "patch_size"),
+            iters=_given(args.iters, tasks.inpaint_image, "iters"),
             checkpoint=model_path, progress=progress,
         )  # fmt: skip
     finally:  # also on Ctrl-C or an error: the bar's line is cleared before the message
@@ -154,6 +162,80 @@ def cmd_inpaint(args) -> dict:
     if model_path is not None:
         report["model"] = model_path
     return report
+
+
+def _given(value, task, option: str):
+    """An option as given on the command line, else ``task``'s default."""
+    return tasks.default(task, option) if value is None else value
+
+
+def _is_video(path: str) -> bool:
+    from psal.videos import is_video_path
+
+    return is_video_path(path)
+
+
+def _check_video_output(out: str, inputs) -> None:
+    """A video file's output path (its folder must exist) or a folder of frames (absent or empty),
+    never one of the inputs."""
+    for path in inputs:
+        if os.path.abspath(path) == os.path.abspath(out) or (os.path.exists(path) and os.path.exists(out) and os.path.samefile(path, out)):
+            raise InputError(f"output {out!r} is also an input; choose another path")
+    ext = os.path.splitext(out)[1].lower()
+    if ext in WRITABLE:
+        raise InputError(
+            f"output {out!r}: a video is written as a video file (.mp4, .avi, .mov, .mkv, .webm) or a folder of frames, not one picture"
+        )
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise InputError(f"output {out!r}: folder {folder!r} does not exist")
+    if not _is_video(out) and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise InputError(f"output {out!r} exists and is not an empty folder; choose a new folder for the frames")
+
+
+# What the frames of a video may take as float32, of the memory available: the input, the result
+# and the filled window's features at every scale.
+_VIDEO_MEMORY_SHARE = 0.25
+
+
+def cmd_inpaint_video(args) -> dict:
+    """``psal inpaint VIDEO MASK -o OUT``: every input read and checked before any work."""
+    from psal.videos import read_mask_frames, read_video, write_video
+
+    from ..tasks import inpaint_video_frames
+    from ..tasks.files import available_memory
+
+    if args.model or args.checkpoint:
+        raise InputError("--model and --checkpoint are for pictures; a video is filled with space-time patches")
+    _check_video_output(args.out, [args.image, args.mask])
+    memory = available_memory()
+    frames, fps = read_video(args.image, max_bytes=None if memory is None else int(memory * _VIDEO_MEMORY_SHARE))
+    T, _, H, W = frames.shape
+    hole = read_mask_frames(args.mask, T, (H, W))
+    if not bool(hole.any()):
+        raise InputError(f"mask {args.mask!r} is empty: no white pixel in any of its {T} frames (white marks the pixels to fill)")
+    device = _device(args.device)
+    t0 = time.perf_counter()
+    bar, progress = _steps("inpaint", args.quiet)
+    try:
+        patch = _given(None if args.patch_size is None else (3, args.patch_size, args.patch_size), inpaint_video_frames, "patch_size")
+        out = inpaint_video_frames(frames, hole, device=device, seed=args.seed, patch_size=patch,
+                                   iters=_given(args.iters, inpaint_video_frames, "iters"), progress=progress)  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    write_video(args.out, out, fps)
+    return {
+        "command": "inpaint",
+        "output": args.out,
+        "frames": T,
+        "size": [H, W],
+        "fps": fps,
+        "hole_fraction": float(hole.float().mean()),
+        "seconds": seconds,
+        "seconds_per_frame": seconds / T,
+    }
 
 
 # upscale's options of each method (the attribute and the flag).
@@ -340,10 +422,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     common(p)
     d = functools.partial(tasks.default, tasks.inpaint_image)
-    p.add_argument("--patch-size", type=int, default=d("patch_size"))
-    p.add_argument("--iters", type=int, default=d("iters"), help="search and vote rounds per scale, at most")
+    dv = functools.partial(tasks.default, tasks.inpaint_video_frames)
+    p.add_argument(
+        "--patch-size",
+        type=int,
+        help=f"side of the patches (default {d('patch_size')}; a video's are 3 frames x this, default {dv('patch_size')})",
+    )
+    p.add_argument("--iters", type=int, help=f"search and vote rounds per scale, at most (default {d('iters')}; for a video {dv('iters')})")
     p.add_argument("--model", action="store_true", help="use the trained network shipped with psal instead of the zero-shot patch method")
     p.add_argument("--checkpoint", help="with the network of this checkpoint (python -m psal.examples.train_inpainting) instead")
+    p.add_argument("--video", action="store_true", help="IMAGE is a folder of the frames of one video (sorted by file name)")
     p.set_defaults(run=cmd_inpaint)
 
     p = sub.add_parser("colorize", help="colour a grayscale image like a colour reference", description=cmd_colorize.__doc__)
@@ -502,7 +590,11 @@ def main(argv=None) -> int:
     try:
         if args.report and os.path.abspath(args.report) in {os.path.abspath(p) for p in _paths(args)}:
             raise InputError(f"--report {args.report!r} is also the output or an input; choose another path")
-        if args.command in _FOLDER_ARGS and os.path.isdir(getattr(args, _FOLDER_ARGS[args.command][0])):
+        if (
+            args.command in _FOLDER_ARGS
+            and os.path.isdir(getattr(args, _FOLDER_ARGS[args.command][0]))
+            and not getattr(args, "video", False)
+        ):
             return _run_folder(args)
         report = args.run(args)
         if args.report:
@@ -530,5 +622,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``psal`` command: :func:`main`, and on Ctrl-C an exit with 130 that nothing after it
+    can turn into a death by SIGINT (a KeyboardInterrupt raised again while the interpreter
+    shuts down, in a thread or an atexit hook, made the exit status -2 once in CI). The output
+    files are settled by then: temporary files were removed as the interrupt unwound."""
+    code = main()
+    if code == 130:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -187,6 +187,29 @@ def inpaint_image(
     )  # fmt: skip
 
 
+def inpaint_video_frames(
+    frames: torch.Tensor,
+    hole: torch.Tensor,
+    *,
+    device: torch.device,
+    seed: int = 0,
+    patch_size: int | tuple[int, int, int] = (3, 5, 5),
+    iters: int = 6,
+    window: int = 24,
+    progress=None,
+) -> torch.Tensor:
+    """``frames`` ``(T, C, H, W)`` with the pixels of ``hole`` ``(T, H, W)`` filled by space-time
+    patches (:func:`psal.apps.inpaint_video.inpaint_video`); the other pixels are kept exactly."""
+    from psal.apps.inpaint_video import inpaint_video
+
+    video = frames.to(device).transpose(0, 1)[None]
+    out = inpaint_video(
+        video, hole.to(device), patch_size=patch_size, num_iters=iters, window=window,
+        generator=torch.Generator(device=device).manual_seed(seed), progress=progress,
+    )  # fmt: skip
+    return out[0].transpose(0, 1).cpu()
+
+
 def _fill_with_model(path, image, hole, device, seed):
     """One pass of the inpainting network of the checkpoint at ``path``."""
     from psal.apps.inpaint_net import inpaint_with_model, load_pretrained

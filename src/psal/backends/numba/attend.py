@@ -54,6 +54,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import tall
 from ..layout import channel_last, channel_last_rows, compute_dtype, same_map, vote_counts
 from .kernels import (
     CENTER,
@@ -91,9 +92,11 @@ def _scalar(temperature: torch.Tensor, dt: torch.dtype):
     return np.float64(t) if dt == torch.float64 else np.float32(t)
 
 
-def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str, positions=None):
+def attend_forward(query, key, value, indices, temperature, patch_size: int | tuple, aggregation: str, similarity: str, positions=None):
     """``out (N, Cv, H, W)`` and the statistic ``(N, H, W)``, both in the compute dtype
     (``(N, Cv, M)`` and ``(N, M)`` for sparse ``positions (M,)``)."""
+    if isinstance(patch_size, tuple):  # a volume, on these map kernels
+        return tall.attend_forward(attend_forward, query, key, value, indices, temperature, patch_size, aggregation, similarity)
     if positions is not None:
         return _sparse_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity, positions)
     dt = compute_dtype(query.dtype)
@@ -148,10 +151,14 @@ def _sparse_forward(query, key, value, indices, temperature, patch_size, aggrega
     return torch.from_numpy(out).transpose(1, 2).contiguous(), torch.from_numpy(stat)
 
 
-def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str):
+def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int | tuple, aggregation: str, similarity: str):
     """Gradients ``(query, key, value, temperature)``, in the compute dtype; deterministic.
     (Sparse queries have no numba backward yet: the dispatcher sends them to the pure-PyTorch
     one, ``psal._dispatch.SPARSE_BACKWARD``.)"""
+    if isinstance(patch_size, tuple):  # a volume, on these map kernels
+        return tall.attend_backward(
+            attend_backward, grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity
+        )
     dt = compute_dtype(query.dtype)
     np_dt = np.float64 if dt == torch.float64 else np.float32
     N, K, H, W = indices.shape
@@ -171,7 +178,7 @@ def attend_backward(grad, query, key, value, indices, temperature, out, stat, pa
     else:
         go = np.zeros((1, 1, 1), dtype=np_dt)
         if agg == PATCH_MEAN:
-            g = g / vote_counts(H, W, p, g.device, dt)
+            g = g / vote_counts((H, W), (p, p), g.device, dt)
     g = channel_last(g, dt).numpy()
     stat_np = stat.detach().to(dt).contiguous().numpy()
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit, prange
-from numba.extending import overload
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 # No 'nnan'/'ninf': NaN costs from NaN inputs must stay visible to the comparisons, and infinite
 # scores must keep their meaning. 'reassoc' lets the channel loops vectorise; the compiled order is
@@ -38,33 +40,117 @@ ALL_STAGES = PROPAGATE | RANDOM | BOUND | COST
 # Shared: the patch cost.
 
 
+# The bytes of one SIMD register: AVX-512's (16 float32 or 8 float64 lanes). On a machine with
+# narrower vectors LLVM splits each operation in two or four; the sums stay the same.
+_VECTOR_BYTES = 64
+
+
+def _row_sum(context, builder, sig, args, dot):
+    """LLVM for :func:`_row_cost`: full vectors of the row while they fit, then one masked vector
+    for the rest (masked-off lanes read no memory), summed lane-wise and reduced once.
+
+    numba's own loops over a runtime-length row leave the vector body unused for the short rows
+    of small patches (21 values at RGB p = 7 ran as 8 lanes plus 13 scalars, one dependent FMA
+    each); here every row is at most ``ceil(n / lanes)`` vector FMAs."""
+    aty, _, bty, _, _ = sig.args
+    a = context.make_array(aty)(context, builder, args[0])
+    b = context.make_array(bty)(context, builder, args[2])
+    ao, bo, n = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 4))
+    elt = context.get_value_type(aty.dtype)
+    lanes = _VECTOR_BYTES // (aty.dtype.bitwidth // 8)
+    vec, i32, i64 = ir.VectorType(elt, lanes), ir.IntType(32), ir.IntType(64)
+    mask_t, index_t = ir.VectorType(ir.IntType(1), lanes), ir.VectorType(i32, lanes)
+    suffix = f"v{lanes}f{aty.dtype.bitwidth}"
+    pa = builder.gep(a.data, [ao], inbounds=True, source_etype=elt)
+    pb = builder.gep(b.data, [bo], inbounds=True, source_etype=elt)
+    mod = builder.module
+    masked_load = cgutils.get_or_insert_function(mod, ir.FunctionType(vec, [pa.type, i32, mask_t, vec]), f"llvm.masked.load.{suffix}.p0")
+    fma = cgutils.get_or_insert_function(mod, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.{suffix}")
+    reduce = cgutils.get_or_insert_function(mod, ir.FunctionType(elt, [elt, vec]), f"llvm.vector.reduce.fadd.{suffix}")
+    zero = ir.Constant(vec, [0.0] * lanes)
+    align = ir.Constant(i32, aty.dtype.bitwidth // 8)
+
+    def term(x, y, acc):
+        if dot:
+            return builder.call(fma, [x, y, acc])
+        d = builder.fsub(x, y)
+        return builder.call(fma, [d, d, acc])
+
+    entry = builder.basic_block
+    loop = builder.append_basic_block("row.loop")
+    body = builder.append_basic_block("row.body")
+    tail = builder.append_basic_block("row.tail")
+    last_full = builder.sub(n, ir.Constant(i64, lanes - 1))
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    t = builder.phi(i64)
+    acc = builder.phi(vec)
+    t.add_incoming(ir.Constant(i64, 0), entry)
+    acc.add_incoming(zero, entry)
+    builder.cbranch(builder.icmp_signed("<", t, last_full), body, tail)
+    builder.position_at_end(body)
+    x = builder.load(builder.gep(pa, [t], inbounds=True, source_etype=elt), typ=vec, align=align.constant)
+    y = builder.load(builder.gep(pb, [t], inbounds=True, source_etype=elt), typ=vec, align=align.constant)
+    t.add_incoming(builder.add(t, ir.Constant(i64, lanes)), body)
+    acc.add_incoming(term(x, y, acc), body)
+    builder.branch(loop)
+    builder.position_at_end(tail)
+    rest = builder.trunc(builder.sub(n, t), i32)
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(index_t, ir.Undefined), rest, ir.Constant(i32, 0)),
+        ir.Constant(index_t, ir.Undefined),
+        ir.Constant(index_t, [0] * lanes),
+    )
+    mask = builder.icmp_signed("<", ir.Constant(index_t, list(range(lanes))), splat)
+    x = builder.call(masked_load, [builder.gep(pa, [t], inbounds=True, source_etype=elt), align, mask, zero])
+    y = builder.call(masked_load, [builder.gep(pb, [t], inbounds=True, source_etype=elt), align, mask, zero])
+    total = builder.call(reduce, [ir.Constant(elt, -0.0), term(x, y, acc)], fastmath=("reassoc", "nsz"))
+    return builder.fsub(ir.Constant(elt, 0.0), total) if dot else total
+
+
+def _row_signature(a, ao, b, bo, n):
+    if not (isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype in (types.float32, types.float64)):
+        return None
+    if not (isinstance(b, types.Array) and b.layout == "C" and b.ndim == 1 and b.dtype == a.dtype):
+        return None
+    return a.dtype(a, ao, b, bo, n)
+
+
+def _row_cost_typer(typingctx, a, ao, b, bo, n):
+    return _row_signature(a, ao, b, bo, n), lambda c, bld, s, args: _row_sum(c, bld, s, args, False)
+
+
+def _row_neg_dot_typer(typingctx, a, ao, b, bo, n):
+    return _row_signature(a, ao, b, bo, n), lambda c, bld, s, args: _row_sum(c, bld, s, args, True)
+
+
+# ``_row_cost(a, ao, b, bo, n)``: ``sum((a[ao:ao + n] - b[bo:bo + n]) ** 2)`` of two contiguous
+# float32 or float64 rows, in their dtype, in SIMD registers (:func:`_row_sum`);
+# ``_row_neg_dot``: ``-sum(a[ao:ao + n] * b[bo:bo + n])`` the same way. (Typed ``Any``: mypy sees
+# an intrinsic's typing function, with its typing context, not the call in jitted code.)
+_row_cost: Any = intrinsic(_row_cost_typer)
+_row_neg_dot: Any = intrinsic(_row_neg_dot_typer)
+
+
 @njit(fastmath=_FASTMATH, inline="always", **_HOT)
 def _patch_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, zero, early, bound):
-    """Cost of the query patch at padded corner (qi, qj) against the key patch at (ki, kj), summed
-    in the type of ``zero``.
+    """Cost of the query patch at padded corner (qi, qj) against the key patch at (ki, kj), in
+    the maps' dtype (that of ``zero``).
 
-    A patch row is ``p * C`` contiguous values. Offsets are unsigned so that numba drops its
-    negative-index wrap-around, which otherwise keeps the loops from vectorising (3x slower).
+    A patch row is ``p * C`` contiguous values, summed in SIMD registers (:func:`_row_cost`).
     With ``early``, an l2 cost stops once it reaches ``bound``: partial sums only grow, so the
     candidate can no longer beat the worst kept match (attention passes ``early=False``, so that
     NaN inputs still give NaN costs).
     """
-    span = np.uint64(p * C)
-    qo = np.uint64(qj * C)
-    ko = np.uint64(kj * C)
+    span = p * C
+    qo = qj * C
+    ko = kj * C
     acc = zero
     for di in range(p):
-        qr = qp[n, qi + di]
-        kr = kp[n, ki + di]
-        s = zero
         if dot:
-            for t in range(span):
-                s -= qr[qo + t] * kr[ko + t]
+            acc += _row_neg_dot(qp[n, qi + di], qo, kp[n, ki + di], ko, span)
         else:
-            for t in range(span):
-                d = qr[qo + t] - kr[ko + t]
-                s += d * d
-        acc += s
+            acc += _row_cost(qp[n, qi + di], qo, kp[n, ki + di], ko, span)
         if early and not dot and acc >= bound:
             return acc
     return acc
@@ -107,15 +193,10 @@ def _clamped_cost(q, k, n, qi, qj, ki, kj, p, C, dot, bound):
             for c in range(C):
                 qr = q[n, c, qi + di - r]
                 kr = k[n, c, ki + di - r]
-                qo = np.uint64(qj - r)
-                ko = np.uint64(kj - r)
                 if dot:
-                    for dj in range(np.uint64(p)):
-                        s -= qr[qo + dj] * kr[ko + dj]
+                    s += _row_neg_dot(qr, qj - r, kr, kj - r, p)
                 else:
-                    for dj in range(np.uint64(p)):
-                        e = qr[qo + dj] - kr[ko + dj]
-                        s += e * e
+                    s += _row_cost(qr, qj - r, kr, kj - r, p)
             acc += s
             if not dot and acc >= bound:
                 return acc
@@ -329,6 +410,39 @@ def search_init(
             if has_init:
                 for a in range(init_idx.shape[2]):
                     y = init_idx[n, m, a]
+                    _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, y // Wk, y % Wk, Wk, p, C, dot)
+
+
+@njit(parallel=True, fastmath=_FASTMATH, **_HOT)
+def search_along_time(
+    qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, qpos, dense, W, Wk, p, C, dot, before, frame_start, key_frame, direction
+):
+    """Propagation along time for a volume searched as a tall map (``search.py``): frame by frame
+    in ``direction`` (+1: first to last), every listed pixel of a frame is offered the matches of
+    the listed pixel ``before[m]`` at the same place one frame back (``-1``: none), moved
+    ``direction`` key frames (``key_frame`` positions); a scan, so a good match travels the whole
+    video in one pass. Frame ``t``'s pixels are list indices ``frame_start[t] .. frame_start[t + 1]``."""
+    N, M, K = out_idx.shape
+    T = frame_start.shape[0] - 1
+    total = mask.shape[1] if has_mask else np.int64(1) << 62
+    for step in range(T - 1):
+        t = step + 1 if direction > 0 else T - 2 - step
+        lo = frame_start[t]
+        n_px = frame_start[t + 1] - lo
+        for u in prange(N * n_px):
+            n = u // n_px
+            m = lo + u - n * n_px
+            s = before[m]
+            if s < 0:
+                continue
+            pos = _position(qpos, dense, m)
+            i = pos // W
+            j = pos - i * W
+            li = out_idx[n, m]
+            lc = out_cost[n, m]
+            for a in range(K):
+                y = out_idx[n, s, a] + direction * key_frame
+                if y >= 0 and y < total:
                     _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, y // Wk, y % Wk, Wk, p, C, dot)
 
 

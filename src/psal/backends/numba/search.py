@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import rng
+from .. import rng, tall
 from ..layout import allowed_table, channel_last_rows, neighbour_table, patch_offsets, same_map
-from .kernels import ALL_STAGES, search_init, search_iterate
+from .kernels import ALL_STAGES, search_along_time, search_init, search_iterate
 
 _BAND = 16  # rows per parallel task; fixed, so that results do not depend on the thread count
 # Lower-bound sketch: values per pixel. The key's sketch is read at random places, so it must stay
@@ -140,16 +140,24 @@ def patchmatch(
     key,
     mask,
     num_neighbors: int,
-    patch_size: int,
+    patch_size: int | tuple[int, int, int],
     num_iters: int,
     similarity: str,
     init_idx,
     seed: int,
     positions=None,
     stages=ALL_STAGES,
+    along_time=None,
 ):
     """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CPU tensors. ``stages``
-    (bits of ``kernels.ALL_STAGES``) leaves stages of each iteration out, for the profile only."""
+    (bits of ``kernels.ALL_STAGES``) leaves stages of each iteration out, for the profile only.
+    ``along_time``: a volume's frames on the tall map (:func:`psal.backends.tall.frames_of`), for
+    propagation along time after each iteration. Volumes (``patch_size`` a ``(pt, ph, pw)`` triple with ``ph == pw``) run on the same kernels,
+    through :func:`psal.backends.tall.search`."""
+    if isinstance(patch_size, tuple):  # a volume, on these map kernels, with our own scan along time
+        return tall.search(
+            patchmatch, query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions, own_time=True
+        )
     N, C, H, W = query.shape
     Hk, Wk = key.shape[-2:]
     K, p, r = num_neighbors, patch_size, patch_size // 2
@@ -203,8 +211,8 @@ def patchmatch(
         qpos = up = down = row_start = np.zeros(1, dtype=np.int64)
     else:
         qpos = positions.contiguous().numpy()
-        up = neighbour_table(positions, H, W, -1, 0).numpy()
-        down = neighbour_table(positions, H, W, 1, 0).numpy()
+        up = neighbour_table(positions, (H, W), (-1, 0)).numpy()
+        down = neighbour_table(positions, (H, W), (1, 0)).numpy()
         row_start = torch.searchsorted(positions, torch.arange(H + 1) * W).numpy()
     out_idx = np.empty((N, M, K), dtype=np.int64)
     out_cost = np.empty((N, M, K), dtype=np.float32)
@@ -214,6 +222,11 @@ def patchmatch(
     for it in range(num_iters):
         search_iterate(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense,
                        H, W, Hk, Wk, p, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND, stages)  # fmt: skip
+        if along_time is not None:
+            before, after, frame_start, key_frame = (t.numpy() if isinstance(t, torch.Tensor) else t for t in along_time)
+            for table, direction in ((before, 1), (after, -1)) if it % 2 == 0 else ((after, -1), (before, 1)):
+                search_along_time(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, dense, W, Wk, p, C, dot,
+                                  table, frame_start, key_frame, direction)  # fmt: skip
     shape = (N, K, H, W) if dense else (N, K, M)
     idx = torch.from_numpy(out_idx).transpose(1, 2).reshape(shape).contiguous()
     cost = torch.from_numpy(out_cost).transpose(1, 2).reshape(shape).contiguous()

@@ -17,9 +17,8 @@ neighbours that are in the list.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ..layout import allowed_table, compute_dtype, neighbour_table, unfold_patches
+from ..layout import allowed_table, as_volume, compute_dtype, neighbour_table, patch_dims, replicate_pad, same_map, unfold_patches
 
 # Stands in for +inf where a real cost must still beat a candidate that is barred from the list.
 _FINITE_MAX = torch.finfo(torch.float32).max
@@ -41,68 +40,108 @@ def best_k(costs: torch.Tensor, barred: torch.Tensor, k: int, dim: int) -> torch
     return rank.masked_fill(barred, float("inf")).topk(k, dim=dim, largest=False).indices
 
 
-class PatchCosts:
-    """Evaluates patch costs of arbitrary matches, ``p * p`` gathers at a time.
+class Geometry:
+    """Sizes of one call, read as volumes (a map is a volume of one frame): query ``(T, H, W)``,
+    key ``(Tk, Hk, Wk)``, patch ``(pt, ph, pw)``, its radii and the padded key's strides."""
 
-    Memory stays at one gathered slice ``(N, C, M, H * W)`` per offset: the ``p * p * k`` copies
-    of the features that an unfold would make are never held.
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, patch_size):
+        self.patch = patch_dims(patch_size)
+        self.radii = tuple(p // 2 for p in self.patch)
+        self.dims = tuple(query.shape[2:]) if query.dim() == 5 else (1, *query.shape[2:])
+        self.kdims = tuple(key.shape[2:]) if key.dim() == 5 else (1, *key.shape[2:])
+        self.T, self.H, self.W = self.dims
+        self.Tk, self.Hk, self.Wk = self.kdims
+        rt, rh, rw = self.radii
+        self.kpad = (self.Tk + 2 * rt, self.Hk + 2 * rh, self.Wk + 2 * rw)
+        self.qpad = (self.T + 2 * rt, self.H + 2 * rh, self.W + 2 * rw)
+
+    def offsets(self):
+        """Every patch offset ``(a, b, c)``, row-major (frames, rows, columns)."""
+        pt, ph, pw = self.patch
+        return [(a, b, c) for a in range(pt) for b in range(ph) for c in range(pw)]
+
+    def key_corner(self, idx: torch.Tensor) -> torch.Tensor:
+        """Flat key positions -> the flat corner of their patch in the padded key."""
+        _, Hkp, Wkp = self.kpad
+        hw = self.Hk * self.Wk
+        t, rest = idx // hw, idx % hw
+        return t * (Hkp * Wkp) + (rest // self.Wk) * Wkp + rest % self.Wk
+
+    def key_step(self, a: int, b: int, c: int) -> int:
+        """The flat step of patch offset ``(a, b, c)`` in the padded key."""
+        _, Hkp, Wkp = self.kpad
+        return (a * Hkp + b) * Wkp + c
+
+    def query_corner(self, positions: torch.Tensor) -> torch.Tensor:
+        """Flat query positions -> the flat corner of their patch in the padded query."""
+        _, Hp, Wp = self.qpad
+        hw = self.H * self.W
+        t, rest = positions // hw, positions % hw
+        return t * (Hp * Wp) + (rest // self.W) * Wp + rest % self.W
+
+    def query_step(self, a: int, b: int, c: int) -> int:
+        _, Hp, Wp = self.qpad
+        return (a * Hp + b) * Wp + c
+
+
+class PatchCosts:
+    """Evaluates patch costs of arbitrary matches, one patch offset at a time.
+
+    Memory stays at one gathered slice ``(N, C, M, L)`` per offset: the ``P * k`` copies of the
+    features (``P`` values per patch and channel) that an unfold would make are never held.
     """
 
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, patch_size: int, similarity: str, positions=None):
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, patch_size, similarity: str, positions=None):
         dt = compute_dtype(query.dtype)
-        r = patch_size // 2
-        pad = (r, r, r, r)
-        self.p = patch_size
+        self.g = Geometry(query, key, patch_size)
         self.dot = similarity == "dot"
-        self.H, self.W = query.shape[-2:]
-        self.Wk = key.shape[-1]
-        self.qp = F.pad(query.to(dt), pad, mode="replicate")  # (N, C, H + 2r, W + 2r)
-        kp = F.pad(key.to(dt), pad, mode="replicate")  # (N, C, Hk + 2r, Wk + 2r)
-        self.Wkp = kp.shape[-1]
-        self.kflat = kp.flatten(2)  # (N, C, (Hk + 2r) * (Wk + 2r))
+        self.qp = replicate_pad(as_volume(query).to(dt), self.g.radii)  # (N, C, T + 2rt, H + 2rh, W + 2rw)
+        # A self-search's query and key (one map) share one padded copy.
+        same = same_map(query, key)
+        self.kflat = (self.qp if same else replicate_pad(as_volume(key).to(dt), self.g.radii)).flatten(2)  # (N, C, padded key)
         # Sparse queries: the padded-query corner of each listed pixel's patch.
-        self.qcorner: torch.Tensor | None = None if positions is None else (positions // self.W) * (self.W + 2 * r) + positions % self.W
+        self.qcorner: torch.Tensor | None = None if positions is None else self.g.query_corner(positions)
 
-    def _query(self, di: int, dj: int) -> torch.Tensor:
-        """``(N, C, L)``: the query value at patch offset ``(di, dj)`` of every searched pixel."""
+    def query(self, a: int, b: int, c: int) -> torch.Tensor:
+        """``(N, C, L)``: the query value at patch offset ``(a, b, c)`` of every searched pixel."""
+        g = self.g
         if self.qcorner is None:
-            return self.qp[:, :, di : di + self.H, dj : dj + self.W].flatten(2)
-        return self.qp.flatten(2)[:, :, self.qcorner + (di * self.qp.shape[-1] + dj)]
+            return self.qp[:, :, a : a + g.T, b : b + g.H, c : c + g.W].flatten(2)
+        return self.qp.flatten(2)[:, :, self.qcorner + g.query_step(a, b, c)]
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
-        """``indices (N, M, L)`` flat key positions of the ``L`` searched query pixels (all
-        ``H * W``, or the listed positions) -> costs ``(N, M, L)`` in the compute dtype."""
+        """``indices (N, M, L)`` flat key positions of the ``L`` searched query pixels (all of
+        them, or the listed positions) -> costs ``(N, M, L)`` in the compute dtype."""
         N, M, L = indices.shape
         C = self.kflat.shape[1]
-        p = self.p
-        corner = (indices // self.Wk) * self.Wkp + indices % self.Wk  # patch corner in the padded key
-        corner = corner.reshape(N, 1, M * L)
+        corner = self.g.key_corner(indices).reshape(N, 1, M * L)
         out = self.qp.new_zeros(N, M, L)
-        for di in range(p):
-            for dj in range(p):
-                q = self._query(di, dj).reshape(N, C, 1, L)
-                k = self.kflat.gather(2, (corner + (di * self.Wkp + dj)).expand(N, C, M * L))
-                k = k.view(N, C, M, L)
-                if self.dot:
-                    out -= (q * k).sum(1)
-                else:
-                    out += (q - k).square_().sum(1)
+        for a, b, c in self.g.offsets():
+            q = self.query(a, b, c).reshape(N, C, 1, L)
+            k = self.kflat.gather(2, (corner + self.g.key_step(a, b, c)).expand(N, C, M * L))
+            k = k.view(N, C, M, L)
+            if self.dot:
+                out -= (q * k).sum(1)
+            else:
+                out += (q - k).square_().sum(1)
         return out
 
 
-def patch_costs(query, key, indices, patch_size: int, similarity: str, positions=None) -> torch.Tensor:
-    """Costs float32 of the matches ``indices``: ``(N, M, H, W)``, or ``(N, M, L)`` of the
-    ``positions (L,)`` when given."""
+def patch_costs(query, key, indices, patch_size, similarity: str, positions=None) -> torch.Tensor:
+    """Costs float32 of the matches ``indices``: ``(N, M, *S)`` for the query's spatial shape
+    ``S``, or ``(N, M, L)`` of the ``positions (L,)`` when given."""
     N, M = indices.shape[:2]
     costs = PatchCosts(query, key, patch_size, similarity, positions)(indices.reshape(N, M, -1))
     return costs.float().view(indices.shape)
 
 
-def exact_knn(query, key, mask, num_neighbors: int, patch_size: int, similarity: str):
-    """Brute-force k-NN: ``indices (N, k, H, W)`` int64 and ``costs (N, k, H, W)`` float32."""
-    N, _, H, W = query.shape
-    idx, cost = exact_knn_patches(unfold_patches(query, patch_size), unfold_patches(key, patch_size), mask, num_neighbors, similarity)
-    return idx.view(N, num_neighbors, H, W), cost.view(N, num_neighbors, H, W)
+def exact_knn(query, key, mask, num_neighbors: int, patch_size, similarity: str):
+    """Brute-force k-NN: ``indices (N, k, *S)`` int64 and ``costs (N, k, *S)`` float32, ``S`` the
+    query's spatial shape (``(H, W)`` or ``(T, H, W)``)."""
+    N, S = query.shape[0], tuple(query.shape[2:])
+    patch = patch_size if query.dim() == 4 else patch_dims(patch_size)
+    idx, cost = exact_knn_patches(unfold_patches(query, patch), unfold_patches(key, patch), mask, num_neighbors, similarity)
+    return idx.view(N, num_neighbors, *S), cost.view(N, num_neighbors, *S)
 
 
 def exact_knn_patches(qpat, kpat, mask, num_neighbors: int, similarity: str, budget: int = 1 << 24):
@@ -174,26 +213,29 @@ _JUMPS = (8, 4, 2, 1)
 
 
 class _Search:
-    """State and steps of one vectorised PatchMatch run over all ``N`` maps at once, on every
-    query pixel or on the listed ``positions`` only."""
+    """State and steps of one vectorised PatchMatch run over all ``N`` maps (or volumes) at once,
+    on every query pixel or on the listed ``positions`` only."""
 
     def __init__(self, query, key, mask, K, patch_size, similarity, generator, positions=None):
-        self.N, _, self.H, self.W = query.shape
-        self.Hk, self.Wk = key.shape[-2:]
+        self.N = query.shape[0]
+        self.costs = PatchCosts(query, key, patch_size, similarity, positions)
+        g = self.costs.g
+        self.T, self.H, self.W = g.dims
+        self.Tk, self.Hk, self.Wk = g.kdims
+        self.Nk = self.Tk * self.Hk * self.Wk
         self.K = K
         self.mask = mask
         self.gen = generator
         self.positions = positions
-        self.tables = {}  # (dy, dx) -> neighbour_table of the listed positions
-        self.L = self.H * self.W if positions is None else positions.numel()
-        self.costs = PatchCosts(query, key, patch_size, similarity, positions)
+        self.tables = {}  # move -> neighbour_table of the listed positions
+        self.L = self.T * self.H * self.W if positions is None else positions.numel()
         self.device = query.device
 
     def _bar(self, cand, valid, idx):
         """Replace invalid or masked candidates by the current best: a duplicate, so never kept."""
         if self.mask is not None:
             N, M, L = cand.shape
-            valid = valid & self.mask.gather(1, cand.clamp(0, self.Hk * self.Wk - 1).view(N, M * L)).view(N, M, L)
+            valid = valid & self.mask.gather(1, cand.clamp(0, self.Nk - 1).view(N, M * L)).view(N, M, L)
         return torch.where(valid, cand, idx[:, :1])
 
     def merge(self, idx, cost, cand):
@@ -210,8 +252,8 @@ class _Search:
 
     def init(self, init_idx):
         N, K, L = self.N, self.K, self.L
-        order, n_allowed = allowed_table(self.mask, N, self.Hk * self.Wk)
-        ranks = sample_distinct(self.Hk * self.Wk if order is None else n_allowed, N, K, L, self.gen, self.device)
+        order, n_allowed = allowed_table(self.mask, N, self.Nk)
+        ranks = sample_distinct(self.Nk if order is None else n_allowed, N, K, L, self.gen, self.device)
         idx = ranks if order is None else order.gather(1, ranks.view(N, K * L)).view(N, K, L)
         cost, perm = sanitize_costs(self.costs(idx)).sort(1)
         idx = idx.gather(1, perm)
@@ -220,76 +262,116 @@ class _Search:
             idx, cost = self.merge(idx, cost, self._bar(cand, torch.ones_like(cand, dtype=torch.bool), idx))
         return idx, cost
 
-    def propagate(self, idx, step: int):
-        """Candidates from the four neighbours at distance ``step``: all ``K`` matches of each."""
-        if self.positions is not None:
-            return self._propagate_listed(idx, step)
-        N, K, H, W, Hk, Wk = self.N, self.K, self.H, self.W, self.Hk, self.Wk
-        grid = idx.view(N, K, H, W)
-        yr, yc = grid // Wk, grid % Wk
-        rows, cols = [], []
-        for dy, dx in ((0, step), (0, -step), (step, 0), (-step, 0)):
-            if abs(dy) >= H or abs(dx) >= W:
-                continue  # no neighbour at that distance
-            # Pixel x takes neighbour x + e's match y as y - e.
-            r = torch.full_like(yr, -1)
-            c = torch.full_like(yc, -1)
-            dst = (slice(None), slice(None), slice(max(-dy, 0), H - max(dy, 0)), slice(max(-dx, 0), W - max(dx, 0)))
-            src = (slice(None), slice(None), slice(max(dy, 0), H - max(-dy, 0)), slice(max(dx, 0), W - max(-dx, 0)))
-            r[dst] = yr[src] - dy
-            c[dst] = yc[src] - dx
-            rows.append(r)
-            cols.append(c)
-        r = torch.cat(rows, 1).view(N, -1, H * W)
-        c = torch.cat(cols, 1).view(N, -1, H * W)
-        valid = (r >= 0) & (r < Hk) & (c >= 0) & (c < Wk)
-        return self._bar(r * Wk + c, valid, idx)
+    def moves(self, step: int):
+        """The neighbours at distance ``step`` along columns, rows and (in a volume) frames, in
+        that order, that exist in the query."""
+        out = []
+        for d in ((0, 0, step), (0, 0, -step), (0, step, 0), (0, -step, 0), (step, 0, 0), (-step, 0, 0)):
+            if all(abs(e) < n for e, n in zip(d, (self.T, self.H, self.W))):
+                out.append(d)
+        return out
 
-    def _propagate_listed(self, idx, step: int):
-        """:meth:`propagate` on listed positions: the same candidates, in the same order, from
-        the neighbours that are listed (the others offer none)."""
-        Hk, Wk = self.Hk, self.Wk
-        yr, yc = idx // Wk, idx % Wk
-        rows, cols = [], []
-        for dy, dx in ((0, step), (0, -step), (step, 0), (-step, 0)):
-            if abs(dy) >= self.H or abs(dx) >= self.W:
-                continue
-            if (dy, dx) not in self.tables:
-                self.tables[dy, dx] = neighbour_table(self.positions, self.H, self.W, dy, dx)
-            at = self.tables[dy, dx]
-            listed = at >= 0
-            src = at.clamp(min=0)
-            rows.append(torch.where(listed, yr[:, :, src] - dy, -1))
-            cols.append(torch.where(listed, yc[:, :, src] - dx, -1))
-        r, c = torch.cat(rows, 1), torch.cat(cols, 1)
-        valid = (r >= 0) & (r < Hk) & (c >= 0) & (c < Wk)
-        return self._bar(r * Wk + c, valid, idx)
+    def _candidates(self, coords, moves, take):
+        """``coords`` (frame, row, column of every match, ``(N, K, L)`` each); ``take(x, move)``
+        reads ``x`` at each pixel's neighbour and -1 where there is none. Pixel ``x`` takes
+        neighbour ``x + e``'s match ``y`` as ``y - e``."""
+        parts: list[list[torch.Tensor]] = [[], [], []]
+        for move in moves:
+            for axis in range(3):
+                parts[axis].append(take(coords[axis], move) - move[axis])
+        t, r, c = (torch.cat(p, 1) for p in parts)
+        taken = torch.cat([take(torch.zeros_like(coords[0]), m) for m in moves], 1) >= 0
+        valid = taken & (t >= 0) & (t < self.Tk) & (r >= 0) & (r < self.Hk) & (c >= 0) & (c < self.Wk)
+        return (t * self.Hk + r) * self.Wk + c, valid
+
+    def propagate(self, idx, step: int):
+        """Candidates from the neighbours at distance ``step``: all ``K`` matches of each."""
+        N, K, T, H, W = self.N, self.K, self.T, self.H, self.W
+        hw = self.Hk * self.Wk
+        coords = (idx // hw, (idx % hw) // self.Wk, idx % self.Wk)
+        moves = self.moves(step)
+        if self.positions is None:
+
+            def take(x, move):
+                grid = x.view(N, K, T, H, W)
+                out = torch.full_like(grid, -1)
+                dst = [slice(None), slice(None)]
+                src = [slice(None), slice(None)]
+                for e, n in zip(move, (T, H, W)):
+                    dst.append(slice(max(-e, 0), n - max(e, 0)))
+                    src.append(slice(max(e, 0), n - max(-e, 0)))
+                out[tuple(dst)] = grid[tuple(src)]
+                return out.view(N, K, -1)
+
+        else:
+
+            def take(x, move):
+                if move not in self.tables:
+                    self.tables[move] = neighbour_table(self.positions, (T, H, W), move)
+                at = self.tables[move]
+                return torch.where(at >= 0, x[:, :, at.clamp(min=0)], -1)
+
+        cand, valid = self._candidates(coords, moves, take)
+        return self._bar(cand, valid, idx)
 
     def random_search(self, idx):
-        """One candidate per window of radius ``max(Hk, Wk) / 2^i`` (down to 1) around the best match."""
-        N, L, Hk, Wk = self.N, self.L, self.Hk, self.Wk
+        """One candidate per window of radius ``max(Tk, Hk, Wk) / 2^i`` (down to 1) around the best
+        match, over the whole key volume."""
+        N, L, Tk, Hk, Wk = self.N, self.L, self.Tk, self.Hk, self.Wk
         radii = []
-        R = max(Hk, Wk)
+        R = max(Tk, Hk, Wk)
         while R >= 1:
             radii.append(R)
             R //= 2
         R = torch.tensor(radii, device=self.device).view(1, -1, 1)
         best = idx[:, :1]
-        br, bc = best // Wk, best % Wk
-        u = torch.rand(2, N, len(radii), L, generator=self.gen, device=self.device, dtype=torch.float64)
-        lo_r, hi_r = (br - R).clamp(min=0), (br + R).clamp(max=Hk - 1)
-        lo_c, hi_c = (bc - R).clamp(min=0), (bc + R).clamp(max=Wk - 1)
-        r = torch.minimum(lo_r + (u[0] * (hi_r - lo_r + 1)).long(), hi_r)
-        c = torch.minimum(lo_c + (u[1] * (hi_c - lo_c + 1)).long(), hi_c)
-        cand = r * Wk + c
-        return self._bar(cand, torch.ones_like(cand, dtype=torch.bool), idx)
+        hw = Hk * Wk
+        bt, br, bc = best // hw, (best % hw) // Wk, best % Wk
+        # Rows and columns draw first, frames (only where the key has several) after.
+        u = torch.rand(2 if Tk == 1 else 3, N, len(radii), L, generator=self.gen, device=self.device, dtype=torch.float64)
+
+        def draw(b, n, v):
+            lo, hi = (b - R).clamp(min=0), (b + R).clamp(max=n - 1)
+            return torch.minimum(lo + (v * (hi - lo + 1)).long(), hi)
+
+        r, c = draw(br, Hk, u[0]), draw(bc, Wk, u[1])
+        t = bt.expand_as(r) if Tk == 1 else draw(bt, Tk, u[2])
+        cand = (t * Hk + r) * Wk + c
+        valid = torch.ones_like(cand, dtype=torch.bool)
+        if Tk > 1:
+            # Volumes: also the same spatial windows in the best match's neighbouring key frames,
+            # where a video's copies of one content lie, a small motion away.
+            v = torch.rand(2, 2, N, len(radii), L, generator=self.gen, device=self.device, dtype=torch.float64)
+            more, ok = [cand], [valid]
+            for i, e in enumerate((-1, 1)):
+                tt = bt + e
+                more.append((tt.clamp(0, Tk - 1) * Hk + draw(br, Hk, v[i, 0])) * Wk + draw(bc, Wk, v[i, 1]))
+                ok.append(((tt >= 0) & (tt < Tk)).expand_as(cand))
+            cand, valid = torch.cat(more, 1), torch.cat(ok, 1)
+        return self._bar(cand, valid, idx)
+
+    def trajectories(self, idx):
+        """Volumes: for every ordered pair of a pixel's matches in different key frames, the
+        next point on the line through them, ``y_b + (y_b - y_a)``: in a video, one content's
+        copies lie along its motion, so two found copies point to the next one."""
+        hw = self.Hk * self.Wk
+        t, r, c = idx // hw, (idx % hw) // self.Wk, idx % self.Wk
+        pairs = [(a, b) for a in range(self.K) for b in range(self.K) if a != b]
+        A = torch.tensor([a for a, _ in pairs], device=self.device)
+        B = torch.tensor([b for _, b in pairs], device=self.device)
+        nt, nr, nc = (2 * x[:, B] - x[:, A] for x in (t, r, c))
+        valid = (t[:, B] != t[:, A]) & (nt >= 0) & (nt < self.Tk) & (nr >= 0) & (nr < self.Hk) & (nc >= 0) & (nc < self.Wk)
+        return self._bar((nt * self.Hk + nr) * self.Wk + nc, valid, idx)
 
 
-def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
-    """Vectorised PatchMatch (jump-flood propagation of all ``k`` matches, random search).
+def patchmatch(query, key, mask, num_neighbors: int, patch_size, num_iters: int, similarity: str, init_idx, seed: int, positions=None):
+    """Vectorised PatchMatch (jump-flood propagation of all ``k`` matches along every axis, random
+    search over the whole key), on maps ``(N, C, H, W)`` with an int ``patch_size`` or volumes
+    ``(N, C, T, H, W)`` with ``(pt, ph, pw)``.
 
-    Returns ``indices (N, k, H, W)`` int64 and ``costs (N, k, H, W)`` float32, ascending along k;
-    with ``positions (M,)``, ``(N, k, M)`` for the listed query pixels only (``init_idx`` too).
+    Returns ``indices (N, k, *S)`` int64 and ``costs (N, k, *S)`` float32, ascending along k, ``S``
+    the query's spatial shape; with ``positions (M,)``, ``(N, k, M)`` for the listed query pixels
+    only (``init_idx`` too).
     """
     gen = torch.Generator(device=query.device)
     gen.manual_seed(seed)
@@ -297,8 +379,10 @@ def patchmatch(query, key, mask, num_neighbors: int, patch_size: int, num_iters:
     idx, cost = s.init(init_idx)
     for _ in range(num_iters):
         for step in _JUMPS:
-            if step < max(s.H, s.W):
+            if step < max(s.T, s.H, s.W):
                 idx, cost = s.merge(idx, cost, s.propagate(idx, step))
         idx, cost = s.merge(idx, cost, s.random_search(idx))
-    shape = (s.N, s.K, s.H, s.W) if positions is None else (s.N, s.K, s.L)
+        if s.Tk > 1 and s.K > 1:
+            idx, cost = s.merge(idx, cost, s.trajectories(idx))
+    shape = (s.N, s.K, *query.shape[2:]) if positions is None else (s.N, s.K, s.L)
     return idx.view(shape), cost.view(shape)

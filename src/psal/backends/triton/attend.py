@@ -57,6 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .. import tall
 from ..device import cuda_device_of, triton_interpreted
 from ..layout import compute_dtype, offset_tables
 
@@ -494,7 +495,7 @@ class _Call:
         ``x = z - (a - r, b - r)`` of each listed pixel ``z``, -1 where it is not listed."""
         r = p // 2
         moves = [(r - a, r - b) for a in range(p) for b in range(p)]
-        return offset_tables(self.positions, self.H, self.W, moves).contiguous()
+        return offset_tables(self.positions, (self.H, self.W), moves).contiguous()
 
     def votes(self, logw, shift, p: int, patch: bool, tab=None):
         """``_votes`` -> out ``(N, Cv, H, W)`` in the value's dtype (``(N, Cv, M)`` with the
@@ -571,11 +572,14 @@ class _Call:
 # The backend contract.
 
 
-def attend_forward(query, key, value, indices, temperature, patch_size: int, aggregation: str, similarity: str, positions=None):
+def attend_forward(query, key, value, indices, temperature, patch_size: int | tuple, aggregation: str, similarity: str, positions=None):
     """``out (N, Cv, H, W)`` in the value's dtype and the statistic ``(N, H, W)`` in the compute
     dtype (``(N, Cv, M)`` and ``(N, M)`` for sparse ``positions (M,)``: the pure-PyTorch
     backend's sparse contract; their backward is the pure-PyTorch one,
-    ``psal._dispatch.SPARSE_BACKWARD``)."""
+    ``psal._dispatch.SPARSE_BACKWARD``). Volumes ("center" aggregation): through
+    :func:`psal.backends.tall.attend_forward`."""
+    if isinstance(patch_size, tuple):
+        return tall.attend_forward(attend_forward, query, key, value, indices, temperature, patch_size, aggregation, similarity)
     with cuda_device_of(query):
         if positions is not None:
             return _sparse_forward(query, key, value, indices, temperature, patch_size, aggregation, similarity, positions)
@@ -621,9 +625,13 @@ def _channel_dot(a: torch.Tensor, b: torch.Tensor, dt: torch.dtype, chunk: int =
     return out
 
 
-def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int, aggregation: str, similarity: str):
+def attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size: int | tuple, aggregation: str, similarity: str):
     """Gradients ``(query, key, value, temperature)``: the first three in their tensors' dtypes,
     the temperature's in the compute dtype."""
+    if isinstance(patch_size, tuple):
+        return tall.attend_backward(
+            attend_backward, grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity
+        )
     with cuda_device_of(query):
         return _attend_backward(grad, query, key, value, indices, temperature, out, stat, patch_size, aggregation, similarity)
 

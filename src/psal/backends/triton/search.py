@@ -30,11 +30,13 @@ and for larger ones; a variant that cannot run a problem gives way to ``tiles``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import torch
 import triton.language as tl
 
+from .. import tall
 from ..device import triton_interpreted
 from ..layout import allowed_table, compute_dtype, neighbour_table
 from . import search_lanes, search_tiles
@@ -45,15 +47,18 @@ JUMPS = (8, 4, 2, 1)
 SMALL_PATCH = 256
 LANES_MAX_K = 16
 _INT32 = 2**31
-# The fastest variant of each class on a GPU. Until a GPU check has timed the lanes kernels these
-# are their expected best (docs/gpu, BENCHMARKS.md "GPU"); the tiles' best was 16x16x2 (2026-11-27).
-TUNED = {"small": "lanes-pad-32x1", "large": "lanes-pad-32x1"}
-# The variants a GPU check times.
-VARIANTS = (
+# The fastest variant of each class on a GPU, as timed by `make gpu-check` on one H200 on 2026-12-04
+# (docs/gpu/2026-12-04-h200-run1.md; every lanes variant within 20% of these, the tiles 4x slower
+# on RGB, 2x on 64 channels).
+TUNED = {"small": "lanes-pad-32x1", "large": "lanes-pad-64x1"}
+# Every selectable variant; the tiles stay selectable and tested, but are no longer timed by default.
+ALL_VARIANTS = (
     "lanes-pad-32x1", "lanes-pad-64x1", "lanes-pad-64x2", "lanes-pad-128x4",
     "lanes-clamp-32x1", "lanes-clamp-64x1", "lanes-clamp-64x2", "lanes-clamp-128x4",
     "tiles-16x16x2", "tiles-32x16x4", "tiles-16x64x4", "tiles-8x256x4",
 )  # fmt: skip
+# The variants a GPU check times (the 2026-12-04 run's four fastest and the clamped in-place reads).
+VARIANTS = ("lanes-pad-32x1", "lanes-pad-64x1", "lanes-clamp-64x1", "lanes-pad-64x2")
 _chosen: dict = {}
 
 
@@ -205,7 +210,7 @@ def prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, 
         if not sparse:
             return qpos
         moves = ((0, step), (0, -step), (step, 0), (-step, 0))
-        return torch.stack([neighbour_table(positions, H, W, dy, dx) for dy, dx in moves]).contiguous()
+        return torch.stack([neighbour_table(positions, (H, W), (dy, dx)) for dy, dx in moves]).contiguous()
 
     return Problem(
         query=query, key=key, N=N, C=C, H=H, W=W, Hk=Hk, Wk=Wk, K=K, P=P, M=M,
@@ -225,7 +230,7 @@ def patchmatch(
     key,
     mask,
     num_neighbors: int,
-    patch_size: int,
+    patch_size: int | tuple,
     num_iters: int,
     similarity: str,
     init_idx,
@@ -238,7 +243,12 @@ def patchmatch(
     tensors through Triton's interpreter), sparse ``positions`` included. ``variant``: a name
     (see the module's docstring) to run instead of :func:`variant_for`'s choice. ``scheme``:
     ``(prop_k, rand_k)``, the lanes kernels' cheaper candidate schemes for the GPU check (see
-    :func:`.search_lanes.run`); the default, all ``k`` and ``k``, is every backend's."""
+    :func:`.search_lanes.run`); the default, all ``k`` and ``k``, is every backend's. Volumes
+    (``patch_size`` a ``(pt, ph, pw)`` triple, ``ph == pw``) run on the same kernels through
+    :func:`psal.backends.tall.search`."""
+    if isinstance(patch_size, tuple):
+        return tall.search(functools.partial(patchmatch, variant=variant, scheme=scheme), query, key, mask, num_neighbors, patch_size,
+                           num_iters, similarity, init_idx, seed, positions)  # fmt: skip
     pb = prepare(query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions)
     v = parse_variant(variant) if variant is not None else variant_for(pb)
     if v.kernel == "lanes":

@@ -10,7 +10,7 @@ prints last). Sections, in the order they run:
 
 - ``tests``: the CUDA test selection (the contract suite's CUDA cases and the Triton test files),
   in a subprocess, in parallel with pytest-xdist where it is installed; log in ``tests.log``.
-- ``variants``: every search variant (``psal.backends.triton.search.VARIANTS``) compiled first,
+- ``variants``: the search variants of ``psal.backends.triton.search.VARIANTS`` compiled first,
   in parallel worker processes, then timed on the two problems (512² RGB, p = 7, k = 3, 5
   iterations; 512² 64-channel bfloat16, p = 3, k = 4, 5 iterations); the key-side gradient paths
   of the attention (gather, atomic) timed on the layer. The rule (:func:`.variants.choose`): the
@@ -19,11 +19,6 @@ prints last). Sections, in the order they run:
   recorded (``sections.variants.chosen``), as the ``TUNED`` line to commit.
 - ``search``: 512² RGB, p = 7, k = 3, 1/2/5/10 iterations: median time and the mean cost of the
   interior pixels (per patch value, as the authors' harness reports it) against the exact k-NN.
-- ``layer``: :class:`psal.PSAttention` forward + backward (C = 64, p = 3, k = 4, 5 iterations,
-  bf16) at 128² ... 4096², beside ``scaled_dot_product_attention`` with the flash and cuDNN
-  backends (bf16, one head, d = 64) on the same features, with peak memory. Sizes above
-  ``--sdpa-max`` are extrapolated for SDPA from the largest measured one (time as N², memory
-  as N) and marked so.
 - ``precision``: float16/bfloat16 errors (output and every gradient) of the Triton backend against
   float64, next to plain PyTorch computing in the same precision.
 - ``race``: 100 backward passes: the atomic path (the default) stays within tolerance, the
@@ -34,6 +29,11 @@ prints last). Sections, in the order they run:
   ``bench_ncherel.py`` JIT-builds it (in the background, from the start of the run); its search
   and its ``PSAttention`` are then timed here, in the same way as ours, and its costs are checked
   against ``psal.patch_costs``.
+- ``layer``: :class:`psal.PSAttention` forward + backward (C = 64, p = 3, k = 4, 5 iterations,
+  bf16) at 128² ... 2048² (``--layer-sizes``; last, as the longest), beside ``scaled_dot_product_attention`` with the flash and cuDNN
+  backends (bf16, one head, d = 64) on the same features, with peak memory. Sizes above
+  ``--sdpa-max`` are extrapolated for SDPA from the largest measured one (time as N², memory
+  as N) and marked so.
 
 Features for the search are the authors' two test images when the peer folder is there (the
 harness's inputs), else scikit-image's astronaut and coffee; the layer's features are a fixed

@@ -15,7 +15,7 @@ from psal.bench import common
 from . import peer, report, sections, variants
 from .measure import Run, error_line, free
 
-SECTIONS = ("tests", "variants", "search", "layer", "precision", "race", "peer")
+SECTIONS = ("tests", "variants", "search", "peer", "precision", "race", "layer")
 RUNNERS = {
     "tests": sections.section_tests,
     "variants": variants.section_variants,
@@ -47,7 +47,7 @@ def parse(argv):
     ap.add_argument("--variants-classes", nargs="+", default=["small", "large"], choices=["small", "large"])
     ap.add_argument("--search-size", type=int, default=512)
     ap.add_argument("--search-iters", type=int, nargs="+", default=[1, 2, 3, 4, 5, 10])
-    ap.add_argument("--layer-sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
+    ap.add_argument("--layer-sizes", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     ap.add_argument("--layer-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--sdpa-max", type=int, default=1024, help="largest size at which SDPA is measured; above, extrapolated")
     ap.add_argument("--peer-layer-sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -76,6 +76,13 @@ def main(argv=None) -> int:
         with open(args.render) as f:
             print(report.render(json.load(f)))
         return 0
+    # The variants section keeps its chosen key-gradient path for the sections after it; the
+    # setting ends with the run, so that a caller's process (the tests) is left as it was.
+    with sections.key_grad_path(None):
+        return _run(args)
+
+
+def _run(args) -> int:
     run = Run(args)
     print(common.environment(), flush=True)
     peer.start_build(run)

@@ -32,6 +32,7 @@ TEST_FILES = (
     "tests/test_modules.py",
     "tests/test_compile.py",
     "tests/test_sparse.py",
+    "tests/test_volume.py",
 )
 TEST_SELECTION = "cuda or test_triton_search or test_triton_attend"
 
