@@ -326,7 +326,7 @@ def _check_inputs(image, mask, patch_size, num_neighbors):
     return hole, patch_size, k
 
 
-def check_options(fn, num_iters, search_iters, scales, tolerance, generator, progress, backend, device):
+def _check_options(fn, num_iters, search_iters, scales, tolerance, generator, progress, backend, device):
     """The options the picture and the video inpainters share, checked as ``fn``; returns
     ``(num_iters, search_iters, scales, generator, backend)``."""
     num_iters = checks.check_int(fn, "num_iters", num_iters, 1)
@@ -402,7 +402,7 @@ def inpaint(
         True
     """
     hole, patch_size, k = _check_inputs(image, mask, patch_size, num_neighbors)
-    num_iters, search_iters, scales, generator, backend = check_options(
+    num_iters, search_iters, scales, generator, backend = _check_options(
         _FN, num_iters, search_iters, scales, tolerance, generator, progress, backend, image.device
     )
 

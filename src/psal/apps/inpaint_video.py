@@ -38,11 +38,11 @@ from .inpaint import (
     _TEMPERATURE_PERCENTILE,
     _TEMPERATURE_SCALE,
     _TEXTURE_WEIGHT,
+    _check_options,
     _features,
     _masked_downsample,
     _smooth_fill,
     _texture_features,
-    check_options,
 )
 
 __all__ = ["inpaint_video"]
@@ -260,7 +260,7 @@ def inpaint_video(
         True
     """
     hole, patch, k, window, overlap = _check_inputs(video, mask, patch_size, num_neighbors, window, overlap)
-    num_iters, search_iters, scales, generator, backend = check_options(
+    num_iters, search_iters, scales, generator, backend = _check_options(
         _FN, num_iters, search_iters, scales, tolerance, generator, progress, backend, video.device
     )
 
