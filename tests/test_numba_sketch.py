@@ -26,3 +26,44 @@ def test_sketch_distance_is_a_lower_bound_of_the_cost(C, p):
     bound = (sq[:, None] - torch.stack([sk[n][idx[n]] for n in range(2)])).square().sum(-1)
     assert (bound <= cost * (1 + 1e-5) + 1e-4).all()
     assert (bound > 0.1 * cost).float().mean() > 0.5, "the bound should carry real information"
+
+
+def test_channel_last_copy_is_the_padded_permuted_map():
+    """``layout.channel_last`` (one allocation, the border replicated in place) against
+    replicate padding then a channel-last copy, bitwise, down to 1 x 1 maps."""
+    import torch.nn.functional as F
+
+    from psal.backends.layout import channel_last
+
+    for shape, pad in [((2, 3, 5, 7), 0), ((2, 3, 5, 7), 2), ((1, 11, 1, 1), 3), ((1, 4, 3, 9), 1)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        for dtype in (None, torch.float32):
+            ref = x if dtype is None else x.to(dtype)
+            ref = (F.pad(ref, (pad,) * 4, mode="replicate") if pad else ref).permute(0, 2, 3, 1)
+            assert torch.equal(channel_last(x, dtype, pad), ref)
+
+
+@pytest.mark.parametrize("pt, p", [(3, 5), (3, 3), (5, 3), (1, 5)])
+def test_framed_sketch_distance_is_a_lower_bound_of_the_space_time_cost(pt, p):
+    """On a framed tall map (a video's frames stacked with padding rows and frames), each sketch
+    filter spread over the patch's ``pt`` frames: its distance is still a lower bound of the
+    whole space-time patch cost, and tighter than the middle frame's alone."""
+    from psal.backends import layout
+
+    g = torch.Generator().manual_seed(pt * p)
+    T, H, W, C = 5, 12, 14, 3
+    video = torch.rand(1, C, T, H, W, generator=g).cumsum(-1).cumsum(-2).cumsum(-3) / 100  # smooth in space and time
+    r, rt = p // 2, pt // 2
+    framed = layout.tall_framed(video, rt, r)
+    basis = numba_search._sketch_basis(p, C, framed, 8)
+    sk = torch.from_numpy(numba_search._framed_sketch(framed, r, basis, pt, H + 2 * r)).flatten(1, 2)[0]  # (rows * W, D)
+    plain = torch.from_numpy(numba_search._sketch(framed, r, basis)).flatten(1, 2)[0]
+    at = layout.to_tall(torch.arange(T * H * W), H, W, r, rt)
+    qi = torch.randperm(T * H * W, generator=g)[:400].sort().values
+    ki = torch.randint(0, T * H * W, (400,), generator=g)
+    cost = PatchCosts(video, video, (pt, p, p), "l2", qi)(ki.view(1, 1, -1))[0, 0]
+    bound = (sk[at[qi]] - sk[at[ki]]).square().sum(-1)
+    assert (bound <= cost * (1 + 1e-5) + 1e-5).all()
+    middle = (plain[at[qi]] - plain[at[ki]]).square().sum(-1)
+    if pt > 1:
+        assert bound.mean() > middle.mean()

@@ -128,8 +128,9 @@ def test_search_between_stretches_of_a_pan(backend, bound):
     """Frames 0-3 of a pan searched in frames 4-7: most pixels have exact copies in several key
     frames, so the exact mean cost is small and every miss counts. Measured with torch 1.054
     with the neighbouring-frame random search and the trajectory candidates (1.071 without
-    either), numba 1.053 (the map kernels on the tall map, with candidates along time): the
-    issue's 5% is just missed here by both."""
+    either), numba 1.053 on the stacked tall map and 1.057 on the framed one (the map kernels,
+    with candidates along time; over four seeds 1.049-1.056 against 1.051-1.069): the issue's 5%
+    is just missed here by both."""
     video = pan("astronaut", 8, 40)
     q, k = video[:, :, :4], video[:, :, 4:]
     exact = psal.exact_knn(q, k, patch_size=(3, 3, 3), num_neighbors=3)
@@ -483,3 +484,44 @@ def test_bad_volume_input_is_refused_with_the_shapes(call, error, pattern):
     q = torch.rand(1, 3, 4, 6, 6)
     with pytest.raises(error, match=pattern):
         call(q, q.clone())
+
+
+def test_framed_tall_map_holds_the_stacked_tall_maps_frames():
+    """``layout.tall_framed`` (every frame once, ``rt`` replicated frames at each end) against the
+    stacked tall map: frame ``d`` of the stacked map's pixel is the framed map's pixel ``d - pt // 2``
+    frame steps away, for every frame (clamping in time included), on short and thin volumes; the
+    flat positions map to the frame rows and back."""
+    from psal.backends import layout
+
+    for T, pt, r, H in itertools.product((1, 2, 5), (1, 3, 5), (0, 1, 2), (1, 4)):
+        x = torch.rand(2, 3, T, H, 5, generator=gen(82))
+        rt = pt // 2
+        stacked = layout.tall_stacked(x, pt, r).view(2, 3, pt, T, H + 2 * r, 5)
+        framed = layout.tall_framed(x, rt, r).view(2, 3, T + 2 * rt, H + 2 * r, 5)
+        for d in range(pt):
+            assert torch.equal(stacked[:, :, d], framed[:, :, d : d + T])
+        flat = torch.arange(T * H * 5)
+        at = layout.to_tall(flat, H, 5, r, rt)
+        assert torch.equal(layout.tall_framed(x, rt, r).flatten(2)[..., at], x.flatten(2))
+        assert torch.equal(layout.from_tall(at, H, 5, r, rt), flat)
+
+
+def test_offset_tables_against_brute_force():
+    """The list slot of each listed voxel's neighbour at every offset (-1: outside the volume or
+    not listed), against a dictionary lookup, int64 and int32 alike."""
+    from psal.backends import layout
+
+    dims = (3, 4, 5)
+    positions = torch.randperm(60, generator=gen(83))[:25].sort().values
+    offsets = [(a, b, c) for a in (-1, 0, 1) for b in (-2, 0, 1) for c in (-1, 0, 2)]
+    slot = {int(p): m for m, p in enumerate(positions)}
+    for dtype in (torch.int64, torch.int32):
+        tables = layout.offset_tables(positions, dims, offsets, dtype)
+        assert tables.dtype == dtype and tables.shape == (len(offsets), 25)
+        for row, (a, b, c) in enumerate(offsets):
+            for m, p in enumerate(positions.tolist()):
+                t, i, j = p // 20 + a, p // 5 % 4 + b, p % 5 + c
+                inside = 0 <= t < 3 and 0 <= i < 4 and 0 <= j < 5
+                want = slot.get((t * 4 + i) * 5 + j, -1) if inside else -1
+                assert int(tables[row, m]) == want, (a, b, c, p)
+    assert layout.offset_tables(positions[:0], dims, offsets).shape == (len(offsets), 0)

@@ -35,6 +35,7 @@ from ..functional import attend, patch_costs, patchmatch
 from ..types import KNNField
 from .inpaint import (
     _CONFIDENCE,
+    _GRADIENT_WEIGHT,
     _TEMPERATURE_PERCENTILE,
     _TEMPERATURE_SCALE,
     _TEXTURE_WEIGHT,
@@ -105,9 +106,24 @@ def _downsample(video: torch.Tensor, hole: torch.Tensor, size):
 
 def _feature_map(state: torch.Tensor, channels: int) -> torch.Tensor:
     """What space-time patches are compared on: the state (colours and texture features) and the
-    colours' spatial differences, per frame, and one zero channel for Wexler's confidence."""
+    colours' spatial differences, per frame, and one zero channel for Wexler's confidence. The
+    state is the map's first channels: the caller keeps ``feat[:, :S]`` as its state, so that a
+    window holds one copy of it (:func:`_refresh` recomputes the differences in place)."""
     feat = _volume(_features(_frames(state), channels))
     return torch.cat([feat, feat.new_zeros(1, 1, *feat.shape[2:])], 1)
+
+
+def _refresh(feat: torch.Tensor, states: int, channels: int) -> None:
+    """The colours' differences of :func:`_feature_map` recomputed in place from the state in
+    ``feat[:, :states]`` (whose first ``channels`` are the colours), after the votes changed it."""
+    x = feat[:, :channels]
+    for at, axis in ((states, -1), (states + channels, -2)):
+        g = feat[:, at : at + channels]
+        n = x.shape[axis]
+        # the central difference, replicated at the two ends (as _features' padding does)
+        torch.mul(x.narrow(axis, 2, n - 2) - x.narrow(axis, 0, n - 2), 0.5 * _GRADIENT_WEIGHT, out=g.narrow(axis, 1, n - 2))
+        g.narrow(axis, 0, 1).copy_(g.narrow(axis, 1, 1))
+        g.narrow(axis, n - 1, 1).copy_(g.narrow(axis, n - 2, 1))
 
 
 def _upsample_indices(indices: torch.Tensor, coarse, coarse_where, fine, fine_where):
@@ -289,7 +305,9 @@ def inpaint_video(
         done += n
         if progress is not None:
             progress(done, total)
-    return torch.where(hole, out, video)
+    # Each window returned its known voxels from ``out``, a copy of the video's: no second
+    # copy of the whole video to put them back.
+    return out
 
 
 def _levels_upper_bound(size, patch, scales) -> int:
@@ -308,8 +326,10 @@ def _inpaint_window(video, hole, patch, k, num_iters, search_iters, scales, tole
     C = video.shape[1]
     img = video.to(dtype)
     state = torch.cat([img, _TEXTURE_WEIGHT * _volume(_texture_features(_frames(img), _frames(hole)))], 1)
+    S = state.shape[1]
 
-    levels = [(state, hole)]
+    levels: list[Any] = [(state, hole)]
+    del state
     while scales is None or len(levels) < scales:
         top, top_hole = levels[-1]
         size = ((top.shape[-2] + 1) // 2, (top.shape[-1] + 1) // 2)
@@ -338,14 +358,17 @@ def _inpaint_window(video, hole, patch, k, num_iters, search_iters, scales, tole
         search: dict[str, Any] = dict(
             patch_size=tuple(patch), num_neighbors=k, key_mask=key_mask, generator=generator, backend=backend, positions=where
         )
+        # The state lives in the feature map's first channels (one copy of it); this level's
+        # known state is not needed once the hole is seeded.
         if cur is None:
-            cur = _volume(_smooth_fill(_frames(known), _frames(lhole)))
-            feat = _feature_map(cur, C)
+            feat = _feature_map(_volume(_smooth_fill(_frames(known), _frames(lhole))), C)
+            cur = feat[:, :S]
         else:
             coarse = tuple(cur.shape[2:])
-            up = F.interpolate(_frames(cur), size=known.shape[-2:], mode="bilinear", align_corners=False)
-            cur = torch.where(lhole, _volume(up), known)
-            feat = _feature_map(cur, C)
+            up = _volume(F.interpolate(_frames(cur), size=known.shape[-2:], mode="bilinear", align_corners=False))
+            feat = _feature_map(torch.where(lhole, up, known), C)
+            cur = feat[:, :S]
+            del up
             # the coarser level set both
             indices, found = _upsample_indices(
                 cast(torch.Tensor, indices), coarse, cast(torch.Tensor, coarse_where), tuple(cur.shape[2:]), where
@@ -356,9 +379,11 @@ def _inpaint_window(video, hole, patch, k, num_iters, search_iters, scales, tole
                 indices = torch.where(allowed, indices, fresh.indices)
             costs = patch_costs(feat[:, :-1], feat[:, :-1], indices, patch_size=tuple(patch), positions=where)
             _vote(cur, feat, indices, costs, lhole, where, depth, patch, backend)
+        levels[level] = None
+        del known
         warm: Any = indices
         for _ in range(num_iters):
-            feat = _feature_map(cur, C)
+            _refresh(feat, S, C)
             field = patchmatch(feat[:, :-1], feat[:, :-1], num_iters=search_iters, init=warm, **search)
             warm = field
             delta = _vote(cur, feat, field.indices, field.costs, lhole, where, depth, patch, backend)
@@ -371,7 +396,7 @@ def _inpaint_window(video, hole, patch, k, num_iters, search_iters, scales, tole
         done = num_iters * (len(levels) - level)
 
     cur = cast(torch.Tensor, cur)  # the coarsest level set it
-    feat = _feature_map(cur, C)
+    _refresh(feat, S, C)
     field = patchmatch(feat[:, :-1], feat[:, :-1], num_iters=search_iters, init=field, **search)
     _vote(cur, feat, field.indices, field.costs, hole, where, depth, patch, backend, "center", 0.1)
     return torch.where(hole, cur[:, :C].to(video.dtype), video)

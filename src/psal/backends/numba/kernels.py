@@ -222,17 +222,45 @@ def _clamped_cost(q, k, n, qi, qj, ki, kj, p, C, dot, bound):
     return acc
 
 
+@njit(fastmath=_FASTMATH, inline="always", **_HOT)
+def _framed_cost(qp, kp, n, qi, qj, ki, kj, frames, C, dot, bound):
+    """The cost of a space-time patch ``(pt, p, p)`` on padded channel-last framed tall maps
+    (``layout.tall_framed``): ``pt`` map patches, one frame step (``qfs`` / ``kfs`` rows) apart,
+    the pixel's own frame in the middle; ``frames = (pt, p, qfs, kfs)``. The same terms as
+    :func:`_patch_cost` on the stacked tall maps, in another order; early exit after each row."""
+    pt, p, qfs, kfs = frames
+    span = p * C
+    qo = qj * C
+    ko = kj * C
+    acc = np.float32(0.0)
+    for dt in range(pt):
+        qr = qi + (dt - pt // 2) * qfs
+        kr = ki + (dt - pt // 2) * kfs
+        for di in range(p):
+            if dot:
+                acc += _row_neg_dot(qp[n, qr + di], qo, kp[n, kr + di], ko, span)
+            else:
+                acc += _row_cost(qp[n, qr + di], qo, kp[n, kr + di], ko, span)
+                if acc >= bound:
+                    return acc
+    return acc
+
+
 def _cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
     """The search's float32 patch cost of query pixel (qi, qj) against key pixel (ki, kj),
     stopping early at ``bound``: over padded channel-last rows ``(N, H + 2r, (W + 2r) * C)``
-    (:func:`_patch_cost`, whose padded corner is the pixel) or in place over the caller's
-    ``(N, C, H, W)`` maps (:func:`_clamped_cost`), chosen at compile time by the maps' rank.
-    Compiled once per layout, not inlined into every candidate's call site."""
+    (:func:`_patch_cost`, whose padded corner is the pixel), over framed tall maps of volumes
+    when ``p`` is the tuple ``(pt, p, qfs, kfs)`` (:func:`_framed_cost`), or in place over the
+    caller's ``(N, C, H, W)`` maps (:func:`_clamped_cost`), chosen at compile time by the maps'
+    rank and the type of ``p``. Compiled once per layout, not inlined into every candidate's
+    call site."""
     raise NotImplementedError("numba-only")  # pragma: no cover
 
 
 @overload(_cost, jit_options=dict(fastmath=_FASTMATH, error_model="numpy"))
 def _cost_layout(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
+    if isinstance(p, types.BaseTuple):
+        return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _framed_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound)
     if qp.ndim == 4:
         return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _clamped_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound)
     return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _patch_cost(

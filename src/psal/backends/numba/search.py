@@ -106,16 +106,49 @@ def _sketch_basis(p: int, C: int, key: torch.Tensor, dims: int) -> _SketchBasis:
 
 
 def _project(x: torch.Tensor, chans: torch.Tensor, r: int) -> torch.Tensor:
-    """Channels of ``x (N, C, H, W)`` onto the directions ``chans (m, C)``, replicate padded by r."""
-    y = torch.einsum("mc,nchw->nmhw", chans, x.detach().float())
+    """Channels of ``x (N, C, H, W)`` onto the directions ``chans (m, C)``, replicate padded by r;
+    one matrix product over the map as it lies (an einsum copied it channel-last first)."""
+    N, C, H, W = x.shape
+    y = torch.matmul(chans, x.detach().float().reshape(N, C, H * W)).view(N, -1, H, W)
     return F.pad(y, (r, r, r, r), mode="replicate")
+
+
+def _filtered(x: torch.Tensor, r: int, basis: _SketchBasis) -> torch.Tensor:
+    """``(N, D, H, W)``: each filter's response at every patch of ``x (N, C, H, W)``, from the
+    projection onto the filters' own channel directions only (``D`` maps, not every direction's)."""
+    y = _project(x, basis.chans[basis.which], r)  # (N, D, H + 2r, W + 2r)
+    N, D, H, W = x.shape[0], y.shape[1], x.shape[2], x.shape[3]
+    # A sum of shifted slices, not a depthwise conv2d: the same values, and CPU conv2d's
+    # unfolded workspace was 8x the output (1 GB of a 640x480 video window's search).
+    out = y.new_zeros(N, D, H, W)
+    p = basis.spatial.shape[-1]
+    for a in range(p):
+        for b in range(p):
+            out.addcmul_(y[:, :, a : a + H, b : b + W], basis.spatial[:, a, b].view(1, D, 1, 1))
+    return out
 
 
 def _sketch(x: torch.Tensor, r: int, basis: _SketchBasis) -> np.ndarray:
     """Sketch ``(N, H, W, D)`` of every patch of ``x (N, C, H, W)``: one depthwise filter each."""
-    y = _project(x, basis.chans, r)[:, basis.which]  # (N, D, H + 2r, W + 2r)
-    z = F.conv2d(y, basis.spatial[:, None], groups=basis.spatial.shape[0])
-    return z.permute(0, 2, 3, 1).contiguous().numpy()
+    return _filtered(x, r, basis).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _framed_sketch(x: torch.Tensor, r: int, basis: _SketchBasis, pt: int, step: int) -> np.ndarray:
+    """The sketch ``(N, rows, W, D)`` of a framed tall map (``layout.tall_framed``, frames
+    ``step`` rows apart) for space-time patches of ``pt`` frames: each filter of :func:`_sketch`
+    spread evenly over the ``pt`` frames (times ``1 / sqrt(pt)``, so the filters stay
+    orthonormal and the bound stays a lower bound of the whole space-time cost, not only of its
+    middle frame's). The rows of the padding frames are left at 0: neither a listed position nor
+    an allowed key lies there, and only those are bounded."""
+    z = _filtered(x, r, basis)  # (N, D, rows, W)
+    N, D, rows, W = z.shape
+    rt = pt // 2
+    out = torch.zeros(N, rows, W, D)
+    inner = out[:, rt * step : rows - rt * step]
+    for dt in range(pt):
+        inner += z[:, :, dt * step : dt * step + inner.shape[1]].permute(0, 2, 3, 1)
+    inner *= pt**-0.5
+    return out.numpy()
 
 
 def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Tensor, chunk_values: int = 1 << 22) -> np.ndarray:
@@ -148,16 +181,20 @@ def patchmatch(
     positions=None,
     stages=ALL_STAGES,
     along_time=None,
+    frames=None,
 ):
     """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CPU tensors. ``stages``
     (bits of ``kernels.ALL_STAGES``) leaves stages of each iteration out, for the profile only.
     ``along_time``: a volume's frames on the tall map (:func:`psal.backends.tall.frames_of`), for
-    propagation along time after each iteration. Volumes (``patch_size`` a ``(pt, ph, pw)`` triple with ``ph == pw``) run on the same kernels,
-    through :func:`psal.backends.tall.search`."""
+    propagation along time after each iteration. ``frames = (pt, query frame step, key frame
+    step)``: the maps are framed tall maps (:func:`psal.backends.layout.tall_framed`) and a patch
+    is ``pt`` map patches one frame step apart. Volumes (``patch_size`` a ``(pt, ph, pw)`` triple
+    with ``ph == pw``) run on the same kernels, through :func:`psal.backends.tall.search`."""
     if isinstance(patch_size, tuple):  # a volume, on these map kernels, with our own scan along time
         return tall.search(
-            patchmatch, query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions, own_time=True
-        )
+            patchmatch, query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions,
+            own_time=True, framed=True,
+        )  # fmt: skip
     N, C, H, W = query.shape
     Hk, Wk = key.shape[-2:]
     K, p, r = num_neighbors, patch_size, patch_size // 2
@@ -166,7 +203,7 @@ def patchmatch(
     # A self-search (the same memory, layout and dtype: inpainting's) shares one padded copy and
     # one sketch of the map between its query and key sides.
     same = same_map(query, key)
-    in_place = not dense and M * _IN_PLACE_FRACTION <= Hk * Wk
+    in_place = not dense and M * _IN_PLACE_FRACTION <= Hk * Wk and frames is None
     if in_place:  # the caller's maps as they are (a copy only to float32 or contiguous memory)
         kp = key.detach().to(torch.float32).contiguous().numpy()
         qp = kp if same else query.detach().to(torch.float32).contiguous().numpy()
@@ -185,9 +222,12 @@ def patchmatch(
         screen = 0
     else:
         screen = min(_SCREEN_PER_MATCH * K, _SCREEN_MAX)
-        sk = _sketch(key, r, basis)
+        sk = _sketch(key, r, basis) if frames is None else _framed_sketch(key, r, basis, frames[0], frames[2])
         if same:
             flat = sk.reshape(N, Hk * Wk, -1)
+            sq = flat if dense else np.ascontiguousarray(flat[:, positions.numpy()])
+        elif frames is not None:
+            flat = _framed_sketch(query, r, basis, frames[0], frames[1]).reshape(N, H * W, -1)
             sq = flat if dense else np.ascontiguousarray(flat[:, positions.numpy()])
         else:
             sq = _sketch(query, r, basis).reshape(N, M, -1) if dense else _sketch_at(query, p, basis, positions)
@@ -214,18 +254,20 @@ def patchmatch(
         up = neighbour_table(positions, (H, W), (-1, 0)).numpy()
         down = neighbour_table(positions, (H, W), (1, 0)).numpy()
         row_start = torch.searchsorted(positions, torch.arange(H + 1) * W).numpy()
+    # The kernels' patch: its side, or (pt, side, query frame step, key frame step) on framed maps.
+    pk = p if frames is None else (int(frames[0]), p, int(frames[1]), int(frames[2]))
     out_idx = np.empty((N, M, K), dtype=np.int64)
     out_cost = np.empty((N, M, K), dtype=np.float32)
     has_mask = mask is not None
     search_init(qp, kp, sq, sk, mask_np, has_mask, allowed, n_allowed, init_np, init_idx is not None, out_idx, out_cost,
-                qpos, dense, H * W, W, Wk, p, C, dot, np.uint64(rng.stream(seed, -1)), screen, offers)  # fmt: skip
+                qpos, dense, H * W, W, Wk, pk, C, dot, np.uint64(rng.stream(seed, -1)), screen, offers)  # fmt: skip
     for it in range(num_iters):
         search_iterate(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense,
-                       H, W, Hk, Wk, p, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND, stages)  # fmt: skip
+                       H, W, Hk, Wk, pk, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND, stages)  # fmt: skip
         if along_time is not None:
             before, after, frame_start, key_frame = (t.numpy() if isinstance(t, torch.Tensor) else t for t in along_time)
             for table, direction in ((before, 1), (after, -1)) if it % 2 == 0 else ((after, -1), (before, 1)):
-                search_along_time(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, dense, W, Wk, p, C, dot,
+                search_along_time(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, dense, W, Wk, pk, C, dot,
                                   table, frame_start, key_frame, direction)  # fmt: skip
     shape = (N, K, H, W) if dense else (N, K, M)
     idx = torch.from_numpy(out_idx).transpose(1, 2).reshape(shape).contiguous()

@@ -75,9 +75,10 @@ class _Field:
         if not hasattr(self, "_tables"):
             rt, rh, rw = self.radii
             moves = [(a, b, c) for a in range(-rt, rt + 1) for b in range(-rh, rh + 1) for c in range(-rw, rw + 1)]
-            self._tables = dict(zip(moves, offset_tables(self.positions, self.dims, moves)))
+            # int32: half the memory of the tables, which are the largest thing sparse votes keep
+            self._tables = dict(zip(moves, offset_tables(self.positions, self.dims, moves, torch.int32)))
         at = self._tables[tuple(move)]
-        return at.clamp(min=0), at >= 0
+        return at.clamp(min=0).long(), at >= 0
 
 
 def _index_add(acc: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
