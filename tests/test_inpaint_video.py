@@ -67,6 +67,22 @@ def test_deterministic_and_windowed():
     assert hole_psnr(a, video, hole) > 20
 
 
+def test_out_and_in_place_give_the_same_fill():
+    """``out=`` a tensor of the video's shape, or the video itself (filled in place, as the command
+    line does with the frames it read, through a transposed view): the same fill as a new
+    tensor, bit for bit, and the input is left as it was when ``out`` is another tensor."""
+    video, hole = pan_with_disc(40, 6)
+    want = inpaint_video(video, hole, generator=gen(3), num_iters=2)
+    before = video.clone()
+    into = torch.empty_like(video)
+    assert inpaint_video(video, hole, generator=gen(3), num_iters=2, out=into) is into
+    assert torch.equal(into, want) and torch.equal(video, before)
+    frames = video[0].transpose(0, 1).contiguous()  # (T, C, H, W), as psal.videos reads them
+    view = frames.transpose(0, 1)[None]
+    inpaint_video(view, hole, generator=gen(3), num_iters=2, out=view)
+    assert torch.equal(frames.transpose(0, 1)[None], want)
+
+
 def test_progress_counts_up_to_its_total():
     video, hole = pan_with_disc(32, 6)
     calls = []
@@ -91,6 +107,16 @@ def test_progress_counts_up_to_its_total():
         (dict(patch_size=(3, 4, 5)), ValueError, r"patch_size .* odd ints >= 1, got \(3, 4, 5\)"),
         (dict(window=4, overlap=4), ValueError, r"overlap must be smaller than window, got overlap=4, window=4"),
         (dict(video=torch.zeros(1, 3, 4, 16, 16, dtype=torch.int64)), TypeError, r"video must be floating point"),
+        (
+            dict(out=torch.zeros(1, 3, 4, 16, 15)),
+            ValueError,
+            r"out must be a tensor of the video's shape \(1, 3, 4, 16, 16\).*got \(1, 3, 4, 16, 15\)",
+        ),
+        (
+            dict(out=torch.zeros(1, 3, 4, 16, 16, dtype=torch.float64)),
+            ValueError,
+            r"dtype torch.float32 .* got \(1, 3, 4, 16, 16\) torch.float64",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_the_shapes(kwargs, error, pattern):

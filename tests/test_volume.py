@@ -486,24 +486,33 @@ def test_bad_volume_input_is_refused_with_the_shapes(call, error, pattern):
         call(q, q.clone())
 
 
-def test_framed_tall_map_holds_the_stacked_tall_maps_frames():
-    """``layout.tall_framed`` (every frame once, ``rt`` replicated frames at each end) against the
-    stacked tall map: frame ``d`` of the stacked map's pixel is the framed map's pixel ``d - pt // 2``
-    frame steps away, for every frame (clamping in time included), on short and thin volumes; the
-    flat positions map to the frame rows and back."""
-    from psal.backends import layout
-
-    for T, pt, r, H in itertools.product((1, 2, 5), (1, 3, 5), (0, 1, 2), (1, 4)):
-        x = torch.rand(2, 3, T, H, 5, generator=gen(82))
-        rt = pt // 2
-        stacked = layout.tall_stacked(x, pt, r).view(2, 3, pt, T, H + 2 * r, 5)
-        framed = layout.tall_framed(x, rt, r).view(2, 3, T + 2 * rt, H + 2 * r, 5)
-        for d in range(pt):
-            assert torch.equal(stacked[:, :, d], framed[:, :, d : d + T])
-        flat = torch.arange(T * H * 5)
-        at = layout.to_tall(flat, H, 5, r, rt)
-        assert torch.equal(layout.tall_framed(x, rt, r).flatten(2)[..., at], x.flatten(2))
-        assert torch.equal(layout.from_tall(at, H, 5, r, rt), flat)
+@pytest.mark.parametrize("layout_", ["channels_first", "channels_last_3d"])
+def test_numba_volume_search_reads_either_memory_layout(layout_):
+    """numba reads space-time patches in place from a channel-last copy of the volume, or from
+    the caller's memory itself when it is ``torch.channels_last_3d``: the same field either way,
+    costs equal to the oracle's, on an awkward volume (odd sizes, a 1-pixel border case at
+    ``W = 6`` with ``p = 5``) with a key mask and sparse queries."""
+    x = torch.rand(1, 4, 5, 7, 6, generator=gen(84)).cumsum(-1)
+    if layout_ == "channels_last_3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    mask = torch.rand(1, 5, 7, 6, generator=gen(85)) > 0.3
+    listed = torch.randperm(5 * 7 * 6, generator=gen(86))[:60].sort().values
+    field = psal.patchmatch(
+        x, x, patch_size=(3, 5, 5), num_neighbors=2, key_mask=mask, positions=listed, generator=gen(87), backend="numba"
+    )
+    again = psal.patch_costs(x, x, field.indices, patch_size=(3, 5, 5), positions=listed)
+    torch.testing.assert_close(field.costs, again, rtol=1e-5, atol=1e-5)
+    assert bool(mask.flatten(1).gather(1, field.indices.flatten(1)).all())
+    plain = psal.patchmatch(x.contiguous(), x.contiguous(), patch_size=(3, 5, 5), num_neighbors=2, key_mask=mask, positions=listed,
+                            generator=gen(87), backend="numba")  # fmt: skip
+    assert torch.equal(field.indices, plain.indices)
+    # the attention takes the same volumes as they are (the pure-PyTorch votes read them through
+    # strided views): the same output as from contiguous copies
+    v = torch.rand(1, 3, 5, 7, 6, generator=gen(88))
+    for agg in ("patch", "center"):
+        a = psal.attend(x, x, v, field.indices, patch_size=(3, 5, 5), aggregation=agg, positions=listed)
+        b = psal.attend(x.contiguous(), x.contiguous(), v, field.indices, patch_size=(3, 5, 5), aggregation=agg, positions=listed)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_offset_tables_against_brute_force():

@@ -29,7 +29,22 @@ from .backends.layout import compute_dtype
 
 
 def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
+    """The tensors as the backends take them: contiguous, except volumes laid out channel-last
+    (``torch.channels_last_3d``, or a slice of channels of such a volume), which are passed as
+    they are: numba's space-time search reads a ``channels_last_3d`` float32 volume in place, with
+    no copy, and the pure-PyTorch votes read either through strided views; the other backends
+    copy them into their own layouts."""
+    return [None if t is None else t if _channel_last_volume(t) else t.contiguous() for t in tensors]
+
+
+def _channel_last_volume(t: Tensor) -> bool:
+    """A 5-D tensor whose channels are its innermost dimension and whose frames, rows and
+    columns are dense around them: ``(N, C, T, H, W)`` with strides ``(.., 1, H*W*P, W*P, P)``
+    for some pixel stride ``P >= C`` (``P = C``: ``channels_last_3d``)."""
+    if t.dim() != 5 or t.is_contiguous() or t.stride(1) != 1:
+        return False
+    C, (_, _, T, H, W), (_, _, sT, sH, sW) = t.shape[1], t.shape, t.stride()
+    return sW >= C and (H == 1 or sH == W * sW) and (T == 1 or sT == H * W * sW)
 
 
 def _as_map(query, key, patch_size):

@@ -40,7 +40,6 @@ from .inpaint import (
     _TEMPERATURE_SCALE,
     _TEXTURE_WEIGHT,
     _check_options,
-    _features,
     _masked_downsample,
     _smooth_fill,
     _texture_features,
@@ -104,13 +103,24 @@ def _downsample(video: torch.Tensor, hole: torch.Tensor, size):
     return _volume(down), _volume(down_hole)
 
 
-def _feature_map(state: torch.Tensor, channels: int) -> torch.Tensor:
+def _feature_map(state: torch.Tensor, channels: int, hole: torch.Tensor | None = None, up: torch.Tensor | None = None) -> torch.Tensor:
     """What space-time patches are compared on: the state (colours and texture features) and the
     colours' spatial differences, per frame, and one zero channel for Wexler's confidence. The
     state is the map's first channels: the caller keeps ``feat[:, :S]`` as its state, so that a
-    window holds one copy of it (:func:`_refresh` recomputes the differences in place)."""
-    feat = _volume(_features(_frames(state), channels))
-    return torch.cat([feat, feat.new_zeros(1, 1, *feat.shape[2:])], 1)
+    window holds one copy of it (:func:`_refresh` recomputes the differences in place). With
+    ``hole`` and ``up``, the state is ``up`` on the hole and ``state`` elsewhere, written in place.
+    In ``torch.channels_last_3d`` memory, which numba's space-time search reads in place, with no
+    copy: the searches take the whole map, whose confidence channel is 0 while they run."""
+    S = state.shape[1]
+    feat = torch.empty((1, S + 2 * channels + 1, *state.shape[2:]), dtype=state.dtype, device=state.device,
+                       memory_format=torch.channels_last_3d)  # fmt: skip
+    if up is None:
+        feat[:, :S] = state
+    else:
+        torch.where(hole, up, state, out=feat[:, :S])
+    feat[:, -1] = 0
+    _refresh(feat, S, channels)
+    return feat
 
 
 def _refresh(feat: torch.Tensor, states: int, channels: int) -> None:
@@ -121,7 +131,9 @@ def _refresh(feat: torch.Tensor, states: int, channels: int) -> None:
         g = feat[:, at : at + channels]
         n = x.shape[axis]
         # the central difference, replicated at the two ends (as _features' padding does)
-        torch.mul(x.narrow(axis, 2, n - 2) - x.narrow(axis, 0, n - 2), 0.5 * _GRADIENT_WEIGHT, out=g.narrow(axis, 1, n - 2))
+        inner = g.narrow(axis, 1, n - 2)
+        torch.sub(x.narrow(axis, 2, n - 2), x.narrow(axis, 0, n - 2), out=inner)
+        inner.mul_(0.5 * _GRADIENT_WEIGHT)
         g.narrow(axis, 0, 1).copy_(g.narrow(axis, 1, 1))
         g.narrow(axis, n - 1, 1).copy_(g.narrow(axis, n - 2, 1))
 
@@ -172,7 +184,7 @@ def _vote(state, feat, indices, costs, hole, where, depth, patch, backend, aggre
 # Validation.
 
 
-def _check_inputs(video, mask, patch_size, num_neighbors, window, overlap):
+def _check_inputs(video, mask, patch_size, num_neighbors, window, overlap, out=None):
     """Every argument check in one place; returns the hole ``(1, 1, T, H, W)``, the patch, ``k``,
     the window and the overlap."""
     if not isinstance(video, torch.Tensor):
@@ -195,6 +207,13 @@ def _check_inputs(video, mask, patch_size, num_neighbors, window, overlap):
         )
     if mask.device != video.device:
         raise ValueError(f"{_FN}: mask must be on the video's device {video.device}, got {mask.device}")
+    if out is not None and (
+        not isinstance(out, torch.Tensor) or out.shape != video.shape or out.dtype != video.dtype or out.device != video.device
+    ):
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"{_shape(out)} {out.dtype} on {out.device}"
+        raise ValueError(
+            f"{_FN}: out must be a tensor of the video's shape {_shape(video)}, dtype {video.dtype} and device {video.device}, got {what}"
+        )
     patch = checks.check_patch_size(_FN, patch_size, volume=True)
     k = checks.check_int(_FN, "num_neighbors", num_neighbors, 1)
     window = checks.check_int(_FN, "window", window, 1)
@@ -235,6 +254,7 @@ def inpaint_video(
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
     backend: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fill the hole of a video with space-time patches of its known part, PSAL as the engine.
 
@@ -257,8 +277,10 @@ def inpaint_video(
         overlap: frames each window shares with the previous one (filled there, known here).
         generator: source of randomness; the same seed gives the same result.
         progress: called as ``progress(done, total)`` after each round, over the whole video.
-        backend: PSAL backend (``"auto"``, ``"numba"``, ``"triton"`` or ``"torch"``); volumes of
-            more than one frame run on the pure-PyTorch kernels for now.
+        backend: PSAL backend (``"auto"``, ``"numba"``, ``"triton"`` or ``"torch"``).
+        out: a tensor of the video's shape, dtype and device to write the result into, which may
+            be ``video`` itself (filled in place: no second copy of the video in memory);
+            ``None``: a new tensor.
 
     Returns:
         ``Tensor[1, C, T, H, W]`` on the video's device, in its dtype: the known pixels bitwise
@@ -275,7 +297,7 @@ def inpaint_video(
         >>> bool(torch.equal(out[..., :10, :], video[..., :10, :]))
         True
     """
-    hole, patch, k, window, overlap = _check_inputs(video, mask, patch_size, num_neighbors, window, overlap)
+    hole, patch, k, window, overlap = _check_inputs(video, mask, patch_size, num_neighbors, window, overlap, out)
     num_iters, search_iters, scales, generator, backend = _check_options(
         _FN, num_iters, search_iters, scales, tolerance, generator, progress, backend, video.device
     )
@@ -289,7 +311,10 @@ def inpaint_video(
     spans = [(s, min(s + window, T)) for s in starts]
     rounds = [num_iters * _levels_upper_bound(video.shape[-2:], patch, scales) + 1 for _ in spans]
     total, done = sum(rounds), 0
-    out = video.detach().clone()
+    if out is None:
+        out = video.detach().clone()
+    elif out is not video:
+        out.copy_(video.detach())
     filled = hole.clone()
     for (s, e), n in zip(spans, rounds):
         part_hole = filled[:, :, s:e]
@@ -365,8 +390,8 @@ def _inpaint_window(video, hole, patch, k, num_iters, search_iters, scales, tole
             cur = feat[:, :S]
         else:
             coarse = tuple(cur.shape[2:])
-            up = _volume(F.interpolate(_frames(cur), size=known.shape[-2:], mode="bilinear", align_corners=False))
-            feat = _feature_map(torch.where(lhole, up, known), C)
+            up = F.interpolate(_frames(cur), size=known.shape[-2:], mode="bilinear", align_corners=False)
+            feat = _feature_map(known, C, lhole, up.transpose(0, 1)[None])
             cur = feat[:, :S]
             del up
             # the coarser level set both
@@ -375,16 +400,16 @@ def _inpaint_window(video, hole, patch, k, num_iters, search_iters, scales, tole
             )
             allowed = key_mask.flatten()[indices] & found
             if not bool(allowed.all()):
-                fresh = patchmatch(feat[:, :-1], feat[:, :-1], num_iters=0, **search)
+                fresh = patchmatch(feat, feat, num_iters=0, **search)
                 indices = torch.where(allowed, indices, fresh.indices)
-            costs = patch_costs(feat[:, :-1], feat[:, :-1], indices, patch_size=tuple(patch), positions=where)
+            costs = patch_costs(feat, feat, indices, patch_size=tuple(patch), positions=where)
             _vote(cur, feat, indices, costs, lhole, where, depth, patch, backend)
         levels[level] = None
         del known
         warm: Any = indices
         for _ in range(num_iters):
             _refresh(feat, S, C)
-            field = patchmatch(feat[:, :-1], feat[:, :-1], num_iters=search_iters, init=warm, **search)
+            field = patchmatch(feat, feat, num_iters=search_iters, init=warm, **search)
             warm = field
             delta = _vote(cur, feat, field.indices, field.costs, lhole, where, depth, patch, backend)
             change = float(delta[:, :C].abs().sum() / max(delta.shape[-1] * C, 1))
@@ -397,6 +422,6 @@ def _inpaint_window(video, hole, patch, k, num_iters, search_iters, scales, tole
 
     cur = cast(torch.Tensor, cur)  # the coarsest level set it
     _refresh(feat, S, C)
-    field = patchmatch(feat[:, :-1], feat[:, :-1], num_iters=search_iters, init=field, **search)
+    field = patchmatch(feat, feat, num_iters=search_iters, init=field, **search)
     _vote(cur, feat, field.indices, field.costs, hole, where, depth, patch, backend, "center", 0.1)
     return torch.where(hole, cur[:, :C].to(video.dtype), video)

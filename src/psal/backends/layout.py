@@ -91,6 +91,14 @@ def channel_last(x: torch.Tensor, dtype: torch.dtype | None = None, pad: int = 0
     return out
 
 
+def channel_last_volume(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, C, T, H, W)`` -> ``(N, T * H, W * C)`` in ``dtype``: the frames stacked, one flat row
+    per frame row, a pixel's ``C`` values and a patch row's contiguous, no padding. No copy when
+    the volume is already ``torch.channels_last_3d`` memory in ``dtype``."""
+    N, C, T, H, W = x.shape
+    return x.detach().to(dtype).permute(0, 2, 3, 4, 1).contiguous().view(N, T * H, W * C)
+
+
 def channel_last_rows(x: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(N, H + 2 pad, (W + 2 pad) * C)``: :func:`channel_last`, one flat row
     per image row, so that the ``p * C`` values of a patch row are one contiguous run."""
@@ -284,30 +292,14 @@ def tall_stacked(x: torch.Tensor, pt: int, r: int) -> torch.Tensor:
     return out.view(N, C * pt, T * (H + 2 * r), W)
 
 
-def tall_framed(x: torch.Tensor, rt: int, r: int) -> torch.Tensor:
-    """``(N, C, T, H, W)`` -> ``(N, C, (T + 2 rt) * (H + 2r), W)``: the frames stacked one under the
-    other as in :func:`tall`, each padded by ``r`` replicated rows, with ``rt`` replicated frames
-    before the first and after the last (replicate padding in time). A ``(pt, p, p)`` space-time
-    patch is then ``pt`` plain ``p x p`` patches one frame step (``H + 2r`` rows) apart: kernels
-    that step between frames read it with no copy of each pixel's frames, a third of the
-    memory of :func:`tall_stacked` at ``pt = 3``."""
-    N, C, T, H, W = x.shape
-    rows = _row_index(H, r, x.device)
-    out = x.new_empty(N, C, T + 2 * rt, H + 2 * r, W)
-    for f in range(T + 2 * rt):
-        out[:, :, f] = x[:, :, min(max(f - rt, 0), T - 1)].index_select(2, rows)
-    return out.view(N, C, (T + 2 * rt) * (H + 2 * r), W)
-
-
-def to_tall(i: torch.Tensor, H: int, W: int, r: int, rt: int = 0) -> torch.Tensor:
-    """Flat volume positions ``t * H * W + row * W + col`` -> the tall map's flat positions
-    (``rt`` padding frames before the first: :func:`tall_framed`)."""
+def to_tall(i: torch.Tensor, H: int, W: int, r: int) -> torch.Tensor:
+    """Flat volume positions ``t * H * W + row * W + col`` -> the tall map's flat positions."""
     t, rest = i // (H * W), i % (H * W)
-    return ((t + rt) * (H + 2 * r) + rest // W + r) * W + rest % W
+    return (t * (H + 2 * r) + rest // W + r) * W + rest % W
 
 
-def from_tall(j: torch.Tensor, H: int, W: int, r: int, rt: int = 0) -> torch.Tensor:
+def from_tall(j: torch.Tensor, H: int, W: int, r: int) -> torch.Tensor:
     """The inverse of :func:`to_tall` on the positions of frame rows."""
     rows, col = j // W, j % W
-    t, row = rows // (H + 2 * r) - rt, rows % (H + 2 * r) - r
+    t, row = rows // (H + 2 * r), rows % (H + 2 * r) - r
     return (t * H + row) * W + col

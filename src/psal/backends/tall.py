@@ -1,15 +1,13 @@
-"""Volumes on map kernels: the space-time search and "center" attention of the backends whose
-kernels are written for maps (numba, Triton), through the tall maps of :mod:`.layout`.
+"""Volumes on map kernels: Triton's space-time search, and the "center" attention of numba and
+Triton, whose kernels are written for maps, through the tall maps of :mod:`.layout`.
 
 A space-time patch ``(pt, p, p)`` of a volume is the ``p x p`` patch of its tall map (each pixel
 carrying its ``pt`` frames as channels, the frames stacked one under the other with ``r = p // 2``
 replicated rows between them; ``layout.tall_stacked``), term for term, so a map kernel computes
-the volume's costs exactly. A kernel that can step between frames (numba's search) reads the
-``pt`` frames of a patch on the *framed* tall map instead (``layout.tall_framed``: every frame
-once, plus ``pt // 2`` replicated frames at each end), a third of the memory. Key positions on padding rows are masked out and query positions on
-them are not listed (sparse queries over the frame rows). Propagation along time, which a map
-kernel does not do, is either the backend's own (``along_time``: numba scans the frames after each
-iteration) or, by default, offered between iterations: each pixel gets the matches of the pixel
+the volume's costs exactly. (numba's search does not come here: its kernels read space-time
+patches in place from the volume's frames, ``psal.backends.numba.search``.) Key positions on
+padding rows are masked out and query positions on them are not listed (sparse queries over the frame rows). Propagation along time, which a map
+kernel does not do, is offered between iterations: each pixel gets the matches of the pixel
 one frame before (moved one key frame on) and one frame after (moved one key frame back) as warm
 start candidates of the next iteration, one frame per iteration.
 
@@ -63,53 +61,27 @@ def _time_candidates(idx: torch.Tensor, before: torch.Tensor, after: torch.Tenso
     return torch.cat(parts, 1)
 
 
-def search(
-    map_search: Callable,
-    query,
-    key,
-    mask,
-    num_neighbors,
-    patch,
-    num_iters,
-    similarity,
-    init_idx,
-    seed,
-    positions,
-    own_time=False,
-    framed=False,
-):
+def search(map_search: Callable, query, key, mask, num_neighbors, patch, num_iters, similarity, init_idx, seed, positions):
     """The volume search on ``map_search`` (a backend's map ``patchmatch``, same contract, sparse
-    positions included). ``own_time``: ``map_search`` takes ``along_time=`` (see the module
-    docstring) and propagates along time itself. ``framed``: it takes ``frames=(pt, query frame
-    step, key frame step)`` and reads a space-time patch as ``pt`` map patches one frame step
-    apart on the tall maps of :func:`layout.tall_framed` (a third of the memory of the stacked
-    tall maps at ``pt = 3``)."""
+    positions included), with candidates along time offered between iterations (see the module
+    docstring)."""
     N, C, T, H, W = query.shape
     Tk, Hk, Wk = key.shape[2:]
     pt, p, r = _square(patch, "search")
-    rt = pt // 2 if framed else 0  # padding frames of the framed layout
     device = query.device
     same = same_map(query, key)
-    if framed:
-        kt = layout.tall_framed(key, rt, r)
-        qt = kt if same else layout.tall_framed(query, rt, r)
-        extra: dict = {"frames": (pt, H + 2 * r, Hk + 2 * r)}
-    else:
-        kt = layout.tall_stacked(key, pt, r)
-        qt = kt if same else layout.tall_stacked(query, pt, r)
-        extra = {}
-    tall_mask = torch.zeros(N, Tk + 2 * rt, Hk + 2 * r, Wk, dtype=torch.bool, device=device)
-    tall_mask[:, rt : rt + Tk, r : r + Hk] = True if mask is None else mask.reshape(N, Tk, Hk, Wk)
+    kt = layout.tall_stacked(key, pt, r)
+    qt = kt if same else layout.tall_stacked(query, pt, r)
+    tall_mask = torch.zeros(N, Tk, Hk + 2 * r, Wk, dtype=torch.bool, device=device)
+    tall_mask[:, :, r : r + Hk] = True if mask is None else mask.reshape(N, Tk, Hk, Wk)
     tall_mask = tall_mask.reshape(N, -1)
     listed = torch.arange(T * H * W, device=device) if positions is None else positions
-    tall_positions = layout.to_tall(listed, H, W, r, rt)
-    init = None if init_idx is None else layout.to_tall(init_idx.reshape(N, init_idx.shape[1], -1), Hk, Wk, r, rt)
+    tall_positions = layout.to_tall(listed, H, W, r)
+    init = None if init_idx is None else layout.to_tall(init_idx.reshape(N, init_idx.shape[1], -1), Hk, Wk, r)
     key_frame = (Hk + 2 * r) * Wk
     along = frames_of(listed, (T, H, W), key_frame) if T > 1 and Tk > 1 else None
-    if own_time or along is None or num_iters == 0:
-        if own_time:
-            extra["along_time"] = along
-        idx, cost = map_search(qt, kt, tall_mask, num_neighbors, p, num_iters, similarity, init, seed, tall_positions, **extra)
+    if along is None or num_iters == 0:
+        idx, cost = map_search(qt, kt, tall_mask, num_neighbors, p, num_iters, similarity, init, seed, tall_positions)
     else:
         before, after = along[0], along[1]
         idx, cost = map_search(qt, kt, tall_mask, num_neighbors, p, 1, similarity, init, seed, tall_positions)
@@ -118,7 +90,7 @@ def search(
             # the last round only offers the candidates of the last iteration (no iteration of its own)
             rounds = 1 if it < num_iters else 0
             idx, cost = map_search(qt, kt, tall_mask, num_neighbors, p, rounds, similarity, warm, seed + 7919 * it, tall_positions)
-    idx = layout.from_tall(idx, Hk, Wk, r, rt)
+    idx = layout.from_tall(idx, Hk, Wk, r)
     if positions is None:
         idx, cost = idx.reshape(N, num_neighbors, T, H, W), cost.reshape(N, num_neighbors, T, H, W)
     return idx, cost

@@ -219,8 +219,10 @@ def cmd_inpaint_video(args) -> dict:
     bar, progress = _steps("inpaint", args.quiet)
     try:
         patch = _given(None if args.patch_size is None else (3, args.patch_size, args.patch_size), inpaint_video_frames, "patch_size")
+        # the frames were read for this alone: filled in place, one copy of the video in memory
         out = inpaint_video_frames(frames, hole, device=device, seed=args.seed, patch_size=patch,
-                                   iters=_given(args.iters, inpaint_video_frames, "iters"), progress=progress)  # fmt: skip
+                                   iters=_given(args.iters, inpaint_video_frames, "iters"), progress=progress,
+                                   in_place=True)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

@@ -197,15 +197,19 @@ def inpaint_video_frames(
     iters: int = 6,
     window: int = 24,
     progress=None,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """``frames`` ``(T, C, H, W)`` with the pixels of ``hole`` ``(T, H, W)`` filled by space-time
-    patches (:func:`psal.apps.inpaint_video.inpaint_video`); the other pixels are kept exactly."""
+    patches (:func:`psal.apps.inpaint_video.inpaint_video`); the other pixels are kept exactly.
+    ``in_place``: ``frames`` (on the device) is filled itself, no second copy of the video (the
+    command line reads the video for this alone)."""
     from psal.apps.inpaint_video import inpaint_video
 
     video = frames.to(device).transpose(0, 1)[None]
     out = inpaint_video(
         video, hole.to(device), patch_size=patch_size, num_iters=iters, window=window,
         generator=torch.Generator(device=device).manual_seed(seed), progress=progress,
+        out=video if in_place else None,
     )  # fmt: skip
     return out[0].transpose(0, 1).cpu()
 

@@ -223,34 +223,52 @@ def _clamped_cost(q, k, n, qi, qj, ki, kj, p, C, dot, bound):
 
 
 @njit(fastmath=_FASTMATH, inline="always", **_HOT)
-def _framed_cost(qp, kp, n, qi, qj, ki, kj, frames, C, dot, bound):
-    """The cost of a space-time patch ``(pt, p, p)`` on padded channel-last framed tall maps
-    (``layout.tall_framed``): ``pt`` map patches, one frame step (``qfs`` / ``kfs`` rows) apart,
-    the pixel's own frame in the middle; ``frames = (pt, p, qfs, kfs)``. The same terms as
-    :func:`_patch_cost` on the stacked tall maps, in another order; early exit after each row."""
-    pt, p, qfs, kfs = frames
-    span = p * C
-    qo = qj * C
-    ko = kj * C
+def _volume_cost(qp, kp, n, qi, qj, ki, kj, g, C, dot, bound):
+    """The cost of a space-time patch ``(pt, p, p)`` read in place from channel-last volumes
+    ``(N, T * H, W * C)`` (frames stacked, no padding): ``g = (pt, p, H, T, Hk, Tk)``; map row
+    ``i`` is row ``i % H`` of frame ``i // H``. Replicate padding in time and space as clamped
+    frames, rows and columns; a patch row's ``p * C`` values are one contiguous run where both
+    patches lie inside their frames' columns. Early exit after each row."""
+    pt, p, H, T, Hk, Tk = g
+    r = p // 2
+    rt = pt // 2
+    W = qp.shape[2] // C
+    Wk = kp.shape[2] // C
+    tq = qi // H
+    yq = qi - tq * H
+    tk = ki // Hk
+    yk = ki - tk * Hk
+    inside = r <= qj < W - r and r <= kj < Wk - r
     acc = np.float32(0.0)
     for dt in range(pt):
-        qr = qi + (dt - pt // 2) * qfs
-        kr = ki + (dt - pt // 2) * kfs
+        fq = min(max(tq + dt - rt, 0), T - 1) * H
+        fk = min(max(tk + dt - rt, 0), Tk - 1) * Hk
         for di in range(p):
-            if dot:
-                acc += _row_neg_dot(qp[n, qr + di], qo, kp[n, kr + di], ko, span)
+            rq = fq + min(max(yq + di - r, 0), H - 1)
+            rk = fk + min(max(yk + di - r, 0), Hk - 1)
+            if inside:
+                if dot:
+                    acc += _row_neg_dot(qp[n, rq], (qj - r) * C, kp[n, rk], (kj - r) * C, p * C)
+                else:
+                    acc += _row_cost(qp[n, rq], (qj - r) * C, kp[n, rk], (kj - r) * C, p * C)
             else:
-                acc += _row_cost(qp[n, qr + di], qo, kp[n, kr + di], ko, span)
-                if acc >= bound:
-                    return acc
+                for dj in range(p):
+                    qx = min(max(qj + dj - r, 0), W - 1)
+                    kx = min(max(kj + dj - r, 0), Wk - 1)
+                    if dot:
+                        acc += _row_neg_dot(qp[n, rq], qx * C, kp[n, rk], kx * C, C)
+                    else:
+                        acc += _row_cost(qp[n, rq], qx * C, kp[n, rk], kx * C, C)
+            if not dot and acc >= bound:
+                return acc
     return acc
 
 
 def _cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
     """The search's float32 patch cost of query pixel (qi, qj) against key pixel (ki, kj),
     stopping early at ``bound``: over padded channel-last rows ``(N, H + 2r, (W + 2r) * C)``
-    (:func:`_patch_cost`, whose padded corner is the pixel), over framed tall maps of volumes
-    when ``p`` is the tuple ``(pt, p, qfs, kfs)`` (:func:`_framed_cost`), or in place over the
+    (:func:`_patch_cost`, whose padded corner is the pixel), in place over channel-last volumes
+    when ``p`` is the tuple ``(pt, p, H, T, Hk, Tk)`` (:func:`_volume_cost`), or in place over the
     caller's ``(N, C, H, W)`` maps (:func:`_clamped_cost`), chosen at compile time by the maps'
     rank and the type of ``p``. Compiled once per layout, not inlined into every candidate's
     call site."""
@@ -260,7 +278,7 @@ def _cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
 @overload(_cost, jit_options=dict(fastmath=_FASTMATH, error_model="numpy"))
 def _cost_layout(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
     if isinstance(p, types.BaseTuple):
-        return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _framed_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound)
+        return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _volume_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound)
     if qp.ndim == 4:
         return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _clamped_cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound)
     return lambda qp, kp, n, qi, qj, ki, kj, p, C, dot, bound: _patch_cost(
@@ -445,14 +463,14 @@ def search_init(
 def search_along_time(
     qp, kp, sq, sk, mask, has_mask, out_idx, out_cost, qpos, dense, W, Wk, p, C, dot, before, frame_start, key_frame, direction
 ):
-    """Propagation along time for a volume searched as a tall map (``search.py``): frame by frame
+    """Propagation along time for a volume searched as a map of its stacked frames (``search.py``): frame by frame
     in ``direction`` (+1: first to last), every listed pixel of a frame is offered the matches of
     the listed pixel ``before[m]`` at the same place one frame back (``-1``: none), moved
     ``direction`` key frames (``key_frame`` positions); a scan, so a good match travels the whole
     video in one pass. Frame ``t``'s pixels are list indices ``frame_start[t] .. frame_start[t + 1]``."""
     N, M, K = out_idx.shape
     T = frame_start.shape[0] - 1
-    total = mask.shape[1] if has_mask else np.int64(1) << 62
+    total = mask.shape[1] if has_mask else kp.shape[1] * Wk  # key positions (volumes: unpadded rows)
     for step in range(T - 1):
         t = step + 1 if direction > 0 else T - 2 - step
         lo = frame_start[t]

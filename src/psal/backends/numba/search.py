@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import rng, tall
-from ..layout import allowed_table, channel_last_rows, neighbour_table, patch_offsets, same_map
+from ..layout import channel_last_rows, channel_last_volume, neighbour_table, patch_offsets, same_map
 from .kernels import ALL_STAGES, search_along_time, search_init, search_iterate
 
 _BAND = 16  # rows per parallel task; fixed, so that results do not depend on the thread count
@@ -133,22 +133,40 @@ def _sketch(x: torch.Tensor, r: int, basis: _SketchBasis) -> np.ndarray:
     return _filtered(x, r, basis).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def _framed_sketch(x: torch.Tensor, r: int, basis: _SketchBasis, pt: int, step: int) -> np.ndarray:
-    """The sketch ``(N, rows, W, D)`` of a framed tall map (``layout.tall_framed``, frames
-    ``step`` rows apart) for space-time patches of ``pt`` frames: each filter of :func:`_sketch`
-    spread evenly over the ``pt`` frames (times ``1 / sqrt(pt)``, so the filters stay
-    orthonormal and the bound stays a lower bound of the whole space-time cost, not only of its
-    middle frame's). The rows of the padding frames are left at 0: neither a listed position nor
-    an allowed key lies there, and only those are bounded."""
-    z = _filtered(x, r, basis)  # (N, D, rows, W)
-    N, D, rows, W = z.shape
-    rt = pt // 2
-    out = torch.zeros(N, rows, W, D)
-    inner = out[:, rt * step : rows - rt * step]
-    for dt in range(pt):
-        inner += z[:, :, dt * step : dt * step + inner.shape[1]].permute(0, 2, 3, 1)
-    inner *= pt**-0.5
-    return out.numpy()
+def _volume_sketch(x: torch.Tensor, r: int, basis: _SketchBasis, pt: int) -> np.ndarray:
+    """Sketch ``(N, T * H, W, D)`` of every space-time patch ``(pt, p, p)`` of a volume
+    ``x (N, C, T, H, W)``: each filter of :func:`_sketch` on every frame (replicate padded per
+    frame), spread evenly over the patch's ``pt`` frames (times ``1 / sqrt(pt)``, frames clamped as
+    the cost clamps them), so that the filters stay orthonormal and the distance of two sketches
+    stays a lower bound of the whole space-time cost."""
+    N, C, T, H, W = x.shape
+    chans = basis.chans[basis.which]  # (D, C)
+    D, p = chans.shape[0], basis.spatial.shape[-1]
+    x = x.detach()
+    rows, cols = _clamped_range(H, r), _clamped_range(W, r)
+    z = torch.zeros(N, T, H, W, D)
+    for t in range(T):  # a frame at a time: the padded projections of one frame, not of the volume
+        y = torch.matmul(chans, x[:, :, t].float().reshape(N, C, H * W)).view(N, D, H, W).permute(0, 2, 3, 1)
+        y = y.index_select(1, rows).index_select(2, cols)  # (N, H + 2r, W + 2r, D)
+        zt = z[:, t]
+        for a in range(p):
+            for b in range(p):
+                zt.addcmul_(y[:, a : a + H, b : b + W], basis.spatial[:, a, b])
+    if pt > 1:  # in place, frame by frame, with the original of the frames before kept aside
+        rt, before = pt // 2, [z[:, 0].clone() for _ in range(pt // 2)]  # frames t - rt .. t - 1, clamped
+        for t in range(T):
+            own = z[:, t].clone()
+            for d in range(1, pt - rt):  # frames after t, still as they were (t itself: its original)
+                z[:, t] += own if t == T - 1 else z[:, min(t + d, T - 1)]
+            for prev in before:
+                z[:, t] += prev
+            before = before[1:] + [own] if before else before
+        z.mul_(pt**-0.5)
+    return z.reshape(N, T * H, W, D).numpy()
+
+
+def _clamped_range(n: int, r: int) -> torch.Tensor:
+    return torch.arange(-r, n + r).clamp_(0, n - 1)
 
 
 def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Tensor, chunk_values: int = 1 << 22) -> np.ndarray:
@@ -168,6 +186,23 @@ def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Te
     return out.numpy()
 
 
+def _allowed_positions(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The allowed key positions of each map, ascending, ``(N, most allowed)`` (the kernels read
+    row ``n`` below ``count[n]`` only), and their counts ``(N,)``: the first entries of
+    ``layout.allowed_table``'s permutation, without building the whole of it (three tables of the
+    key's size at once, the peak of a video window's search)."""
+    N, Nk = mask.shape
+    count = mask.sum(1)
+    flat = mask.reshape(-1).nonzero().squeeze(1)  # ascending: map by map, then by position
+    if N == 1:
+        return flat[None].numpy(), count.numpy().astype(np.int64)
+    out = torch.zeros(N, max(int(count.max()), 1), dtype=torch.int64)
+    rows = flat // Nk
+    start = torch.cumsum(count, 0) - count
+    out[rows, torch.arange(flat.numel()) - start[rows]] = flat - rows * Nk
+    return out.numpy(), count.numpy().astype(np.int64)
+
+
 def patchmatch(
     query,
     key,
@@ -180,39 +215,49 @@ def patchmatch(
     seed: int,
     positions=None,
     stages=ALL_STAGES,
-    along_time=None,
-    frames=None,
 ):
     """Same contract as :func:`psal.backends.torch.search.patchmatch`, on CPU tensors. ``stages``
     (bits of ``kernels.ALL_STAGES``) leaves stages of each iteration out, for the profile only.
-    ``along_time``: a volume's frames on the tall map (:func:`psal.backends.tall.frames_of`), for
-    propagation along time after each iteration. ``frames = (pt, query frame step, key frame
-    step)``: the maps are framed tall maps (:func:`psal.backends.layout.tall_framed`) and a patch
-    is ``pt`` map patches one frame step apart. Volumes (``patch_size`` a ``(pt, ph, pw)`` triple
-    with ``ph == pw``) run on the same kernels, through :func:`psal.backends.tall.search`."""
-    if isinstance(patch_size, tuple):  # a volume, on these map kernels, with our own scan along time
-        return tall.search(
-            patchmatch, query, key, mask, num_neighbors, patch_size, num_iters, similarity, init_idx, seed, positions,
-            own_time=True, framed=True,
-        )  # fmt: skip
-    N, C, H, W = query.shape
-    Hk, Wk = key.shape[-2:]
-    K, p, r = num_neighbors, patch_size, patch_size // 2
+
+    Volumes (``patch_size`` a ``(pt, ph, pw)`` triple with ``ph == pw``) run on the same kernels
+    as maps of their stacked frames ``(T * H, W)``, whose flat positions are the volume's: the
+    kernels read a space-time patch in place from one channel-last copy of each volume (none
+    when the caller's volume is already ``torch.channels_last_3d`` float32), frames, rows and
+    columns clamped, and propagate along time with a frame-by-frame scan after each iteration."""
+    volume = isinstance(patch_size, tuple)
+    if volume:
+        pt, p, pw = patch_size
+        if p != pw:
+            raise ValueError(f"space-time search on map kernels needs square frames of patches (ph == pw), got patch {tuple(patch_size)}")
+        N, C, T, H1, W = query.shape
+        Tk, Hk1, Wk = key.shape[2:]
+        H, Hk = T * H1, Tk * Hk1  # rows of the maps of stacked frames
+    else:
+        N, C, H, W = query.shape
+        Hk, Wk = key.shape[-2:]
+        p = patch_size
+    K, r = num_neighbors, p // 2
     dense = positions is None
     M = H * W if dense else positions.numel()
     # A self-search (the same memory, layout and dtype: inpainting's) shares one padded copy and
     # one sketch of the map between its query and key sides.
     same = same_map(query, key)
-    in_place = not dense and M * _IN_PLACE_FRACTION <= Hk * Wk and frames is None
-    if in_place:  # the caller's maps as they are (a copy only to float32 or contiguous memory)
+    in_place = not volume and not dense and M * _IN_PLACE_FRACTION <= Hk * Wk
+    if volume:
+        kp = channel_last_volume(key, torch.float32).numpy()
+        qp = kp if same else channel_last_volume(query, torch.float32).numpy()
+        key_map = key.detach().reshape(N, C, Hk, Wk)  # the sketch's statistics: patches of the stacked frames
+    elif in_place:  # the caller's maps as they are (a copy only to float32 or contiguous memory)
         kp = key.detach().to(torch.float32).contiguous().numpy()
         qp = kp if same else query.detach().to(torch.float32).contiguous().numpy()
     else:
         kp = channel_last_rows(key, torch.float32, r).numpy()
         qp = kp if same else channel_last_rows(query, torch.float32, r).numpy()
+    if not volume:
+        key_map = key
     dot = similarity == "dot"
     dims = _SKETCH_DIMS_SMALL if Hk * Wk <= _SKETCH_LARGE_KEYS else _SKETCH_DIMS_LARGE
-    basis = None if dot or in_place else _sketch_basis(p, C, key, dims)
+    basis = None if dot or in_place else _sketch_basis(p, C, key_map, dims)
     # No bound for a dot-product cost, no whole-key sketch for a few pixels, and none where the
     # sketch keeps too little of the patches' variance to reject candidates (features without
     # spatial or channel structure): its bounds would cost time and reject nothing.
@@ -222,12 +267,12 @@ def patchmatch(
         screen = 0
     else:
         screen = min(_SCREEN_PER_MATCH * K, _SCREEN_MAX)
-        sk = _sketch(key, r, basis) if frames is None else _framed_sketch(key, r, basis, frames[0], frames[2])
+        sk = _volume_sketch(key, r, basis, pt) if volume else _sketch(key, r, basis)
         if same:
             flat = sk.reshape(N, Hk * Wk, -1)
             sq = flat if dense else np.ascontiguousarray(flat[:, positions.numpy()])
-        elif frames is not None:
-            flat = _framed_sketch(query, r, basis, frames[0], frames[1]).reshape(N, H * W, -1)
+        elif volume:
+            flat = _volume_sketch(query, r, basis, pt).reshape(N, H * W, -1)
             sq = flat if dense else np.ascontiguousarray(flat[:, positions.numpy()])
         else:
             sq = _sketch(query, r, basis).reshape(N, M, -1) if dense else _sketch_at(query, p, basis, positions)
@@ -239,10 +284,9 @@ def patchmatch(
         allowed = np.zeros((1, 1), dtype=np.int64)
         n_allowed = np.full(N, Hk * Wk, dtype=np.int64)
     else:
-        order, count = allowed_table(mask, N, Hk * Wk)
+        mask = mask.reshape(N, Hk * Wk)
         mask_np = mask.contiguous().numpy()
-        allowed = order.contiguous().numpy()
-        n_allowed = count.numpy().astype(np.int64)
+        allowed, n_allowed = _allowed_positions(mask)
     if init_idx is None:
         init_np = np.zeros((1, 1, 1), dtype=np.int64)
     else:
@@ -254,8 +298,13 @@ def patchmatch(
         up = neighbour_table(positions, (H, W), (-1, 0)).numpy()
         down = neighbour_table(positions, (H, W), (1, 0)).numpy()
         row_start = torch.searchsorted(positions, torch.arange(H + 1) * W).numpy()
-    # The kernels' patch: its side, or (pt, side, query frame step, key frame step) on framed maps.
-    pk = p if frames is None else (int(frames[0]), p, int(frames[1]), int(frames[2]))
+    along = None
+    if volume and T > 1 and Tk > 1:
+        listed = torch.arange(H * W) if dense else positions
+        before, after, frame_start, key_frame = tall.frames_of(listed, (T, H1, W), Hk1 * Wk)
+        along = (before.numpy(), after.numpy(), frame_start.numpy(), key_frame)
+    # The kernels' patch: its side, or (pt, side, H, T, Hk, Tk) on the maps of stacked frames.
+    pk = (pt, p, H1, T, Hk1, Tk) if volume else p
     out_idx = np.empty((N, M, K), dtype=np.int64)
     out_cost = np.empty((N, M, K), dtype=np.float32)
     has_mask = mask is not None
@@ -264,12 +313,12 @@ def patchmatch(
     for it in range(num_iters):
         search_iterate(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, up, down, row_start, dense,
                        H, W, Hk, Wk, pk, C, dot, np.uint64(rng.stream(seed, it)), it, _BAND, stages)  # fmt: skip
-        if along_time is not None:
-            before, after, frame_start, key_frame = (t.numpy() if isinstance(t, torch.Tensor) else t for t in along_time)
+        if along is not None:
+            before, after, frame_start, key_frame = along
             for table, direction in ((before, 1), (after, -1)) if it % 2 == 0 else ((after, -1), (before, 1)):
                 search_along_time(qp, kp, sq, sk, mask_np, has_mask, out_idx, out_cost, qpos, dense, W, Wk, pk, C, dot,
                                   table, frame_start, key_frame, direction)  # fmt: skip
-    shape = (N, K, H, W) if dense else (N, K, M)
+    shape = ((N, K, T, H1, W) if volume else (N, K, H, W)) if dense else (N, K, M)
     idx = torch.from_numpy(out_idx).transpose(1, 2).reshape(shape).contiguous()
     cost = torch.from_numpy(out_cost).transpose(1, 2).reshape(shape).contiguous()
     return idx, cost

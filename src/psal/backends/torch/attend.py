@@ -31,17 +31,18 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import as_volume, compute_dtype, offset_tables, replicate_pad, replicate_pad_adjoint, vote_counts
-from .search import PatchCosts
+from .search import ClampedReads, PatchCosts
 
 
 class _Field:
     """Shared set-up of forward and backward: costs, scores and gather positions of one call,
     on maps or volumes alike (a map is a volume of one frame)."""
 
-    def __init__(self, query, key, value, indices, temperature, patch_size, similarity, positions=None):
+    def __init__(self, query, key, value, indices, temperature, patch_size, similarity, positions=None, clamped=False):
         dt = compute_dtype(query.dtype)
         self.dt = dt
-        self.costs = PatchCosts(query, key, patch_size, similarity, positions)
+        # clamped (the forward over sparse queries): maps read in place, no padded copies
+        self.costs = PatchCosts(query, key, patch_size, similarity, positions, clamped=clamped)
         g = self.costs.g
         self.g = g
         self.patch, self.radii = g.patch, g.radii
@@ -61,6 +62,16 @@ class _Field:
         """Replicate-padded value ``(N, Cv, padded key)`` and the padded patch corners ``(N, K, L)``."""
         vp = replicate_pad(self.value, self.radii)
         return vp.flatten(2), self.g.key_corner(self.idx)
+
+    def value_reads(self):
+        """The value as read by the votes: ``(N, Cv, key)`` flat and a function of the patch
+        offset giving the flat positions ``(N, K, L)`` of every match's value at that offset
+        (clamped coordinates on the value itself when the costs are read clamped, else the
+        replicate-padded copy of :meth:`padded_value`)."""
+        if self.costs.clamped:
+            return self.value.flatten(2), ClampedReads(self.idx, self.g.kdims, self.patch).at
+        vpf, corner = self.padded_value()
+        return vpf, lambda a, b, c: corner + self.g.key_step(a, b, c)
 
     def gather(self, flat: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """``flat (N, C, M)`` read at ``pos (N, L)`` -> ``(N, C, L)``."""
@@ -108,7 +119,7 @@ def _mirror(f: _Field, off):
 def attend_forward(query, key, value, indices, temperature, patch_size, aggregation: str, similarity: str, positions=None):
     """``out (N, Cv, *S)`` and the statistic ``(N, *S)``, both in the compute dtype, ``S`` the
     query's spatial shape (``(N, Cv, M)`` and ``(N, M)`` for sparse ``positions``)."""
-    f = _Field(query, key, value, indices, temperature, patch_size, similarity, positions)
+    f = _Field(query, key, value, indices, temperature, patch_size, similarity, positions, clamped=positions is not None)
     N, K, L, Cv, dims, radii = f.N, f.K, f.L, f.Cv, f.dims, f.radii
     if aggregation == "center":
         lse = torch.logsumexp(f.s, 1)  # (N, L)
@@ -264,12 +275,12 @@ def _listed_votes(f: _Field):
     and the padded-value step of the vote."""
     for off in f.g.offsets():
         src, real = f.listed(tuple(r - o for r, o in zip(f.radii, off)))
-        yield src, real, f.g.key_step(*off)
+        yield src, real, off
 
 
 def _listed_forward(f: _Field, aggregation: str):
     N, K, L, Cv = f.N, f.K, f.L, f.Cv
-    vpf, corner = f.padded_value()
+    vflat, reads = f.value_reads()
     out = f.value.new_zeros(N, Cv, L)
     count = f.value.new_zeros(L)
     if aggregation == "patch":
@@ -280,15 +291,16 @@ def _listed_forward(f: _Field, aggregation: str):
     else:
         lse = torch.logsumexp(f.s, 1)
         w = torch.exp(f.s - lse[:, None])
-    for src, real, step in _listed_votes(f):
+    for src, real, off in _listed_votes(f):
         if aggregation == "patch":
             weights = torch.where(real, torch.exp(f.s[:, :, src] - m[:, None]), 0)
             den += weights.sum(1)
         else:
             weights = torch.where(real, w[:, :, src], 0)
             count += real
+        at = reads(*off)
         for j in range(K):
-            vote = torch.where(real, f.gather(vpf, corner[:, j, src] + step), 0)
+            vote = torch.where(real, f.gather(vflat, at[:, j, src]), 0)
             out += weights[:, None, j] * vote
     if aggregation == "patch":
         return out / den[:, None], m + torch.log(den)

@@ -84,41 +84,83 @@ class Geometry:
         return (a * Hp + b) * Wp + c
 
 
+class ClampedReads:
+    """Flat positions of the patch neighbours of ``pos`` (flat positions, any shape) in an unpadded
+    ``dims = (T, H, W)`` volume, replicate padding as clamped coordinates: for patch offset
+    ``(a, b, c)``, ``at(a, b, c)`` is the flat position of ``(t + a - rt, y + b - rh, x + c - rw)``
+    clamped to the volume. One table per axis and offset (``pt + ph + pw`` of them), summed per
+    offset: a read sized by the positions, not by the map (no padded copy)."""
+
+    def __init__(self, pos: torch.Tensor, dims, patch):
+        T, H, W = dims
+        t, rest = pos // (H * W), pos % (H * W)
+        y, x = rest // W, rest % W
+        self.parts = [
+            [(coord + (o - n // 2)).clamp_(0, size - 1) * stride for o in range(n)]
+            for coord, n, size, stride in ((t, patch[0], T, H * W), (y, patch[1], H, W), (x, patch[2], W, 1))
+        ]
+
+    def at(self, a: int, b: int, c: int) -> torch.Tensor:
+        return self.parts[0][a] + self.parts[1][b] + self.parts[2][c]
+
+
 class PatchCosts:
     """Evaluates patch costs of arbitrary matches, one patch offset at a time.
 
     Memory stays at one gathered slice ``(N, C, M, L)`` per offset: the ``P * k`` copies of the
     features (``P`` values per patch and channel) that an unfold would make are never held.
+    ``clamped`` (sparse queries only): the maps are read in place at clamped coordinates
+    (:class:`ClampedReads`) instead of from replicate-padded copies, so that the memory is sized
+    by the listed pixels (the backward, which folds gradients into padded maps, keeps the copies).
     """
 
-    def __init__(self, query: torch.Tensor, key: torch.Tensor, patch_size, similarity: str, positions=None):
+    def __init__(self, query: torch.Tensor, key: torch.Tensor, patch_size, similarity: str, positions=None, clamped: bool = False):
         dt = compute_dtype(query.dtype)
         self.g = Geometry(query, key, patch_size)
         self.dot = similarity == "dot"
-        self.qp = replicate_pad(as_volume(query).to(dt), self.g.radii)  # (N, C, T + 2rt, H + 2rh, W + 2rw)
         # A self-search's query and key (one map) share one padded copy.
         same = same_map(query, key)
+        self.clamped = clamped and positions is not None
+        if self.clamped:
+            self.qp = as_volume(query).to(dt)  # (N, C, T, H, W), the caller's memory where it can be
+            self.kflat = (self.qp if same else as_volume(key).to(dt)).flatten(2)  # (N, C, key)
+            self.qread: ClampedReads | None = ClampedReads(positions, self.g.dims, self.g.patch)
+            self.qcorner: torch.Tensor | None = None
+            return
+        self.qread = None
+        self.qp = replicate_pad(as_volume(query).to(dt), self.g.radii)  # (N, C, T + 2rt, H + 2rh, W + 2rw)
         self.kflat = (self.qp if same else replicate_pad(as_volume(key).to(dt), self.g.radii)).flatten(2)  # (N, C, padded key)
         # Sparse queries: the padded-query corner of each listed pixel's patch.
-        self.qcorner: torch.Tensor | None = None if positions is None else self.g.query_corner(positions)
+        self.qcorner = None if positions is None else self.g.query_corner(positions)
 
     def query(self, a: int, b: int, c: int) -> torch.Tensor:
         """``(N, C, L)``: the query value at patch offset ``(a, b, c)`` of every searched pixel."""
         g = self.g
+        if self.qread is not None:
+            return self.qp.flatten(2)[:, :, self.qread.at(a, b, c)]
         if self.qcorner is None:
             return self.qp[:, :, a : a + g.T, b : b + g.H, c : c + g.W].flatten(2)
         return self.qp.flatten(2)[:, :, self.qcorner + g.query_step(a, b, c)]
+
+    def key_reads(self, indices: torch.Tensor):
+        """``indices (N, ...)`` flat key positions -> a function of the patch offset giving the
+        flat positions to read in ``kflat``, of ``indices``' shape."""
+        if self.clamped:
+            reads = ClampedReads(indices, self.g.kdims, self.g.patch)
+            return reads.at
+        corner = self.g.key_corner(indices)
+        return lambda a, b, c: corner + self.g.key_step(a, b, c)
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         """``indices (N, M, L)`` flat key positions of the ``L`` searched query pixels (all of
         them, or the listed positions) -> costs ``(N, M, L)`` in the compute dtype."""
         N, M, L = indices.shape
         C = self.kflat.shape[1]
-        corner = self.g.key_corner(indices).reshape(N, 1, M * L)
-        out = self.qp.new_zeros(N, M, L)
+        at = self.key_reads(indices.reshape(N, 1, M * L))
+        out = self.kflat.new_zeros(N, M, L)
         for a, b, c in self.g.offsets():
             q = self.query(a, b, c).reshape(N, C, 1, L)
-            k = self.kflat.gather(2, (corner + self.g.key_step(a, b, c)).expand(N, C, M * L))
+            k = self.kflat.gather(2, at(a, b, c).expand(N, C, M * L))
             k = k.view(N, C, M, L)
             if self.dot:
                 out -= (q * k).sum(1)
@@ -131,7 +173,7 @@ def patch_costs(query, key, indices, patch_size, similarity: str, positions=None
     """Costs float32 of the matches ``indices``: ``(N, M, *S)`` for the query's spatial shape
     ``S``, or ``(N, M, L)`` of the ``positions (L,)`` when given."""
     N, M = indices.shape[:2]
-    costs = PatchCosts(query, key, patch_size, similarity, positions)(indices.reshape(N, M, -1))
+    costs = PatchCosts(query, key, patch_size, similarity, positions, clamped=True)(indices.reshape(N, M, -1))
     return costs.float().view(indices.shape)
 
 
