@@ -114,7 +114,7 @@ def _feature_map(state: torch.Tensor, channels: int, hole: torch.Tensor | None =
     S = state.shape[1]
     feat = torch.empty((1, S + 2 * channels + 1, *state.shape[2:]), dtype=state.dtype, device=state.device,
                        memory_format=torch.channels_last_3d)  # fmt: skip
-    if up is None:
+    if hole is None or up is None:
         feat[:, :S] = state
     else:
         torch.where(hole, up, state, out=feat[:, :S])

@@ -225,17 +225,17 @@ def patchmatch(
     when the caller's volume is already ``torch.channels_last_3d`` float32), frames, rows and
     columns clamped, and propagate along time with a frame-by-frame scan after each iteration."""
     volume = isinstance(patch_size, tuple)
-    if volume:
+    if isinstance(patch_size, tuple):
         pt, p, pw = patch_size
         if p != pw:
-            raise ValueError(f"space-time search on map kernels needs square frames of patches (ph == pw), got patch {tuple(patch_size)}")
+            raise ValueError(f"space-time search on map kernels needs square frames of patches (ph == pw), got patch {patch_size}")
         N, C, T, H1, W = query.shape
         Tk, Hk1, Wk = key.shape[2:]
         H, Hk = T * H1, Tk * Hk1  # rows of the maps of stacked frames
     else:
         N, C, H, W = query.shape
         Hk, Wk = key.shape[-2:]
-        p = patch_size
+        pt, p = 1, patch_size
     K, r = num_neighbors, p // 2
     dense = positions is None
     M = H * W if dense else positions.numel()
