@@ -534,3 +534,18 @@ def test_offset_tables_against_brute_force():
                 want = slot.get((t * 4 + i) * 5 + j, -1) if inside else -1
                 assert int(tables[row, m]) == want, (a, b, c, p)
     assert layout.offset_tables(positions[:0], dims, offsets).shape == (len(offsets), 0)
+
+
+def test_numba_allowed_positions_per_map():
+    """numba's table of allowed key positions: each map's allowed positions ascending, its count,
+    and rows at least ``K`` wide, padded with an in-range position, when a map allows fewer."""
+    search = pytest.importorskip("psal.backends.numba.search")
+    mask = torch.tensor([[True, False, True, True, False], [False, False, False, True, False], [False] * 5])
+    table, count = search._allowed_positions(mask, 2)
+    assert count.tolist() == [3, 1, 0] and table.shape == (3, 3)
+    assert table[0].tolist() == [0, 2, 3] and table[1, 0] == 3
+    assert (table >= 0).all() and (table < 5).all()
+    table, count = search._allowed_positions(mask[1:2], 3)
+    assert table.shape == (1, 3) and table[0, 0] == 3 and count.tolist() == [1]
+    table, _ = search._allowed_positions(mask[:1], 2)
+    assert table.tolist() == [[0, 2, 3]]

@@ -130,6 +130,9 @@ def _refresh(feat: torch.Tensor, states: int, channels: int) -> None:
     for at, axis in ((states, -1), (states + channels, -2)):
         g = feat[:, at : at + channels]
         n = x.shape[axis]
+        if n < 3:  # no central difference fits: none (as a flat picture's)
+            g.zero_()
+            continue
         # the central difference, replicated at the two ends (as _features' padding does)
         inner = g.narrow(axis, 1, n - 2)
         torch.sub(x.narrow(axis, 2, n - 2), x.narrow(axis, 0, n - 2), out=inner)

@@ -103,8 +103,9 @@ def _attend_maps(query, key, value, indices, patch):
     Hk, Wk = key.shape[-2:]
     kt = layout.tall_stacked(key, pt, r)
     qt = kt if same_map(query, key) else layout.tall_stacked(query, pt, r)
-    vt = layout.tall(value, r)
-    it = layout.tall(layout.to_tall(indices.long(), Hk, Wk, r).to(indices.dtype), r)
+    # contiguous: Triton's kernels read the value and the field channel-first in place
+    vt = layout.tall(value, r).contiguous()
+    it = layout.tall(layout.to_tall(indices.long(), Hk, Wk, r).to(indices.dtype), r).contiguous()
     return qt, kt, vt, it, p, r
 
 

@@ -186,17 +186,18 @@ def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Te
     return out.numpy()
 
 
-def _allowed_positions(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The allowed key positions of each map, ascending, ``(N, most allowed)`` (the kernels read
-    row ``n`` below ``count[n]`` only), and their counts ``(N,)``: the first entries of
-    ``layout.allowed_table``'s permutation, without building the whole of it (three tables of the
-    key's size at once, the peak of a video window's search)."""
+def _allowed_positions(mask: torch.Tensor, K: int) -> tuple[np.ndarray, np.ndarray]:
+    """The allowed key positions of each map, ascending, ``(N, at least K)`` (the kernels read
+    row ``n`` below ``count[n]``, and below ``K`` when fewer are allowed, which only a call past
+    the input checks can make: the padding is position 0, in range), and their counts ``(N,)``:
+    the first entries of ``layout.allowed_table``'s permutation, without building the whole of it
+    (three tables of the key's size at once, the peak of a video window's search)."""
     N, Nk = mask.shape
     count = mask.sum(1)
     flat = mask.reshape(-1).nonzero().squeeze(1)  # ascending: map by map, then by position
-    if N == 1:
+    if N == 1 and flat.numel() >= K:
         return flat[None].numpy(), count.numpy().astype(np.int64)
-    out = torch.zeros(N, max(int(count.max()), 1), dtype=torch.int64)
+    out = torch.zeros(N, max(int(count.max()), K, 1), dtype=torch.int64)
     rows = flat // Nk
     start = torch.cumsum(count, 0) - count
     out[rows, torch.arange(flat.numel()) - start[rows]] = flat - rows * Nk
@@ -286,7 +287,7 @@ def patchmatch(
     else:
         mask = mask.reshape(N, Hk * Wk)
         mask_np = mask.contiguous().numpy()
-        allowed, n_allowed = _allowed_positions(mask)
+        allowed, n_allowed = _allowed_positions(mask, K)
     if init_idx is None:
         init_np = np.zeros((1, 1, 1), dtype=np.int64)
     else:
