@@ -294,3 +294,7 @@ def test_bench_video_dry_run(tmp_path, capsys):
     # the space-time fill reaches what the moving disc hides in other frames; frame by frame cannot
     assert cases["psal-video"]["hole_psnr_db"] > cases["psal-frames"]["hole_psnr_db"] + 3
     assert (tmp_path / "video.md").read_text().count("|") > 20
+    # the 3-D search against exact k-NN on each video's crop: both cases, ratios of real costs
+    rows = results["search"]
+    assert {(r["video"], r["case"]) for r in rows} == {("pan", c) for c in video.SEARCH_CASES}
+    assert all(1 - 1e-4 <= r["ratio"] < 1.5 for r in rows) and "The 3-D search against exact k-NN" in out

@@ -258,6 +258,58 @@ def measure(video_kind: str, hole_kind: str, W: int, H: int, T: int, method: str
 # The layer: PSAttention against scaled_dot_product_attention on video tokens.
 
 
+# ----------------------------------------------------------------------------------------------
+# The 3-D search against exact k-NN on the bench's videos.
+
+SEARCH_CASES = ("noisy-self", "halves")
+GOAL_SEARCH = 1.05  # mean cost over exact k-NN's, at most (issue 30)
+
+
+def search_case(video_kind: str, case: str, W: int, H: int, T: int, seed: int):
+    """``(query, key)`` of one search case on ``video_kind``: its frames with sensor noise searched
+    in the clean frames (a denoiser's search: ``noisy-self``), or its first half of frames searched
+    in its second half (``halves``: most patches have near copies a few frames on)."""
+    video = make_video(video_kind, W, H, T)
+    if case == "noisy-self":
+        return video + 0.03 * torch.randn(video.shape, generator=torch.Generator().manual_seed(seed)), video
+    return video[:, :, : T // 2].contiguous(), video[:, :, T // 2 :].contiguous()
+
+
+def run_search(videos, W: int, H: int, T: int, backends, seed: int, patch=(3, 5, 5), k: int = 3) -> list[dict]:
+    """Each backend's space-time PatchMatch (its default iterations) against exact k-NN on small
+    crops of the bench's videos (``W x H``, ``T`` frames: exact k-NN is quadratic): the mean cost
+    over exact's, and the seconds of both."""
+    import psal
+
+    rows = []
+    for v in videos:
+        for case in SEARCH_CASES:
+            q, key = search_case(v, case, W, H, T, seed)
+            t0 = time.perf_counter()
+            exact = psal.exact_knn(q, key, patch_size=patch, num_neighbors=k)
+            exact_s = time.perf_counter() - t0
+            for b in backends:
+                t0 = time.perf_counter()
+                field = psal.patchmatch(q, key, patch_size=patch, num_neighbors=k, backend=b, generator=torch.Generator().manual_seed(seed))
+                rows.append({"video": v, "case": case, "backend": b, "ratio": float(field.costs.mean() / exact.costs.mean()),
+                             "seconds": time.perf_counter() - t0, "exact_seconds": exact_s})  # fmt: skip
+    return rows
+
+
+def search_report(rows: list[dict], W: int, H: int, T: int, patch=(3, 5, 5)) -> str:
+    lines = [
+        f"**The 3-D search against exact k-NN** ({W} x {H}, {T} frames of each video; patches "
+        f"{' x '.join(map(str, patch))}, k = 3, default iterations; mean cost over exact's, goal <= {GOAL_SEARCH})",
+        "",
+    ]
+    body = [[r["video"], r["case"], r["backend"], f"{r['ratio']:.3f}", f"{r['seconds']:.2f}", f"{r['exact_seconds']:.1f}"] for r in rows]
+    lines.append(common.markdown_table(["video", "case", "backend", "cost / exact", "s", "exact s"], body))
+    for b in sorted({r["backend"] for r in rows}):
+        ratios = [r["ratio"] for r in rows if r["backend"] == b]
+        lines.append(f"\n{b}: mean {statistics.mean(ratios):.3f}, worst {max(ratios):.3f} over {len(ratios)} cases")
+    return "\n".join(lines)
+
+
 def _sdpa_backend():
     """``(backend or None, label)``: the flash kernel where it runs on this CPU, else the default."""
     try:
@@ -483,6 +535,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layer-repeats", type=int, default=3, help="timed runs at the first layer size (after a warm-up)")
     ap.add_argument("--large-repeats", type=int, default=1,
                     help="timed psal runs at the second layer size (after a warm-up; one takes minutes on 2 cores)")  # fmt: skip
+    ap.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
+                    help="the 3-D search against exact k-NN on small crops of the videos (default: on)")  # fmt: skip
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, for the test of the command")
     ap.add_argument("--strip", metavar="PNG", help="also write a picture of the first case: input | psal-video | psal-frames | truth")
     args = ap.parse_args(argv)
@@ -531,6 +585,13 @@ def main(argv=None) -> int:
                      "cases_seconds": time.perf_counter() - started}  # fmt: skip
     parts.append(video_text)
     parts += [f"({n})" for n in notes]
+    if args.search:
+        sw, sh, st = (16, 12, 4) if tiny else (48, 36, 8)
+        rows = run_search(args.videos, sw, sh, st, ["numba"], args.seed)  # torch: the slow reference (tests)
+        results["search"] = rows
+        text = search_report(rows, sw, sh, st)
+        print("\n" + text)
+        parts.append(text)
     if args.layer:
         layer = run_layer([1, *args.layer_shape], args.layer_repeats, args.large_repeats)
         results["layer"] = layer
