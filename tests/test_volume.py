@@ -128,9 +128,9 @@ def test_search_between_stretches_of_a_pan(backend, bound):
     """Frames 0-3 of a pan searched in frames 4-7: most pixels have exact copies in several key
     frames, so the exact mean cost is small and every miss counts. Measured with torch 1.054
     with the neighbouring-frame random search and the trajectory candidates (1.071 without
-    either), numba 1.053 on the stacked tall map and 1.057 on the framed one (the map kernels,
-    with candidates along time; over four seeds 1.049-1.056 against 1.051-1.069): the issue's 5%
-    is just missed here by both."""
+    either), numba 1.053 on the tall map, 1.051 reading the frames in place and 1.037 with the
+    matches' places in the neighbouring key frames offered each iteration: torch just misses the
+    issue's 5% here."""
     video = pan("astronaut", 8, 40)
     q, k = video[:, :, :4], video[:, :, 4:]
     exact = psal.exact_knn(q, k, patch_size=(3, 3, 3), num_neighbors=3)

@@ -264,6 +264,19 @@ def _volume_cost(qp, kp, n, qi, qj, ki, kj, g, C, dot, bound):
     return acc
 
 
+def _frame_rows(p):
+    """The key's rows per frame for a volume's patch tuple ``(pt, p, H, T, Hk, Tk)``, 0 for a map's
+    patch side: compiled to a constant 0 for maps."""
+    raise NotImplementedError("numba-only")  # pragma: no cover
+
+
+@overload(_frame_rows, jit_options=dict(error_model="numpy"))
+def _frame_rows_of(p):
+    if isinstance(p, types.BaseTuple):
+        return lambda p: p[4]
+    return lambda p: 0
+
+
 def _cost(qp, kp, n, qi, qj, ki, kj, p, C, dot, bound):
     """The search's float32 patch cost of query pixel (qi, qj) against key pixel (ki, kj),
     stopping early at ``bound``: over padded channel-last rows ``(N, H + 2r, (W + 2r) * C)``
@@ -557,6 +570,18 @@ def search_iterate(
                     state, c = _below(state, min(bc + R, Wk - 1) - lo_c + 1)
                     _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, lo_r + r, lo_c + c, Wk, p, C, dot, stages)
                     R //= 2
+                # Volumes: the match's place one key frame before and after, and a random
+                # neighbour of it there (the windows above mix frames only once wider than one).
+                fr = _frame_rows(p)
+                for step in (-fr, fr):  # (not d: the scan's direction)
+                    yr = br + step
+                    if fr > 0 and 0 <= yr < Hk:
+                        _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr, bc, Wk, p, C, dot, stages)
+                        state, dr = _below(state, 3)
+                        state, dc = _below(state, 3)
+                        yr2 = min(max(yr + dr - 1, 0), Hk - 1)
+                        yc2 = min(max(bc + dc - 1, 0), Wk - 1)
+                        _try(qp, kp, sq, sk, mask, has_mask, n, m, i, j, li, lc, yr2, yc2, Wk, p, C, dot, stages)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,7 +224,9 @@ def patchmatch(
     as maps of their stacked frames ``(T * H, W)``, whose flat positions are the volume's: the
     kernels read a space-time patch in place from one channel-last copy of each volume (none
     when the caller's volume is already ``torch.channels_last_3d`` float32), frames, rows and
-    columns clamped, and propagate along time with a frame-by-frame scan after each iteration."""
+    columns clamped, and propagate along time with a frame-by-frame scan after each iteration;
+    each iteration's random search also offers every kept match's place one key frame before and
+    after (and a random neighbour there)."""
     volume = isinstance(patch_size, tuple)
     if isinstance(patch_size, tuple):
         pt, p, pw = patch_size
