@@ -123,7 +123,7 @@ def test_search_on_real_motion_is_near_exact(patch, backend):
     assert float(start.costs.mean() / exact.costs.mean()) > 2 * ratio
 
 
-@pytest.mark.parametrize("backend, bound", [("torch", 1.065), ("numba", 1.065)])
+@pytest.mark.parametrize("backend, bound", [("torch", 1.065), ("numba", 1.05)])
 def test_search_between_stretches_of_a_pan(backend, bound):
     """Frames 0-3 of a pan searched in frames 4-7: most pixels have exact copies in several key
     frames, so the exact mean cost is small and every miss counts. Measured with torch 1.054
