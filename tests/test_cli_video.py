@@ -132,3 +132,16 @@ def test_ctrl_c_leaves_no_output(tmp_path):
     last = (seen + rest).decode(errors="replace").replace("\r", "\n").strip().splitlines()[-1]
     assert last == "psal inpaint: interrupted"
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_video_command_gives_freed_memory_back_where_it_can():
+    """The video command asks glibc to map large blocks on their own (given back when freed):
+    True on glibc, False elsewhere, never an error."""
+    import platform
+
+    from psal.cli.main import _give_back_freed_memory
+
+    done = _give_back_freed_memory()
+    assert isinstance(done, bool)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert done
