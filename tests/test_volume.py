@@ -513,6 +513,16 @@ def test_numba_volume_search_reads_either_memory_layout(layout_):
         a = psal.attend(x, x, v, field.indices, patch_size=(3, 5, 5), aggregation=agg, positions=listed)
         b = psal.attend(x.contiguous(), x.contiguous(), v, field.indices, patch_size=(3, 5, 5), aggregation=agg, positions=listed)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # and their gradients, on every backend that has a volume backward here
+    for backend in ("torch", "numba"):
+        grads = []
+        for volume in (x, x.contiguous()):
+            q, k, vv = (t.detach().clone(memory_format=torch.preserve_format).requires_grad_() for t in (volume, volume, v))
+            f = psal.patchmatch(q.detach(), k.detach(), patch_size=(3, 5, 5), num_neighbors=2, generator=gen(89), backend=backend)
+            out = psal.attend(q, k, vv, f.indices, patch_size=(3, 5, 5), backend=backend)
+            grads.append(torch.autograd.grad((out * v.flip(-1)).sum(), (q, k, vv)))
+        for ga, gb in zip(*grads):
+            torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-6)
 
 
 def test_offset_tables_against_brute_force():
