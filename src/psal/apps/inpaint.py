@@ -268,16 +268,17 @@ def _vote(state, feat, indices, costs, hole, near, where, depth, patch_size, bac
     out = attend(feat, feat, state, indices, patch_size=patch_size, temperature=temp, aggregation=aggregation,
                  backend=backend, positions=where)  # fmt: skip
     feat[:, -1:, rows, cols] = 0
-    flat = state.view(*state.shape[:2], -1)
     if where is None:
         inside = hole.flatten().nonzero().squeeze(1)
-        after = out.flatten(2)[:, :, inside]
-        delta = after - flat[:, :, inside]
-        flat[:, :, inside] = after
-        return delta
+        return _write_hole(state, out.flatten(2)[:, :, inside], inside)
     fill = hole.flatten()[where]
-    target = where[fill]
-    after = out[:, :, fill]
+    return _write_hole(state, out[:, :, fill], where[fill])
+
+
+def _write_hole(state: torch.Tensor, after: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Write the votes ``after (1, channels, n)`` into ``state`` at the flat positions ``target
+    (n,)`` in place; returns their change, for the stopping test (pictures and videos alike)."""
+    flat = state.view(*state.shape[:2], -1)
     delta = after - flat[:, :, target]
     flat[:, :, target] = after
     return delta

@@ -43,15 +43,12 @@ from .inpaint import (
     _masked_downsample,
     _smooth_fill,
     _texture_features,
+    _write_hole,
 )
 
 __all__ = ["inpaint_video"]
 
 _FN = "psal.apps.inpaint_video"
-
-
-def _shape(t) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,13 +171,8 @@ def _vote(state, feat, indices, costs, hole, where, depth, patch, backend, aggre
     out = attend(feat, feat, state, indices, patch_size=tuple(patch), temperature=temp, aggregation=aggregation,
                  backend=backend, positions=where)  # fmt: skip
     feat[:, -1:] = 0
-    flat = state.view(*state.shape[:2], -1)
     fill = hole.flatten()[where]
-    target = where[fill]
-    after = out[:, :, fill]
-    delta = after - flat[:, :, target]
-    flat[:, :, target] = after
-    return delta
+    return _write_hole(state, out[:, :, fill], where[fill])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,29 +185,29 @@ def _check_inputs(video, mask, patch_size, num_neighbors, window, overlap, out=N
     if not isinstance(video, torch.Tensor):
         raise TypeError(f"{_FN}: video must be a torch.Tensor, got {type(video).__name__}")
     if video.dim() != 5 or video.shape[0] != 1:
-        raise ValueError(f"{_FN}: video must have shape (1, C, T, H, W), got {_shape(video)}")
+        raise ValueError(f"{_FN}: video must have shape (1, C, T, H, W), got {checks._shape(video)}")
     if not video.dtype.is_floating_point:
-        raise TypeError(f"{_FN}: video must be floating point in [0, 1], got {video.dtype} with shape {_shape(video)}")
+        raise TypeError(f"{_FN}: video must be floating point in [0, 1], got {video.dtype} with shape {checks._shape(video)}")
     _, C, T, H, W = video.shape
     if min(C, T, H, W) < 1:
-        raise ValueError(f"{_FN}: video must have at least one channel, frame and pixel, got shape {_shape(video)}")
+        raise ValueError(f"{_FN}: video must have at least one channel, frame and pixel, got shape {checks._shape(video)}")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{_FN}: mask must be a bool torch.Tensor (True = hole), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"{_FN}: mask must have dtype torch.bool (True = hole to fill), got {mask.dtype} with shape {_shape(mask)}")
+        raise TypeError(f"{_FN}: mask must have dtype torch.bool (True = hole to fill), got {mask.dtype} with shape {checks._shape(mask)}")
     if mask.dim() not in (3, 5) or tuple(mask.shape[-3:]) != (T, H, W) or mask.numel() != T * H * W:
         raise ValueError(
             f"{_FN}: mask must have shape (T, H, W) or (1, 1, T, H, W) with (T, H, W) = ({T}, {H}, {W}) "
-            f"of video {_shape(video)}, got {_shape(mask)}"
+            f"of video {checks._shape(video)}, got {checks._shape(mask)}"
         )
     if mask.device != video.device:
         raise ValueError(f"{_FN}: mask must be on the video's device {video.device}, got {mask.device}")
     if out is not None and (
         not isinstance(out, torch.Tensor) or out.shape != video.shape or out.dtype != video.dtype or out.device != video.device
     ):
-        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"{_shape(out)} {out.dtype} on {out.device}"
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"{checks._shape(out)} {out.dtype} on {out.device}"
         raise ValueError(
-            f"{_FN}: out must be a tensor of the video's shape {_shape(video)}, dtype {video.dtype} and device {video.device}, got {what}"
+            f"{_FN}: out must be a tensor of the video's shape {checks._shape(video)}, dtype {video.dtype} and device {video.device}, got {what}"
         )
     patch = checks.check_patch_size(_FN, patch_size, volume=True)
     k = checks.check_int(_FN, "num_neighbors", num_neighbors, 1)
@@ -226,14 +218,14 @@ def _check_inputs(video, mask, patch_size, num_neighbors, window, overlap, out=N
     hole = mask.reshape(1, 1, T, H, W)
     holes = int(hole.sum())
     if holes == 0:
-        raise ValueError(f"{_FN}: mask {_shape(mask)} is empty: no pixel is True (True marks the hole to fill)")
+        raise ValueError(f"{_FN}: mask {checks._shape(mask)} is empty: no pixel is True (True marks the hole to fill)")
     if holes == T * H * W:
-        raise ValueError(f"{_FN}: mask {_shape(mask)} covers the whole video: no known pixel to copy from")
+        raise ValueError(f"{_FN}: mask {checks._shape(mask)} covers the whole video: no known pixel to copy from")
     sources = int(full_patch_mask(hole, patch).sum())
     if sources < k:
         raise ValueError(
-            f"{_FN}: mask {_shape(mask)} leaves {sources} fully known {'x'.join(map(str, patch))} patches in "
-            f"video {_shape(video)}, fewer than num_neighbors={k}; use a smaller hole or patch_size"
+            f"{_FN}: mask {checks._shape(mask)} leaves {sources} fully known {'x'.join(map(str, patch))} patches in "
+            f"video {checks._shape(video)}, fewer than num_neighbors={k}; use a smaller hole or patch_size"
         )
     return hole, patch, k, window, overlap
 

@@ -140,18 +140,9 @@ def _volume_sketch(x: torch.Tensor, r: int, basis: _SketchBasis, pt: int) -> np.
     the cost clamps them), so that the filters stay orthonormal and the distance of two sketches
     stays a lower bound of the whole space-time cost."""
     N, C, T, H, W = x.shape
-    chans = basis.chans[basis.which]  # (D, C)
-    D, p = chans.shape[0], basis.spatial.shape[-1]
-    x = x.detach()
-    rows, cols = _clamped_range(H, r), _clamped_range(W, r)
-    z = torch.zeros(N, T, H, W, D)
+    z = torch.empty(N, T, H, W, basis.which.numel())
     for t in range(T):  # a frame at a time: the padded projections of one frame, not of the volume
-        y = torch.matmul(chans, x[:, :, t].float().reshape(N, C, H * W)).view(N, D, H, W).permute(0, 2, 3, 1)
-        y = y.index_select(1, rows).index_select(2, cols)  # (N, H + 2r, W + 2r, D)
-        zt = z[:, t]
-        for a in range(p):
-            for b in range(p):
-                zt.addcmul_(y[:, a : a + H, b : b + W], basis.spatial[:, a, b])
+        z[:, t] = _filtered(x[:, :, t], r, basis).permute(0, 2, 3, 1)
     if pt > 1:  # in place, frame by frame, with the original of the frames before kept aside
         rt, before = pt // 2, [z[:, 0].clone() for _ in range(pt // 2)]  # frames t - rt .. t - 1, clamped
         for t in range(T):
@@ -162,11 +153,7 @@ def _volume_sketch(x: torch.Tensor, r: int, basis: _SketchBasis, pt: int) -> np.
                 z[:, t] += prev
             before = before[1:] + [own] if before else before
         z.mul_(pt**-0.5)
-    return z.reshape(N, T * H, W, D).numpy()
-
-
-def _clamped_range(n: int, r: int) -> torch.Tensor:
-    return torch.arange(-r, n + r).clamp_(0, n - 1)
+    return z.reshape(N, T * H, W, -1).numpy()
 
 
 def _sketch_at(x: torch.Tensor, p: int, basis: _SketchBasis, positions: torch.Tensor, chunk_values: int = 1 << 22) -> np.ndarray:

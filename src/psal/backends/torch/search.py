@@ -62,26 +62,33 @@ class Geometry:
 
     def key_corner(self, idx: torch.Tensor) -> torch.Tensor:
         """Flat key positions -> the flat corner of their patch in the padded key."""
-        _, Hkp, Wkp = self.kpad
-        hw = self.Hk * self.Wk
-        t, rest = idx // hw, idx % hw
-        return t * (Hkp * Wkp) + (rest // self.Wk) * Wkp + rest % self.Wk
+        return _padded_corner(idx, self.kdims, self.kpad)
 
     def key_step(self, a: int, b: int, c: int) -> int:
         """The flat step of patch offset ``(a, b, c)`` in the padded key."""
-        _, Hkp, Wkp = self.kpad
-        return (a * Hkp + b) * Wkp + c
+        return _padded_step(self.kpad, a, b, c)
 
     def query_corner(self, positions: torch.Tensor) -> torch.Tensor:
         """Flat query positions -> the flat corner of their patch in the padded query."""
-        _, Hp, Wp = self.qpad
-        hw = self.H * self.W
-        t, rest = positions // hw, positions % hw
-        return t * (Hp * Wp) + (rest // self.W) * Wp + rest % self.W
+        return _padded_corner(positions, self.dims, self.qpad)
 
     def query_step(self, a: int, b: int, c: int) -> int:
-        _, Hp, Wp = self.qpad
-        return (a * Hp + b) * Wp + c
+        return _padded_step(self.qpad, a, b, c)
+
+
+def _padded_corner(pos: torch.Tensor, dims, pad) -> torch.Tensor:
+    """Flat positions of a ``dims = (T, H, W)`` volume -> the flat corner of their patch in the
+    volume padded to ``pad = (T + 2rt, H + 2rh, W + 2rw)``."""
+    _, H, W = dims
+    _, Hp, Wp = pad
+    t, rest = pos // (H * W), pos % (H * W)
+    return t * (Hp * Wp) + (rest // W) * Wp + rest % W
+
+
+def _padded_step(pad, a: int, b: int, c: int) -> int:
+    """The flat step of patch offset ``(a, b, c)`` in a volume padded to ``pad``."""
+    _, Hp, Wp = pad
+    return (a * Hp + b) * Wp + c
 
 
 class ClampedReads:
