@@ -30,7 +30,8 @@ def test_sketch_distance_is_a_lower_bound_of_the_cost(C, p):
 
 def test_channel_last_copy_is_the_padded_permuted_map():
     """``layout.channel_last`` (one allocation, the border replicated in place) against
-    replicate padding then a channel-last copy, bitwise, down to 1 x 1 maps."""
+    replicate padding then a channel-last copy, bitwise, down to 1 x 1 maps and one-frame
+    volumes."""
     import torch.nn.functional as F
 
     from psal.backends.layout import channel_last
@@ -41,6 +42,11 @@ def test_channel_last_copy_is_the_padded_permuted_map():
             ref = x if dtype is None else x.to(dtype)
             ref = (F.pad(ref, (pad,) * 4, mode="replicate") if pad else ref).permute(0, 2, 3, 1)
             assert torch.equal(channel_last(x, dtype, pad), ref)
+    # volumes, padded in time as well: against replicate padding of all three sides
+    for shape, pad_t, pad in [((2, 3, 4, 5, 7), 1, 2), ((1, 2, 1, 1, 3), 2, 1), ((1, 5, 3, 4, 4), 0, 1), ((1, 2, 2, 3, 3), 1, 0)]:
+        x = torch.randn(shape, dtype=torch.float64)
+        ref = F.pad(x, (pad, pad, pad, pad, pad_t, pad_t), mode="replicate").permute(0, 2, 3, 4, 1)
+        assert torch.equal(channel_last(x, None, pad, pad_t), ref)
 
 
 @pytest.mark.parametrize("pt, p, T", [(3, 5, 5), (3, 3, 5), (5, 3, 3), (1, 5, 4), (3, 3, 1)])

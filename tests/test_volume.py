@@ -287,9 +287,10 @@ def test_tall_map_adjoints_are_autograds():
 @pytest.mark.parametrize("patch", [(3, 3, 3), (1, 3, 3), (5, 1, 1)])
 @pytest.mark.parametrize("similarity", ["l2", "dot"])
 def test_numba_volume_attention_is_the_torch_backends(patch, similarity):
-    """numba's space-time attention ("center", on its map kernels through the tall maps): the
-    output and every gradient equal the pure-PyTorch backend's in float64 (query and key of
-    different sizes, and a self-attention that shares one map), and it passes gradcheck."""
+    """numba's space-time attention ("center", its map kernels over padded volumes): the output
+    and every gradient equal the pure-PyTorch backend's in float64 (query and key of different
+    sizes, and a self-attention that shares one map; thin volumes where the padding folds several
+    frames, rows or columns into one), and it passes gradcheck."""
     q = torch.rand(2, 4, 3, 6, 7, generator=gen(50), dtype=torch.float64, requires_grad=True)
     k = torch.rand(2, 4, 4, 5, 6, generator=gen(51), dtype=torch.float64, requires_grad=True)
     v = torch.rand(2, 3, 4, 5, 6, generator=gen(52), dtype=torch.float64, requires_grad=True)
@@ -306,6 +307,16 @@ def test_numba_volume_attention_is_the_torch_backends(patch, similarity):
     torch.testing.assert_close(
         psal.attend(q, q, q, self_idx, patch_size=patch, backend="numba"), psal.attend(q, q, q, self_idx, patch_size=patch, backend="torch")
     )
+    for qs, ks in [((1, 2, 1, 1, 4), (1, 2, 2, 3, 1)), ((1, 3, 2, 4, 1), (1, 3, 1, 1, 5))]:
+        a, b = torch.rand(qs, generator=gen(56), dtype=torch.float64), torch.rand(ks, generator=gen(57), dtype=torch.float64)
+        thin = torch.randint(0, b[0, 0].numel(), (1, 1, 2, *qs[2:]), generator=gen(58))
+        got = {}
+        for backend in ("torch", "numba"):
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            out = psal.attend(x, y, y, thin, patch_size=patch, similarity=similarity, backend=backend)
+            got[backend] = (out, *torch.autograd.grad((out * out.detach().flip(-1)).sum(), (x, y)))
+        for u, w in zip(got["torch"], got["numba"]):
+            torch.testing.assert_close(u, w, rtol=1e-10, atol=1e-12)
     small = [t[:1, :2, :2, :3, :3].detach().clone().requires_grad_() for t in (q, k, v)]
     small_idx = torch.randint(0, 18, (1, 1, 2, 2, 3, 3), generator=gen(55))
     assert torch.autograd.gradcheck(

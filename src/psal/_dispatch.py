@@ -84,10 +84,11 @@ SPARSE_OPS = {"numba": ("search", "attend"), "triton": ("search", "attend"), "to
 
 
 # The ops each backend runs over space-time volumes (5-D inputs that are not one frame). numba and
-# Triton run them on their map kernels (``backends/tall.py``): square frames of patches (ph == pw)
-# only, and the attention with "center" aggregation over dense queries only.
+# Triton run them on their map kernels (numba reading the volumes' frames, Triton through
+# ``backends/tall.py``): square frames of patches (ph == pw) only, and the attention with "center"
+# aggregation over dense queries only.
 VOLUME_OPS = {"numba": ("search", "attend"), "triton": ("search", "attend"), "torch": ("search", "attend")}
-# The backends whose volumes run on their map kernels (``backends/tall.py``), with its limits.
+# The backends whose volumes run on their map kernels, with those limits.
 _TALL = ("numba", "triton")
 
 

@@ -75,20 +75,29 @@ def unfold_patches(x: torch.Tensor, patch_size) -> torch.Tensor:
     return torch.stack(cols, 2).reshape(N, C * pt * ph * pw, T * H * W)
 
 
-def channel_last(x: torch.Tensor, dtype: torch.dtype | None = None, pad: int = 0) -> torch.Tensor:
+def channel_last(x: torch.Tensor, dtype: torch.dtype | None = None, pad: int = 0, pad_t: int = 0) -> torch.Tensor:
     """``(N, C, H, W)`` -> contiguous ``(N, H + 2 pad, W + 2 pad, C)`` in ``dtype`` (default: its
-    own), replicate padded by ``pad``: one pixel's ``C`` values, and a patch row's, are contiguous."""
-    N, C, H, W = x.shape
+    own), replicate padded by ``pad``: one pixel's ``C`` values, and a patch row's, are contiguous.
+    A volume ``(N, C, T, H, W)`` -> ``(N, T + 2 pad_t, H + 2 pad, W + 2 pad, C)``, also padded by
+    ``pad_t`` replicated frames."""
+    volume = x.dim() == 5
+    if not volume:
+        x = x.unsqueeze(2)
+    N, C, T, H, W = x.shape
     # One allocation, the border replicated in place: a padded copy and then its permuted copy
     # held twice the memory at their peak.
-    out = torch.empty(N, H + 2 * pad, W + 2 * pad, C, dtype=x.dtype if dtype is None else dtype, device=x.device)
-    out[:, pad : pad + H, pad : pad + W] = x.detach().permute(0, 2, 3, 1)
+    out = torch.empty(N, T + 2 * pad_t, H + 2 * pad, W + 2 * pad, C, dtype=x.dtype if dtype is None else dtype, device=x.device)
+    mid = out[:, pad_t : pad_t + T]
+    mid[:, :, pad : pad + H, pad : pad + W] = x.detach().permute(0, 2, 3, 4, 1)
     if pad and H and W:
-        out[:, pad : pad + H, :pad] = out[:, pad : pad + H, pad : pad + 1]
-        out[:, pad : pad + H, pad + W :] = out[:, pad : pad + H, pad + W - 1 : pad + W]
-        out[:, :pad] = out[:, pad : pad + 1]
-        out[:, pad + H :] = out[:, pad + H - 1 : pad + H]
-    return out
+        mid[:, :, pad : pad + H, :pad] = mid[:, :, pad : pad + H, pad : pad + 1]
+        mid[:, :, pad : pad + H, pad + W :] = mid[:, :, pad : pad + H, pad + W - 1 : pad + W]
+        mid[:, :, :pad] = mid[:, :, pad : pad + 1]
+        mid[:, :, pad + H :] = mid[:, :, pad + H - 1 : pad + H]
+    if pad_t and T:
+        out[:, :pad_t] = out[:, pad_t : pad_t + 1]
+        out[:, pad_t + T :] = out[:, pad_t + T - 1 : pad_t + T]
+    return out if volume else out[:, 0]
 
 
 def channel_last_volume(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -99,11 +108,13 @@ def channel_last_volume(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.detach().to(dtype).permute(0, 2, 3, 4, 1).contiguous().view(N, T * H, W * C)
 
 
-def channel_last_rows(x: torch.Tensor, dtype: torch.dtype, pad: int) -> torch.Tensor:
+def channel_last_rows(x: torch.Tensor, dtype: torch.dtype, pad: int, pad_t: int = 0) -> torch.Tensor:
     """``(N, C, H, W)`` -> ``(N, H + 2 pad, (W + 2 pad) * C)``: :func:`channel_last`, one flat row
-    per image row, so that the ``p * C`` values of a patch row are one contiguous run."""
-    N, C, H, W = x.shape
-    return channel_last(x, dtype, pad).reshape(N, H + 2 * pad, (W + 2 * pad) * C)
+    per image row, so that the ``p * C`` values of a patch row are one contiguous run. A volume
+    ``(N, C, T, H, W)`` -> ``(N, (T + 2 pad_t) * (H + 2 pad), (W + 2 pad) * C)``: its padded
+    frames' rows stacked."""
+    N, C, W = x.shape[0], x.shape[1], x.shape[-1]
+    return channel_last(x, dtype, pad, pad_t).reshape(N, -1, (W + 2 * pad) * C)
 
 
 def replicate_pad_adjoint(g: torch.Tensor, r) -> torch.Tensor:

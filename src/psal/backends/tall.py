@@ -1,11 +1,12 @@
-"""Volumes on map kernels: Triton's space-time search, and the "center" attention of numba and
-Triton, whose kernels are written for maps, through the tall maps of :mod:`.layout`.
+"""Volumes on map kernels: Triton's space-time search and "center" attention, whose kernels are
+written for maps, through the tall maps of :mod:`.layout`.
 
 A space-time patch ``(pt, p, p)`` of a volume is the ``p x p`` patch of its tall map (each pixel
 carrying its ``pt`` frames as channels, the frames stacked one under the other with ``r = p // 2``
 replicated rows between them; ``layout.tall_stacked``), term for term, so a map kernel computes
 the volume's costs exactly. (numba's search does not come here: its kernels read space-time
-patches in place from the volume's frames, ``psal.backends.numba.search``.) Key positions on
+patches in place from the volume's frames, ``psal.backends.numba.search``, and its attention
+reads padded volumes, ``psal.backends.numba.attend``.) Key positions on
 padding rows are masked out and query positions on them are not listed (sparse queries over the frame rows). Propagation along time, which a map
 kernel does not do, is offered between iterations: each pixel gets the matches of the pixel
 one frame before (moved one key frame on) and one frame after (moved one key frame back) as warm

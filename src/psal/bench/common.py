@@ -142,6 +142,26 @@ def tensor_peak_bytes(step) -> int:
     return peak
 
 
+def host_peak_bytes(step) -> tuple[int, int]:
+    """Peak bytes during a second call of ``step`` on the CPU, over the level before it: of the
+    tensors PyTorch allocates (:func:`tensor_peak_bytes`) and of the numpy arrays (numba's
+    kernels' inputs and outputs; numpy reports them to ``tracemalloc``), measured in two runs
+    of the two calls. Their sum bounds the peak of both together from above."""
+    import tracemalloc
+
+    tensors = tensor_peak_bytes(step)
+    step()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return tensors, max(peak - before, 0)
+
+
 def write_json(path, args, results) -> None:
     """The environment, the command's arguments and its results, as JSON at ``path`` (if given)."""
     if path:

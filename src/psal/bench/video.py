@@ -37,7 +37,8 @@ num_neighbors=4)`` forward + backward on smooth features ``(1, 64, 8, 64, 64)`` 
 1 x 1 x 1 convolution 3 -> 64 of a pan video), q, k and v the same tokens, against
 ``torch.nn.functional.scaled_dot_product_attention`` over those ``8 * 64 * 64`` tokens (one head,
 d = 64, float32, CPU, the flash kernel where ``sdpa_kernel`` allows it on the CPU); median of 3 timed
-runs after a warm-up (the profiler's two calls), peak memory of the tensors allocated (``common.tensor_peak_bytes``). Then
+runs after a warm-up (the profiler's two calls), peak memory of the tensors allocated plus that of
+numba's numpy arrays (``common.host_peak_bytes``). Then
 ``(1, 64, 16, 128, 128)``: psal measured (one timed run, ``--large-repeats``), SDPA extrapolated from the first size (time as N², memory
 as N).
 
@@ -373,9 +374,10 @@ def _sdpa_step(feat: torch.Tensor, grad: torch.Tensor, backend):
 
 
 def _measure_layer(step, repeats: int) -> dict:
-    peak = common.tensor_peak_bytes(step)  # its first call is the warm-up
+    tensors, arrays = common.host_peak_bytes(step)  # its first call is the warm-up
     median, times = _median_s(step, repeats)
-    return {"median_s": median, "times_s": times, "peak_mib": peak / 2**20}
+    return {"median_s": median, "times_s": times, "peak_mib": (tensors + arrays) / 2**20, "tensor_mib": tensors / 2**20,
+            "array_mib": arrays / 2**20}  # fmt: skip
 
 
 def run_layer(shape, repeats: int, large_repeats: int) -> dict:
@@ -433,10 +435,8 @@ def layer_report(res: dict) -> str:
     return (
         f"**Layer forward + backward** (PSAttention(patch_size=3, num_neighbors=4) against "
         f"scaled_dot_product_attention, 1 head, d = C, float32, CPU; SDPA backend: {res['sdpa_backend']}; "
-        "median of the timed runs after a warm-up; peak MiB of the tensors allocated, profiler)\n\n"
-        + common.markdown_table(header, rows)
-        + "\n\n"
-        + goal
+        "median of the timed runs after a warm-up; peak MiB: of the tensors allocated (profiler) plus of numba's "
+        "numpy arrays (tracemalloc), each over the level before the call)\n\n" + common.markdown_table(header, rows) + "\n\n" + goal
     )
 
 

@@ -5,7 +5,10 @@ edits in other files, so jitted code lives together here; ``search.py`` and ``at
 lay out the arrays and launch. See those two modules for the schemes.
 
 Layouts: padded maps are channel-last and flattened per row, ``(N, H + 2r, (W + 2r) * C)``, so the
-``p * C`` values of one patch row are contiguous; fields and scores are ``(N, H, W, K)``.
+``p * C`` values of one patch row are contiguous; fields and scores are ``(N, H, W, K)``. The
+attention's kernels take volumes as their padded frames stacked (``attend.py``) and a frame tuple
+``fr = (pt, H, H + 2r, Hk, Hk + 2r)``: the patch's frames and the rows per frame of query and key,
+unpadded and padded; a map is ``(1, H, H + 2r, Hk, Hk + 2r)``, one frame.
 """
 
 from __future__ import annotations
@@ -668,8 +671,26 @@ def _fold_pairs(n, r, p):
     return start, pairs
 
 
+@njit(inline="always", **_HOT)
+def _corner(i, rows, padded):
+    """The padded row of the patch corner of stacked row ``i`` (frames of ``rows`` rows, each
+    ``padded`` rows in the padded volume; a map is one frame: ``i`` itself)."""
+    f = i // rows
+    return f * padded + i - f * rows
+
+
+@njit(fastmath=_FASTMATH, inline="always", **_HOT)
+def _st_cost(qp, kp, n, qi, qj, ki, kj, p, fr, C, dot, zero):
+    """The attention's cost of a space-time patch over padded volumes (``fr``, the module's frame
+    tuple): the ``pt`` frames' :func:`_patch_cost` summed; a map's is its :func:`_patch_cost`."""
+    acc = zero
+    for dt in range(fr[0]):
+        acc += _patch_cost(qp, kp, n, qi + dt * fr[2], qj, ki + dt * fr[4], kj, p, C, dot, zero, False, zero)
+    return acc
+
+
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def forward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, score, stat, out):
+def forward_scores(qp, kp, vp, yr, yc, vr, T, C, p, fr, dot, agg, score, stat, out):
     """Pass 1, one task per query row: the ``K`` scores of every pixel.
 
     ``score`` receives ``s`` for ``"patch"`` (pass 2 needs the max over the covering patches) and
@@ -677,14 +698,16 @@ def forward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, score, stat, out):
     writes its output here, since it needs nothing from the neighbouring pixels.
     """
     N, H, W, K = yr.shape
-    Cv = out.shape[3]
+    Cv = out.shape[1]
     zero = score.dtype.type(0)
     for t in prange(N * H):
         n, i = _split(t, H)
+        xi = _corner(i, fr[1], fr[2])
+        o = np.empty(Cv, out.dtype)
         for j in range(W):
             sv = score[n, i, j]
             for m in range(K):
-                c = _patch_cost(qp, kp, n, i, j, yr[n, i, j, m], yc[n, i, j, m], p, C, dot, zero, False, zero)
+                c = _st_cost(qp, kp, n, xi, j, yr[n, i, j, m], yc[n, i, j, m], p, fr, C, dot, zero)
                 sv[m] = -c / T
             if agg == PATCH:
                 continue
@@ -693,10 +716,11 @@ def forward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, score, stat, out):
             for m in range(K):
                 sv[m] = np.exp(sv[m] - lse)
             if agg == CENTER:
-                o = out[n, i, j]
                 o[:] = zero
                 for m in range(K):
-                    _axpy(o, sv[m], vp[n, yr[n, i, j, m]], yc[n, i, j, m] * Cv, Cv)
+                    _axpy(o, sv[m], vp[n, vr[n, i, j, m]], yc[n, i, j, m] * Cv, Cv)
+                for c in range(Cv):
+                    out[n, c, i, j] = o[c]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
@@ -708,10 +732,11 @@ def forward_votes(vp, yr, yc, score, p, agg, stat, out):
     """
     r = p // 2
     N, H, W, K = yr.shape
-    Cv = out.shape[3]
+    Cv = out.shape[1]
     zero = out.dtype.type(0)
     for t in prange(N * H):
         n, zi = _split(t, H)
+        o = np.empty(Cv, out.dtype)
         a_lo = max(zi + r - H + 1, 0)
         a_hi = min(zi + r, p - 1)
         for zj in range(W):
@@ -726,7 +751,6 @@ def forward_votes(vp, yr, yc, score, p, agg, stat, out):
                         for m in range(K):
                             if sv[m] > mx:
                                 mx = sv[m]
-            o = out[n, zi, zj]
             o[:] = zero
             den = zero
             for a in range(a_lo, a_hi + 1):
@@ -744,11 +768,11 @@ def forward_votes(vp, yr, yc, score, p, agg, stat, out):
             else:
                 den = zero + np.float32((a_hi - a_lo + 1) * (b_hi - b_lo + 1))  # the vote count
             for c in range(Cv):
-                o[c] = o[c] / den
+                out[n, c, zi, zj] = o[c] / den
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def backward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, g, go, stat, sw, gcost, part):
+def backward_scores(qp, kp, vp, yr, yc, vr, T, C, p, fr, dot, agg, g, go, stat, sw, gcost, part):
     """Backward pass 1, one task per query row: ``d loss / d cost_j(x)`` from the recomputed costs.
 
     ``g`` is the output gradient, channel-last (for ``"patch_mean"`` already divided by the vote
@@ -769,12 +793,13 @@ def backward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, g, go, stat, sw, gcos
         # Votes of x = (i, j) at offset (a, b) land on z = x + (a, b) - r; keep those in the map.
         a_lo = max(r - i, 0)
         a_hi = min(H - 1 - i + r, p - 1)
+        xi = _corner(i, fr[1], fr[2])
         for j in range(W):
             b_lo = max(r - j, 0)
             b_hi = min(W - 1 - j + r, p - 1)
             sv = sw[n, i, j]
             for m in range(K):
-                cost[m] = _patch_cost(qp, kp, n, i, j, yr[n, i, j, m], yc[n, i, j, m], p, C, dot, zero, False, zero)
+                cost[m] = _st_cost(qp, kp, n, xi, j, yr[n, i, j, m], yc[n, i, j, m], p, fr, C, dot, zero)
                 sv[m] = -cost[m] / T
             if agg != PATCH:
                 lse = stat[n, i, j]
@@ -785,14 +810,14 @@ def backward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, g, go, stat, sw, gcos
                 yj = yc[n, i, j, m]
                 d = zero
                 if agg == CENTER:
-                    d = _dot(g[n, i, j], 0, vp[n, yi], yj * Cv, Cv, zero)
+                    d = _dot(g[n, i, j], 0, vp[n, vr[n, i, j, m]], yj * Cv, Cv, zero)
                 else:
                     for a in range(a_lo, a_hi + 1):
                         zi = i + a - r
-                        vr = vp[n, yi + a]
+                        vrow = vp[n, yi + a]
                         for b in range(b_lo, b_hi + 1):
                             zj = j + b - r
-                            dv = _dot(g[n, zi, zj], 0, vr, (yj + b) * Cv, Cv, zero)
+                            dv = _dot(g[n, zi, zj], 0, vrow, (yj + b) * Cv, Cv, zero)
                             if agg == PATCH:
                                 # e_j(x) / D(z) * <g(z), v(y_j + d) - out(z)>
                                 d += np.exp(sv[m] - stat[n, zi, zj]) * (dv - go[n, zi, zj])
@@ -812,14 +837,15 @@ def backward_scores(qp, kp, vp, yr, yc, T, C, p, dot, agg, g, go, stat, sw, gcos
 
 
 @njit(parallel=True, **_HOT)
-def invert_field(idxf, W, K, M, off, ent):
+def invert_field(idxf, W, K, M, rows, padded, off, ent):
     """Per map, the inverse of the field by a counting sort (CSR).
 
     ``idxf (N, L * K)`` is the field flattened pixel-major, so a position ``q`` in it *is* the
     entry ``x * K + j``. The entries of key position ``y`` are ``ent[n, off[n, y] : off[n, y + 1]]``,
     in increasing ``q``: the gathers that read them then sum in an order fixed by the data alone.
-    Each entry is stored as ``(q, row of x, column of x)``, decoded here once rather than by two
-    integer divisions in every one of the ``p * p`` visits of the gathers.
+    Each entry is stored as ``(q, row of x, column of x, padded row of x's patch corner)``
+    (:func:`_corner`), decoded here once rather than by integer divisions in every one of the
+    ``p * p`` visits of the gathers.
     """
     N, LK = idxf.shape
     for n in prange(N):
@@ -837,103 +863,119 @@ def invert_field(idxf, W, K, M, off, ent):
             e[0] = q
             e[1] = x // W
             e[2] = x - e[1] * W
+            e[3] = _corner(e[1], rows, padded)
             cur[y] += 1
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def backward_key_value(qp, kp, g, sw, stat, gcost, off, ent, p, dot, agg, gk, gv):
+def backward_key_value(qp, kp, g, sw, stat, gcost, off, ent, p, fr, dot, agg, gk, gv):
     """One task per key row: the key and value gradients at every key position ``u``, gathered.
 
-    The key positions ``y`` and offsets ``(a, b)`` whose padded read ``y + (a, b)`` is ``u``
-    (:func:`_fold_pairs`, the adjoint of the padding), then the entries ``(x, j)`` with
-    ``y_j(x) = y``.
+    The key positions ``y`` and offsets ``(c, a, b)`` whose padded read ``y + (c, a, b)`` is
+    ``u`` (:func:`_fold_pairs` along frames, rows and columns: the adjoint of the padding), then
+    the entries ``(x, j)`` with ``y_j(x) = y``. Rows are the stacked frames' (``fr``).
     ``sw`` and ``gcost`` come flattened to ``(N, H * W * K)``, indexed by the entries' ``q``.
     """
-    N, Hk, Wk, C = gk.shape
-    Cv = gv.shape[3]
+    N, C, rows_k, Wk = gk.shape
+    Cv = gv.shape[1]
     H, W = g.shape[1], g.shape[2]
+    pt, Hqp, Hk, Hkp = fr[0], fr[2], fr[3], fr[4]
+    Tk = rows_k // Hk
     r = p // 2
+    rt = pt // 2
     zero = gk.dtype.type(0)
     scale = np.float32(-1.0) if dot else np.float32(-2.0)
+    ts, frames = _fold_pairs(Tk, rt, pt)
     rs, rows = _fold_pairs(Hk, r, p)
     cs, cols = _fold_pairs(Wk, r, p)
-    for t in prange(N * Hk):
-        n, u = _split(t, Hk)
+    for t in prange(N * rows_k):
+        n, urow = _split(t, rows_k)
+        ut = urow // Hk
+        u = urow - ut * Hk
         acck = np.empty(C, gk.dtype)
         accv = np.empty(Cv, gv.dtype)
-        krow = kp[n, u + r]
+        krow = kp[n, (ut + rt) * Hkp + u + r]
         for v in range(Wk):
             ko = (v + r) * C
             acck[:] = zero
             accv[:] = zero
-            for ia in range(rs[u], rs[u + 1]):
-                yi, a = rows[ia, 0], rows[ia, 1]
-                for ib in range(cs[v], cs[v + 1]):
-                    b = cols[ib, 1]
-                    y = yi * Wk + cols[ib, 0]
-                    for e in range(off[n, y], off[n, y + 1]):
-                        q = ent[n, e, 0]
-                        xi = ent[n, e, 1]
-                        xj = ent[n, e, 2]
-                        gc = gcost[n, q]
-                        if dot:
-                            _axpy(acck, gc, qp[n, xi + a], (xj + b) * C, C)
-                        else:
-                            _axpy_diff(acck, gc, qp[n, xi + a], (xj + b) * C, krow, ko, C)
-                        if agg != CENTER:
-                            zi = xi + a - r
-                            zj = xj + b - r
-                            if 0 <= zi < H and 0 <= zj < W:  # votes off the map were dropped
-                                coef = sw[n, q]
-                                if agg == PATCH:
-                                    coef = np.exp(coef - stat[n, zi, zj])
-                                _axpy(accv, coef, g[n, zi, zj], 0, Cv)
+            for it in range(ts[ut], ts[ut + 1]):
+                yt, dt = frames[it, 0], frames[it, 1]
+                for ia in range(rs[u], rs[u + 1]):
+                    yi, a = rows[ia, 0], rows[ia, 1]
+                    qa = dt * Hqp + a
+                    for ib in range(cs[v], cs[v + 1]):
+                        b = cols[ib, 1]
+                        y = (yt * Hk + yi) * Wk + cols[ib, 0]
+                        for e in range(off[n, y], off[n, y + 1]):
+                            q = ent[n, e, 0]
+                            xj = ent[n, e, 2]
+                            gc = gcost[n, q]
+                            if dot:
+                                _axpy(acck, gc, qp[n, ent[n, e, 3] + qa], (xj + b) * C, C)
+                            else:
+                                _axpy_diff(acck, gc, qp[n, ent[n, e, 3] + qa], (xj + b) * C, krow, ko, C)
+                            if agg != CENTER:  # maps only: one frame
+                                zi = ent[n, e, 1] + a - r
+                                zj = xj + b - r
+                                if 0 <= zi < H and 0 <= zj < W:  # votes off the map were dropped
+                                    coef = sw[n, q]
+                                    if agg == PATCH:
+                                        coef = np.exp(coef - stat[n, zi, zj])
+                                    _axpy(accv, coef, g[n, zi, zj], 0, Cv)
             if agg == CENTER:  # the value is read at y itself, unpadded
-                y = u * Wk + v
+                y = urow * Wk + v
                 for e in range(off[n, y], off[n, y + 1]):
                     _axpy(accv, sw[n, ent[n, e, 0]], g[n, ent[n, e, 1], ent[n, e, 2]], 0, Cv)
-            dk = gk[n, u, v]
             for c in range(C):
-                dk[c] = scale * acck[c]
-            gv[n, u, v] = accv
+                gk[n, c, urow, v] = scale * acck[c]
+            for c in range(Cv):
+                gv[n, c, urow, v] = accv[c]
 
 
 @njit(parallel=True, fastmath=_FASTMATH, **_HOT)
-def backward_query(qp, kp, yr, yc, gcost, p, dot, gq):
+def backward_query(qp, kp, yr, yc, gcost, p, fr, dot, gq):
     """One task per query row: the query gradient at every pixel ``u``, gathered.
 
-    The patches ``x`` and offsets ``(a, b)`` whose padded read ``x + (a, b)`` is ``u``
-    (:func:`_fold_pairs`), and their ``K`` matches.
+    The patches ``x`` and offsets ``(c, a, b)`` whose padded read ``x + (c, a, b)`` is ``u``
+    (:func:`_fold_pairs` along frames, rows and columns), and their ``K`` matches.
     """
-    N, H, W, C = gq.shape
+    N, C, rows_q, W = gq.shape
     K = yr.shape[3]
+    pt, H, Hqp, Hkp = fr[0], fr[1], fr[2], fr[4]
+    T = rows_q // H
     r = p // 2
+    rt = pt // 2
     zero = gq.dtype.type(0)
     scale = np.float32(-1.0) if dot else np.float32(2.0)
+    ts, frames = _fold_pairs(T, rt, pt)
     rs, rows = _fold_pairs(H, r, p)
     cs, cols = _fold_pairs(W, r, p)
-    for t in prange(N * H):
-        n, u = _split(t, H)
+    for t in prange(N * rows_q):
+        n, urow = _split(t, rows_q)
+        ut = urow // H
+        u = urow - ut * H
         acc = np.empty(C, gq.dtype)
-        qrow = qp[n, u + r]
+        qrow = qp[n, (ut + rt) * Hqp + u + r]
         for v in range(W):
             qo = (v + r) * C
             acc[:] = zero
-            for ia in range(rs[u], rs[u + 1]):
-                xi, a = rows[ia, 0], rows[ia, 1]
-                for ib in range(cs[v], cs[v + 1]):
-                    xj, b = cols[ib, 0], cols[ib, 1]
-                    for m in range(K):
-                        gc = gcost[n, xi, xj, m]
-                        kr = kp[n, yr[n, xi, xj, m] + a]
-                        ko = (yc[n, xi, xj, m] + b) * C
-                        if dot:
-                            _axpy(acc, gc, kr, ko, C)
-                        else:
-                            _axpy_diff(acc, gc, qrow, qo, kr, ko, C)
-            dq = gq[n, u, v]
+            for it in range(ts[ut], ts[ut + 1]):
+                xt, dt = frames[it, 0], frames[it, 1]
+                for ia in range(rs[u], rs[u + 1]):
+                    xi, a = xt * H + rows[ia, 0], dt * Hkp + rows[ia, 1]
+                    for ib in range(cs[v], cs[v + 1]):
+                        xj, b = cols[ib, 0], cols[ib, 1]
+                        for m in range(K):
+                            gc = gcost[n, xi, xj, m]
+                            kr = kp[n, yr[n, xi, xj, m] + a]
+                            ko = (yc[n, xi, xj, m] + b) * C
+                            if dot:
+                                _axpy(acc, gc, kr, ko, C)
+                            else:
+                                _axpy_diff(acc, gc, qrow, qo, kr, ko, C)
             for c in range(C):
-                dq[c] = scale * acc[c]
+                gq[n, c, urow, v] = scale * acc[c]
 
 
 # ----------------------------------------------------------------------------------------------
