@@ -298,3 +298,31 @@ def test_bench_video_dry_run(tmp_path, capsys):
     rows = results["search"]
     assert {(r["video"], r["case"]) for r in rows} == {("pan", c) for c in video.SEARCH_CASES}
     assert all(1 - 1e-4 <= r["ratio"] < 1.5 for r in rows) and "The 3-D search against exact k-NN" in out
+
+
+def test_bench_colour_video_dry_run(tmp_path, capsys):
+    """The video colour suite at its dry-run size: the three methods on the pan and on the pan
+    there and back, their thirds, the goal line; JSON and markdown written."""
+    import torch
+
+    from psal.apps.colorize import lab_from_rgb
+    from psal.bench import colour_video
+
+    assert colour_video.main(["--dry-run", "--videos", "pan", "return", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Goal of issue 31" in out and "**Video colour propagation**" in out
+    results = json.loads((tmp_path / "colour_video.json").read_text())["results"]
+    rows = {(r["video"], r["method"]): r for r in results["rows"]}
+    assert set(rows) == {(v, m) for v in ("pan", "return") for m in colour_video.METHODS}
+    for r in rows.values():
+        assert len(r["chroma_psnr_thirds_db"]) == 3 and r["delta_e"] > 0 and r["flicker"] >= 0
+    # the colours followed from the keyframe beat its mean colour in every third
+    for v in ("pan", "return"):
+        mine, flat = rows[(v, "psal-video")], rows[(v, "mean-colour")]
+        assert all(a > b + 3 for a, b in zip(mine["chroma_psnr_thirds_db"], flat["chroma_psnr_thirds_db"]))
+    # the gray frames carry the colour frames' CIE L exactly
+    truth = colour_video.make_colour_video("return", 40, 32, 6)
+    assert torch.equal(truth[3:], truth[:3].flip(0))
+    gray = colour_video.gray_frames(truth)
+    torch.testing.assert_close(lab_from_rgb(gray.expand(-1, 3, -1, -1))[:, 0], lab_from_rgb(truth)[:, 0], atol=1e-3, rtol=0)
+    assert (tmp_path / "colour_video.md").read_text().count("|") > 20

@@ -145,3 +145,70 @@ def test_video_command_gives_freed_memory_back_where_it_can():
     assert isinstance(done, bool)
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert done
+
+
+@pytest.fixture
+def colour_clip(tmp_path):
+    """A pan over a colour photograph (16 frames of 40 x 56): as an .mp4 and as a folder of PNG
+    frames, with the colour pictures of frames 0 and 12 as keyframes."""
+    picture = images.load_bundled("astronaut", (64, 80))
+    frames = torch.cat([picture[..., t : t + 40, t : t + 56] for t in range(16)])
+    videos.write_video(str(tmp_path / "clip.mp4"), frames, 10.0)
+    videos.write_video(str(tmp_path / "frames"), frames, 10.0)
+    images.save_png(frames[:1], str(tmp_path / "key0.png"))
+    images.save_png(frames[12:13], str(tmp_path / "key12.png"))
+    images.save_png(images.grayscale(frames[:1]), str(tmp_path / "gray.png"))
+    return tmp_path, frames
+
+
+def test_colorize_a_video_from_two_keyframes(colour_clip, capsys):
+    """``psal colorize VIDEO KEYFRAME... --keyframes``: a colour video read for its luminance,
+    coloured from two of its frames, far closer to its colours than their mean colour, and each
+    frame keeps its luminance."""
+    from psal.apps.colorize import lab_from_rgb
+    from psal.apps.metrics import chroma_psnr
+
+    tmp, frames = colour_clip
+    report = str(tmp / "r.json")
+    code, err = _run(capsys, "colorize", str(tmp / "frames"), str(tmp / "key0.png"), str(tmp / "key12.png"), "--keyframes", "0,12",
+                     "--video", "-o", str(tmp / "out"), "--report", report, "--quiet")  # fmt: skip
+    assert code == 0, err
+    got, _ = videos.read_video(str(tmp / "out"))
+    assert got.shape == (16, 3, 40, 56)
+    mean = lab_from_rgb(frames[:1])[:, 1:].mean((0, 2, 3), keepdim=True)
+    flat = float(10 * torch.log10(256.0**2 / (lab_from_rgb(frames)[:, 1:] - mean).square().mean()))
+    # measured 37.4 dB against 23.3 for the keyframe's mean colour
+    assert chroma_psnr(got, frames) > flat + 8
+    L_in, L_out = lab_from_rgb(frames)[:, 0], lab_from_rgb(got)[:, 0]
+    assert (L_in - L_out).abs().median() < 0.5  # 8-bit PNG rounding: measured 0.07
+    r = json.load(open(report))
+    assert r["frames"] == 16 and r["keyframes"] == [0, 12] and r["command"] == "colorize"
+    # and from a video file to a video file, one keyframe (frame 0 by default)
+    code, err = _run(capsys, "colorize", str(tmp / "clip.mp4"), str(tmp / "key0.png"), "-o", str(tmp / "out.mp4"), "--quiet")
+    assert code == 0, err
+    out, fps = videos.read_video(str(tmp / "out.mp4"))
+    assert out.shape == (16, 3, 40, 56) and abs(fps - 10.0) < 0.01
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["clip.mp4", "key0.png", "key12.png", "-o", "o.mp4"], "say which frames they show with --keyframes"),
+        (["clip.mp4", "key0.png", "key12.png", "--keyframes", "0", "-o", "o.mp4"], "names 1 frames for 2 references"),
+        (["clip.mp4", "key0.png", "--keyframes", "a", "-o", "o.mp4"], "give frame numbers separated by commas"),
+        (["clip.mp4", "key0.png", "key12.png", "--keyframes", "3,3", "-o", "o.mp4"], "must be distinct"),
+        (["clip.mp4", "key0.png", "--keyframes", "16", "-o", "o.mp4"], "the video has 16 frames, numbered 0 to 15"),
+        (["clip.mp4", "gray.png", "-o", "o.mp4"], "needs a colour reference"),
+        (["clip.mp4", "key0.png", "-o", "o.png"], "a video is written as a video file"),
+        (["clip.mp4", "key0.png", "-o", "clip.mp4"], "is also an input"),
+        (["clip.mp4", "key0.png", "--match-luminance", "-o", "o.mp4"], "--match-luminance is for pictures"),
+        (["key0.png", "key0.png", "key12.png", "-o", "o.png"], "a picture takes one"),
+        (["gray.png", "key0.png", "--keyframes", "0", "-o", "o.png"], "--keyframes is for a video"),
+    ],
+)
+def test_colorize_video_bad_input_is_one_line_and_exit_2_and_nothing_written(colour_clip, capsys, argv, message):
+    tmp, _ = colour_clip
+    before = {p: os.path.getmtime(tmp / p) for p in os.listdir(tmp)}
+    code, err = _run(capsys, "colorize", *[str(tmp / a) if a in os.listdir(tmp) or a.startswith("o.") else a for a in argv])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert {p: os.path.getmtime(tmp / p) for p in os.listdir(tmp)} == before, "nothing written, nothing changed"

@@ -1,4 +1,4 @@
-"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu, kernels, profile, video."""
+"""``python -m psal.bench <suite> [options]``; suites: knn, sparse, attention, apps, photos, training, gpu, kernels, profile, video, colour-video."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ SUITES = {
     "kernels": "psal.bench.kernels",
     "profile": "psal.bench.profile",
     "video": "psal.bench.video",
+    "colour-video": "psal.bench.colour_video",
 }
 
 

@@ -114,11 +114,17 @@ def _pan(W: int, H: int, T: int) -> torch.Tensor:
 
 
 def _drift(W: int, H: int, T: int) -> torch.Tensor:
+    return drift_over(W, H, T, "brick")
+
+
+def drift_over(W: int, H: int, T: int, picture: str) -> torch.Tensor:
+    """``(1, 3, T, H, W)``: the bundled ``picture``, as a square, drifting by 0.6 and 0.25 pixels
+    a frame at 160 x 120 (``drift`` is the gray ``brick``)."""
     from psal import images
 
     vx, vy = 0.6 * W / 160, 0.25 * H / 120  # pixels a frame
     side = max(round(1.6 * max(W, H)), W + math.ceil(vx * T) + 4, H + math.ceil(vy * T) + 4)
-    tex = images.load_bundled("brick", side)
+    tex = images.load_bundled(picture, side)
     x0, y0 = (side - W - vx * (T - 1)) / 2, (side - H - vy * (T - 1)) / 2
     steps = torch.arange(T, dtype=torch.float64)
     return _translated(tex, y0 + vy * steps, x0 + vx * steps, H, W).transpose(0, 1)[None].contiguous()

@@ -4,6 +4,7 @@
     psal inpaint IMAGE MASK -o OUT           fill the white region of MASK
     psal inpaint VIDEO MASK -o OUT           the same in a video (a file, or a folder of frames with --video)
     psal colorize GRAY REFERENCE -o OUT      colour GRAY like the colour image REFERENCE
+    psal colorize VIDEO KEYFRAME... -o OUT   colour a video from colour pictures of some of its frames
     psal upscale IMAGE --scale 2 -o OUT      super-resolution learnt from the image itself
     psal demo [--out out]                    all four on bundled pictures: gallery and metrics
     psal serve [--port 8765]                 the four in a local web page (and an HTTP API)
@@ -13,6 +14,7 @@ as the pictures) with ``-o OUT_DIR``: one progress bar, a summary, and every fil
 named, the others still written. A video (``.mp4 .avi .mov .mkv .webm``, or a folder of frames
 with ``--video``) is filled with space-time patches; its mask is a video, a folder of frames or one
 picture for every frame; OUT is a video file (at the input's frame rate) or a folder of PNG frames.
+A video is coloured from colour pictures of some of its frames (``--keyframes 0,40``).
 
 Every subcommand reads ordinary image files (8/16-bit grayscale or RGB, opaque RGBA), writes its
 result atomically (a temporary file renamed into place) and never onto an input, takes ``--seed``
@@ -105,13 +107,22 @@ def cmd_reconstruct(args) -> dict:
 
 def cmd_colorize(args) -> dict:
     """Colour a grayscale image like a colour reference: its luminance is kept, the chroma comes
-    from the reference patches that match it best."""
+    from the reference patches that match it best. For a video (a video file, or a folder of
+    frames with --video), the references are colour pictures of some of its frames (--keyframes),
+    and the colours are followed through the video."""
+    if args.video or _is_video(args.gray):
+        return cmd_colorize_video(args)
     from ..tasks import check_reference, colorize_image
 
-    check_output(args.out, [args.gray, args.reference])
+    if len(args.reference) > 1:
+        raise InputError(f"{len(args.reference)} references given: several references are keyframes of a video; a picture takes one")
+    if args.keyframes is not None:
+        raise InputError("--keyframes is for a video (a video file, or a folder of frames with --video)")
+    (reference_path,) = args.reference
+    check_output(args.out, [args.gray, reference_path])
     gray = read_image(args.gray, "gray image")
-    reference = read_image(args.reference, "reference")
-    check_reference(reference, f"reference {args.reference!r}")
+    reference = read_image(reference_path, "reference")
+    check_reference(reference, f"reference {reference_path!r}")
     device = _device(args.device)
     t0 = time.perf_counter()
     out = colorize_image(
@@ -121,6 +132,71 @@ def cmd_colorize(args) -> dict:
     seconds = time.perf_counter() - t0
     write_image(out, args.out)
     return {"command": "colorize", "output": args.out, "size": list(gray.shape[-2:]), "seconds": seconds}
+
+
+def _keyframe_indices(text: str | None, count: int) -> list[int]:
+    """``--keyframes 0,40``: one distinct frame number per reference (default: frame 0 for one)."""
+    if text is None:
+        if count > 1:
+            raise InputError(f"{count} references given: say which frames they show with --keyframes (e.g. --keyframes 0,40)")
+        return [0]
+    try:
+        frames = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InputError(f"--keyframes {text!r}: give frame numbers separated by commas, e.g. 0,40") from None
+    if len(frames) != count:
+        raise InputError(f"--keyframes {text!r} names {len(frames)} frames for {count} references; give one frame per reference")
+    if min(frames) < 0 or len(set(frames)) != len(frames):
+        raise InputError(f"--keyframes {text!r}: frame numbers must be distinct and not negative")
+    return frames
+
+
+def cmd_colorize_video(args) -> dict:
+    """``psal colorize VIDEO KEYFRAME... -o OUT``: every input read and checked before any work."""
+    from psal.videos import read_video, write_video
+
+    from ..tasks import check_reference, colorize_video_frames
+    from ..tasks.files import available_memory
+
+    if args.match_luminance:
+        raise InputError("--match-luminance is for pictures; a video's keyframes are its own frames, in its own light")
+    key_indices = _keyframe_indices(args.keyframes, len(args.reference))
+    _check_video_output(args.out, [args.gray, *args.reference])
+    keyframes = []
+    for path in args.reference:
+        picture = read_image(path, "keyframe")
+        check_reference(picture, f"keyframe {path!r}")
+        keyframes.append(picture)
+    memory = available_memory()
+    frames, fps = read_video(args.gray, max_bytes=None if memory is None else int(memory * _VIDEO_MEMORY_SHARE))
+    T, _, H, W = frames.shape
+    if max(key_indices) >= T:
+        raise InputError(f"--keyframes {','.join(map(str, key_indices))}: the video has {T} frames, numbered 0 to {T - 1}")
+    device = _device(args.device)
+    _give_back_freed_memory()
+    t0 = time.perf_counter()
+    bar, progress = _steps("colorize", args.quiet)
+    try:
+        out = colorize_video_frames(
+            frames, keyframes, key_indices, device=device, seed=args.seed, patch_size=args.patch_size, k=args.k, iters=args.iters,
+            temperature_scale=args.temperature_scale, progress=progress,
+        )  # fmt: skip
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    del frames
+    write_video(args.out, out, fps)
+    return {
+        "command": "colorize",
+        "output": args.out,
+        "frames": T,
+        "size": [H, W],
+        "fps": fps,
+        "keyframes": key_indices,
+        "seconds": seconds,
+        "seconds_per_frame": seconds / T,
+    }
 
 
 def cmd_inpaint(args) -> dict:
@@ -459,9 +535,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--video", action="store_true", help="IMAGE is a folder of the frames of one video (sorted by file name)")
     p.set_defaults(run=cmd_inpaint)
 
-    p = sub.add_parser("colorize", help="colour a grayscale image like a colour reference", description=cmd_colorize.__doc__)
-    p.add_argument("gray", help="the image to colour (a colour image is read for its luminance; or a folder of them)")
-    p.add_argument("reference", help="a colour image of similar content")
+    p = sub.add_parser(
+        "colorize", help="colour a grayscale image like a colour reference, or a video from keyframes", description=cmd_colorize.__doc__
+    )
+    p.add_argument("gray", help="the image or video to colour (colour is read for its luminance; or a folder of pictures)")
+    p.add_argument("reference", nargs="+", help="a colour image of similar content; for a video, colour pictures of some of its frames")
     common(p)
     d = functools.partial(tasks.default, tasks.colorize_image)
     p.add_argument("--patch-size", type=int, default=d("patch_size"))
@@ -473,6 +551,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="move the reference's brightness and contrast to the gray image's first (for a reference taken in other light)",
     )
+    p.add_argument("--keyframes", help="for a video: the frames the references show, e.g. 0,40 (default: 0, for one reference)")
+    p.add_argument("--video", action="store_true", help="GRAY is a folder of the frames of one video (sorted by file name)")
     p.set_defaults(run=cmd_colorize)
 
     p = sub.add_parser("upscale", help="super-resolution learnt from the image itself", description=cmd_upscale.__doc__)
@@ -505,7 +585,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _paths(args) -> list[str]:
     """The command's input and output paths."""
-    return [getattr(args, name) for name in ("out", "query", "source", "image", "mask", "gray", "reference") if getattr(args, name, None)]
+    paths = []
+    for name in ("out", "query", "source", "image", "mask", "gray", "reference"):
+        value = getattr(args, name, None)
+        paths += value if isinstance(value, list) else [value] if value else []
+    return paths
 
 
 def _version() -> str:
@@ -552,7 +636,9 @@ def _run_folder(args) -> int:
     # What every file would fail on alike, said once: the device, colorize's reference, a checkpoint.
     _device(args.device)
     if args.command == "colorize":
-        tasks.check_reference(read_image(args.reference, "reference"), f"reference {args.reference!r}")
+        if len(args.reference) > 1 or args.keyframes is not None:
+            raise InputError("several references and --keyframes are for a video; a folder of pictures takes one reference")
+        tasks.check_reference(read_image(args.reference[0], "reference"), f"reference {args.reference[0]!r}")
     if getattr(args, "checkpoint", None) and not os.path.isfile(args.checkpoint):
         raise InputError(f"checkpoint {args.checkpoint!r}: no such file")
     names = _pictures(folder)

@@ -214,6 +214,32 @@ def inpaint_video_frames(
     return out[0].transpose(0, 1).cpu()
 
 
+def colorize_video_frames(
+    frames: torch.Tensor,
+    keyframes: list[torch.Tensor],
+    key_indices: list[int],
+    *,
+    device: torch.device,
+    seed: int = 0,
+    patch_size: int = 5,
+    k: int = 4,
+    iters: int = 6,
+    temperature_scale: float = 0.5,
+    progress=None,
+) -> torch.Tensor:
+    """``frames`` ``(T, C, H, W)`` coloured from the colour pictures ``keyframes``, which show the
+    frames ``key_indices`` (:func:`psal.apps.colorize_video.colorize_video`); each frame keeps its
+    luminance (the caller checks the keyframes with :func:`check_reference`)."""
+    from psal.apps.colorize_video import colorize_video
+
+    out = colorize_video(
+        frames.to(device), [key.to(device) for key in keyframes], key_indices, patch_size=patch_size, num_neighbors=k,
+        num_iters=iters, temperature_scale=temperature_scale, generator=torch.Generator(device=device).manual_seed(seed),
+        progress=progress,
+    )  # fmt: skip
+    return out.cpu()
+
+
 def _fill_with_model(path, image, hole, device, seed):
     """One pass of the inpainting network of the checkpoint at ``path``."""
     from psal.apps.inpaint_net import inpaint_with_model, load_pretrained
