@@ -326,3 +326,9 @@ def test_bench_colour_video_dry_run(tmp_path, capsys):
     gray = colour_video.gray_frames(truth)
     torch.testing.assert_close(lab_from_rgb(gray.expand(-1, 3, -1, -1))[:, 0], lab_from_rgb(truth)[:, 0], atol=1e-3, rtol=0)
     assert (tmp_path / "colour_video.md").read_text().count("|") > 20
+    # the frame pairs: one picture never trained on, offsets 1 and 10 from frames 0 (20 is past
+    # the dry run's 12 frames), every method that needs no trained weights
+    pairs = results["pairs"]
+    assert {(r["offset"], r["start"]) for r in pairs} == {(1, 0), (10, 0)}
+    assert {"psal zero-shot", "welsh+levin", "mean colour"} <= {r["method"] for r in pairs}
+    assert all(r["chroma_psnr"] > 15 and r["delta_e"] > 0 for r in pairs) and "**Colour from a reference frame**" in out

@@ -194,12 +194,15 @@ def _inpaint_tables(records, methods, families):
     print(common.markdown_table(["pictures", "peer", "metric", "cases", "psal wins", "difference"], rows))
 
 
-def _colour_methods(seed):
+def _colour_methods(seed, models_dir=None):
     from psal.apps.colorize import colorize
     from psal.bench import colour_baselines
+    from psal.bench.colour_video import pair_methods
 
-    return {
-        "psal": lambda gray, ref: colorize(gray, ref, generator=torch.Generator().manual_seed(seed)),
+    methods = {"psal": lambda gray, ref: colorize(gray, ref, generator=torch.Generator().manual_seed(seed))}
+    # the trained colour networks (issue 31), when a training run's folder or shipped weights exist
+    methods.update({k: v for k, v in pair_methods(models_dir, seed).items() if k.endswith("network")})
+    return methods | {
         "mean colour": colour_baselines.mean_colour,
         "welsh": partial(colour_baselines.welsh, remap=False),
         "welsh+levin": partial(colour_baselines.welsh_levin, remap=False),
@@ -208,7 +211,7 @@ def _colour_methods(seed):
 
 
 def run_colorize(args, gallery):
-    methods = _colour_methods(args.seed)
+    methods = _colour_methods(args.seed, args.colour_models)
     records, rows = [], []
     for i, name in enumerate(args.colour):
         left, right = scenarios.colour_halves(name, args.side, args.held_out)
@@ -242,15 +245,18 @@ def run_colorize(args, gallery):
             ["mean", method, *(f"{_mean([r[k] for r in sel]):.2f}" for k in ("chroma_psnr", "delta_e", "colourfulness", "seconds"))]
         )
     print(common.markdown_table(["picture", "method", "chroma PSNR dB", "mean CIEDE2000", "colourfulness / truth", "s"], rows))
-    rows = []
-    ours = [r for r in records if r["method"] == "psal"]
-    for peer in list(methods)[1:]:
-        theirs = [r for r in records if r["method"] == peer]
-        for metric, label, lower in (("chroma_psnr", "chroma PSNR dB", False), ("delta_e", "mean CIEDE2000", True)):
-            res = common.paired([r[metric] for r in ours], [r[metric] for r in theirs], lower, groups=[r["picture"] for r in ours])
-            rows.append([peer, label, *_paired_cells(res)])
-    print("\npsal against each baseline, paired over the pictures and directions\n")
-    print(common.markdown_table(["baseline", "metric", "cases", "psal wins", "difference"], rows))
+    for mine in ("psal", "psal network"):
+        if mine not in methods:
+            continue
+        rows = []
+        ours = [r for r in records if r["method"] == mine]
+        for peer in (m for m in methods if m != mine):
+            theirs = [r for r in records if r["method"] == peer]
+            for metric, label, lower in (("chroma_psnr", "chroma PSNR dB", False), ("delta_e", "mean CIEDE2000", True)):
+                res = common.paired([r[metric] for r in ours], [r[metric] for r in theirs], lower, groups=[r["picture"] for r in ours])
+                rows.append([peer, label, *_paired_cells(res)])
+        print(f"\n{mine} against each other method, paired over the pictures and directions\n")
+        print(common.markdown_table(["baseline", "metric", "cases", f"{mine} wins", "difference"], rows))
     return records
 
 
@@ -362,6 +368,7 @@ def main(argv=None) -> int:
     ap.add_argument("--families", nargs="+", default=list(scenarios.MASK_FAMILIES), choices=scenarios.MASK_FAMILIES, help="hole families")
     ap.add_argument("--peers", nargs="*", default=list(peers.DEFAULT_INPAINT), choices=list(peers.INPAINT), help="inpainting peers")
     ap.add_argument("--colour", nargs="*", default=list(scenarios.EVAL_COLOUR), help="colorization photographs (reference | target halves)")
+    ap.add_argument("--colour-models", help="a colour training run's folder (psal.pt, conv.pt, full.pt); default: the shipped network")
     ap.add_argument("--side", type=int, default=scenarios.EVAL_SIDE, help="side of the inpainting crops and colour halves")
     ap.add_argument("--held-out", action="store_true",
                     help="the held-out cases, to tune on (the default ones are reported): inpaint on crops half a side up and left "

@@ -24,6 +24,17 @@ CIEDE2000; flicker, the mean over every pixel and frame of ``|(ab_t - ab_{t-1}) 
 truth_{t-1})|`` in Lab units; seconds per frame. The goal of issue 31: on the mean over the
 videos, psal-video's last third at most 2 dB below its first third (colour does not drain away).
 
+Frame pairs (``--pairs``, issue 31's evaluation of the trained colour network): a camera moving
+over each colour photograph of ``scenarios.EVAL_COLOUR`` that imports here (pictures the network
+never trained on: :mod:`psal.examples.train_colorization`), 32 frames of 160 x 120 with a seeded
+pan and zoom (:func:`camera_video`); the frame ``t0 + offset`` coloured from frame ``t0`` in colour
+(``t0`` 0 and 20, offsets 1, 3, 5 and 10). Methods, in the same run: the trained networks of
+:mod:`psal.apps.colour_net` (``--models DIR``: the checkpoints ``psal.pt``, ``conv.pt`` and
+``full.pt`` of a training run; by default the shipped PSAL network, when there is one), zero-shot
+``psal.apps.colorize``, Welsh + Levin (``colour_baselines.welsh_levin``, luminances as they are)
+and the reference's mean colour. Chroma PSNR and mean CIEDE2000 per offset; the PSAL network
+against each other method, paired over the pairs with bootstrap intervals over the videos.
+
 ``--dry-run``: 40 x 32, 6 frames, ``pan``: for the test of the command.
 """
 
@@ -38,6 +49,8 @@ import torch
 from psal.bench import common
 
 VIDEOS = ("pan", "parallax", "drift", "return")
+OFFSETS = (1, 3, 5, 10)
+PAIR_STARTS = (0, 20)
 METHODS = ("psal-video", "psal-picture", "mean-colour")
 GOAL_DROP_DB = 2.0  # psal-video: first third's chroma PSNR - last third's, at most
 
@@ -133,6 +146,129 @@ def report(rows: list[dict], W: int, H: int, T: int) -> tuple[str, dict]:
     return text, {"means": means, "goal": goal}
 
 
+def camera_video(name: str, W: int, H: int, T: int, seed: int) -> torch.Tensor:
+    """``(T, 3, H, W)``: a camera over the bundled picture ``name``: a window of the frame's aspect
+    (70% of the picture's smaller side) that pans in a seeded direction by about 1% of the
+    picture a frame and zooms in or out by up to 15% over the clip (bilinear, antialiased by
+    first shrinking the picture to about twice the frame)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from psal import images
+
+    pic = images.load_bundled(name)
+    ph, pw = pic.shape[-2:]
+    shrink = min(1.0, 2 * H / (0.7 * min(ph, pw * H / W)))
+    if shrink < 1:
+        pic = images.resize(pic, (max(2, round(ph * shrink)), max(2, round(pw * shrink))))
+        ph, pw = pic.shape[-2:]
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(3, generator=g).tolist()
+    angle = 2 * math.pi * u[0]
+    zoom_end = 1 + 0.3 * (u[1] - 0.5)
+    win_h = 0.7 * min(ph, pw * H / W)
+    frames = []
+    travel = 0.01 * min(ph, pw) * (T - 1)
+    for t in range(T):
+        r = t / max(T - 1, 1)
+        z = 1 + (zoom_end - 1) * r
+        h, w = win_h * z, win_h * z * W / H
+        cy = ph / 2 + (r - 0.5) * travel * math.sin(angle)
+        cx = pw / 2 + (r - 0.5) * travel * math.cos(angle)
+        cy = min(max(cy, h / 2), ph - h / 2)
+        cx = min(max(cx, w / 2), pw - w / 2)
+        ys = (cy - h / 2 + (torch.arange(H, dtype=torch.float64) + 0.5) * h / H) / ph * 2 - 1
+        xs = (cx - w / 2 + (torch.arange(W, dtype=torch.float64) + 0.5) * w / W) / pw * 2 - 1
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], -1)[None].to(pic.dtype)
+        frames.append(F.grid_sample(pic, grid, mode="bilinear", padding_mode="border", align_corners=False)[0])
+    return torch.stack(frames).clamp(0, 1)
+
+
+def pair_methods(models_dir: str | None, seed: int) -> dict:
+    """The methods of the frame-pair evaluation: ``fn(gray (1, 1, H, W), reference (1, 3, H, W))``."""
+    import os
+    from functools import partial
+
+    from psal.apps import colour_net
+    from psal.apps.colorize import colorize
+    from psal.bench import colour_baselines
+
+    methods: dict = {}
+    paths = {f"{m} network": os.path.join(models_dir, f"{m}.pt") for m in ("psal", "conv", "full")} if models_dir else {}
+    if not models_dir and os.path.isfile(colour_net.PRETRAINED_PATH):
+        paths = {"psal network": colour_net.PRETRAINED_PATH}
+    for label, path in paths.items():
+        if os.path.isfile(path):
+            model = colour_net.load_pretrained(path)
+            methods[label] = partial(colour_net.colorize_with_model, model=model, seed=seed)
+    methods["psal zero-shot"] = lambda gray, ref: colorize(gray, ref, generator=torch.Generator().manual_seed(seed))
+    methods["welsh+levin"] = partial(colour_baselines.welsh_levin, remap=False)
+    methods["mean colour"] = colour_baselines.mean_colour
+    return methods
+
+
+def run_pairs(names, W: int, H: int, T: int, models_dir: str | None, seed: int, starts=PAIR_STARTS, offsets=OFFSETS) -> list[dict]:
+    from psal.apps.metrics import chroma_psnr, mean_delta_e
+
+    methods = pair_methods(models_dir, seed)
+    rows = []
+    for i, name in enumerate(names):
+        truth = camera_video(name, W, H, T, seed=1000 + i)
+        gray = gray_frames(truth)
+        for t0 in starts:
+            for off in offsets:
+                if t0 + off >= T:
+                    continue
+                target, reference = truth[t0 + off : t0 + off + 1], truth[t0 : t0 + 1]
+                for label, fn in methods.items():
+                    t1 = time.perf_counter()
+                    out = fn(gray[t0 + off : t0 + off + 1], reference)
+                    rows.append({"video": name, "start": t0, "offset": off, "method": label, "chroma_psnr": chroma_psnr(out, target),
+                                 "delta_e": mean_delta_e(out, target), "seconds": time.perf_counter() - t1})  # fmt: skip
+        print(f"  pairs {name}: done", file=sys.stderr, flush=True)
+    return rows
+
+
+def pairs_report(rows: list[dict], W: int, H: int) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    offsets = sorted({r["offset"] for r in rows})
+    videos = sorted({r["video"] for r in rows})
+    header = ["method", *(f"offset {o}: dB" for o in offsets), "ΔE2000 (all)", "s / pair"]
+    lines = []
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        cells = []
+        for o in offsets:
+            sel = [r["chroma_psnr"] for r in mine if r["offset"] == o]
+            cells.append(f"{sum(sel) / len(sel):.2f}")
+        lines.append(
+            [m, *cells, f"{sum(r['delta_e'] for r in mine) / len(mine):.2f}", f"{sum(r['seconds'] for r in mine) / len(mine):.3f}"]
+        )
+    text = (
+        f"**Colour from a reference frame** ({len(videos)} videos of {W} x {H} over pictures never trained on; frame t0 + offset "
+        "coloured from frame t0; chroma PSNR, means over the videos and t0)\n\n" + common.markdown_table(header, lines)
+    )
+    ours = "psal network" if "psal network" in methods else None
+    if ours is not None:
+        paired_rows = []
+        for other in methods:
+            if other == ours:
+                continue
+            for o in offsets:
+                a = [r for r in rows if r["method"] == ours and r["offset"] == o]
+                b = [r for r in rows if r["method"] == other and r["offset"] == o]
+                res = common.paired([r["chroma_psnr"] for r in a], [r["chroma_psnr"] for r in b], False, groups=[r["video"] for r in a])
+                lo, hi = res["ci95"]
+                paired_rows.append([other, str(o), str(res["cases"]), f"{100 * res['wins']:.0f}%",
+                                    f"{res['mean_difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"])  # fmt: skip
+        text += (
+            "\n\nThe PSAL network against each method, paired over the pairs (bootstrap 95% interval over the videos)\n\n"
+            + common.markdown_table(["against", "offset", "pairs", "PSAL network wins", "chroma PSNR difference dB"], paired_rows)
+        )
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench colour-video", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write colour_video.md and colour_video.json into this folder")
@@ -141,6 +277,12 @@ def main(argv=None) -> int:
     ap.add_argument("--videos", nargs="+", default=None, choices=VIDEOS, help=f"default: {' '.join(VIDEOS)}")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--propagation", action=argparse.BooleanOptionalAction, default=True, help="the propagation section (default: on)")
+    ap.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True, help="the frame-pair section (default: on)")
+    ap.add_argument(
+        "--models", help="a training run's folder (psal.pt, conv.pt, full.pt) for the frame pairs; default: the shipped network"
+    )
+    ap.add_argument("--pictures", nargs="+", default=None, help="the frame pairs' pictures (default: scenarios.EVAL_COLOUR)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, for the test of the command")
     args = ap.parse_args(argv)
     W, H = args.size or ([40, 32] if args.dry_run else [160, 120])
@@ -149,7 +291,7 @@ def main(argv=None) -> int:
     env = common.environment()
     print(env)
     rows = []
-    for v in videos:
+    for v in videos if args.propagation else []:
         truth = make_colour_video(v, W, H, T)
         for m in args.methods:
             t0 = time.perf_counter()
@@ -159,8 +301,20 @@ def main(argv=None) -> int:
             rows.append(row)
             print(f"  {v} {m}: thirds " + " ".join(f"{x:.2f}" for x in row["chroma_psnr_thirds_db"]) + f" dB, {seconds:.1f} s",
                   file=sys.stderr, flush=True)  # fmt: skip
-    text, summary = report(rows, W, H, T)
+    text, summary = report(rows, W, H, T) if rows else ("", {})
     print("\n" + text)
+    if args.pairs:
+        from psal import images
+        from psal.apps import scenarios
+
+        names = args.pictures or [n for n in scenarios.EVAL_COLOUR if n in images.BUNDLED + images.MORE_PICTURES or _importable(n)]
+        pw, ph, pt = (40, 32, 12) if args.dry_run else (160, 120, 32)
+        pair_rows = run_pairs(names[:1] if args.dry_run else names, pw, ph, pt, args.models, args.seed,
+                              offsets=(1, 10) if args.dry_run else OFFSETS)  # fmt: skip
+        summary["pairs"] = pair_rows
+        pairs_text = pairs_report(pair_rows, pw, ph)
+        print("\n" + pairs_text)
+        text = (text + "\n\n" + pairs_text).strip()
     if args.out:
         import os
 
@@ -171,6 +325,16 @@ def main(argv=None) -> int:
         md = env.strip("\n") + "\n\n" + text + "\n"
         write_atomically(os.path.join(args.out, "colour_video.md"), lambda f: f.write(md.encode()))
     return 0
+
+
+def _importable(name: str) -> bool:
+    from psal import images
+
+    try:
+        images.load_bundled(name, 8)
+    except (ImportError, ValueError, OSError):
+        return False
+    return True
 
 
 if __name__ == "__main__":
