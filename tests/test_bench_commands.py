@@ -76,9 +76,11 @@ def test_bench_apps_small(tmp_path, capsys):
     for r in inpaint:
         assert r["psnr"] > 10 and 0 < r["ssim"] <= 1 and r["swd"] > 0 and 0.3 < r["gradient"] < 2 and r["known"] == 0 and r["seconds"] > 0
     colour = results["colorize"]
+    # the shipped colour network (issue 31) is one of the methods, paired against the others too
     assert {(r["method"], r["direction"]) for r in colour} == {
-        (m, d) for m in ("psal", "mean colour", "welsh", "welsh+levin", "welsh+levin, remapped") for d in ("L>R", "R>L")
+        (m, d) for m in ("psal", "psal network", "mean colour", "welsh", "welsh+levin", "welsh+levin, remapped") for d in ("L>R", "R>L")
     }
+    assert "psal network wins" in printed
     for r in colour:
         assert r["picture"] == "coffee" and r["chroma_psnr"] > 15 and r["delta_e"] > 0 and 0 < r["colourfulness"] < 3
     upscale = results["upscale"]

@@ -14,6 +14,7 @@ import torch
 
 from psal.cli.main import main
 from psal.tasks import files as io
+from psal.tasks.files import read_image
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -198,6 +199,34 @@ def test_colorize_keeps_the_gray_and_refuses_a_gray_reference(files, capsys):
     got = np.asarray(Image.open(out))
     assert got.shape == (24, 20, 3) and json.load(open(tmp / "c.json"))["command"] == "colorize"
     _bad(capsys, ["colorize", q, gray, "-o", str(tmp / "x.png")], "needs a colour reference")
+
+
+def test_colorize_with_a_colour_network_checkpoint(files, capsys):
+    """``--checkpoint``: a colour network of psal.apps.colour_net colours the picture (its output
+    is the network's, bit for bit) and keeps the gray; a file that is not one is one line."""
+    from psal.apps.colour_net import ColourNet, colorize_with_model
+    from psal.examples.train_colorization import _save
+
+    tmp, q, s = files
+    gray = str(tmp / "gray.png")
+    Image.open(q).convert("L").save(gray)
+    torch.manual_seed(0)
+    model = ColourNet("psal", width=4, features=3, values=3).eval()
+    ckpt = str(tmp / "net.pt")
+    _save(ckpt, model, {"steps": 0})
+    out = str(tmp / "col.png")
+    code, err = _run(capsys, "colorize", gray, s, "-o", out, "--checkpoint", ckpt, "--report", str(tmp / "c.json"))
+    assert code == 0, err
+    assert json.load(open(tmp / "c.json"))["model"] == ckpt
+    want = colorize_with_model(read_image(gray, "gray"), read_image(s, "reference"), model, seed=0)
+    got = read_image(out, "out")
+    assert float((got - want).abs().max()) <= 1 / 255 + 1e-6  # 8-bit rounding only
+    # --model: the network shipped in the package
+    code, err = _run(capsys, "colorize", gray, s, "-o", str(tmp / "shipped.png"), "--model")
+    assert code == 0, err
+    (tmp / "junk.pt").write_bytes(b"not a checkpoint")
+    _bad(capsys, ["colorize", gray, s, "-o", str(tmp / "y.png"), "--checkpoint", str(tmp / "junk.pt")], "not a colour network of psal")
+    _bad(capsys, ["colorize", gray, s, "-o", str(tmp / "y.png"), "--checkpoint", ckpt, "--match-luminance"], "--match-luminance is for")
 
 
 def test_upscale_writes_the_enlarged_image(files, capsys, monkeypatch):

@@ -212,3 +212,26 @@ def test_colorize_video_bad_input_is_one_line_and_exit_2_and_nothing_written(col
     code, err = _run(capsys, "colorize", *[str(tmp / a) if a in os.listdir(tmp) or a.startswith("o.") else a for a in argv])
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert {p: os.path.getmtime(tmp / p) for p in os.listdir(tmp)} == before, "nothing written, nothing changed"
+
+
+def test_colorize_a_video_with_a_colour_network_checkpoint(colour_clip, capsys):
+    """``--checkpoint`` on a video: every frame coloured by the network from the keyframe nearest
+    to it in time (frame 5 from frame 0's picture, frame 7 from frame 12's)."""
+    from psal.apps.colour_net import ColourNet, colorize_with_model
+    from psal.examples.train_colorization import _save
+    from psal.tasks.files import read_image
+
+    tmp, frames = colour_clip
+    torch.manual_seed(0)
+    model = ColourNet("psal", width=4, features=3, values=3).eval()
+    ckpt = str(tmp / "net.pt")
+    _save(ckpt, model, {"steps": 0})
+    code, err = _run(capsys, "colorize", str(tmp / "frames"), str(tmp / "key0.png"), str(tmp / "key12.png"), "--keyframes", "0,12",
+                     "--video", "--checkpoint", ckpt, "-o", str(tmp / "out"), "--quiet")  # fmt: skip
+    assert code == 0, err
+    got, _ = videos.read_video(str(tmp / "out"))
+    keys = {0: read_image(str(tmp / "key0.png"), "k"), 12: read_image(str(tmp / "key12.png"), "k")}
+    source, _ = videos.read_video(str(tmp / "frames"))
+    for t, key in ((5, 0), (7, 12)):
+        want = colorize_with_model(source[t : t + 1], keys[key], model, seed=0)
+        assert float((got[t : t + 1] - want).abs().max()) <= 1 / 255 + 1e-6, t  # 8-bit rounding only

@@ -269,6 +269,27 @@ def pairs_report(rows: list[dict], W: int, H: int) -> str:
     return text
 
 
+def write_strip(path: str, names, models_dir: str | None, seed: int, offset: int = 10, W: int = 160, H: int = 120) -> None:
+    """A picture of frame pairs, a row per picture: gray target | reference (``offset`` frames
+    before) | the conv and full twins, the PSAL network, zero-shot psal (those there are) |
+    truth."""
+    from psal import images
+
+    available = pair_methods(models_dir, seed)
+    order = ("conv network", "full network", "psal network", "psal zero-shot")
+    methods = {k: available[k] for k in order if k in available}
+    rows = []
+    for i, name in enumerate(names):
+        truth = camera_video(name, W, H, 32, seed=1000 + i)  # the evaluation's video, its pair from frame 0
+        gray = gray_frames(truth)
+        target, reference = truth[offset : offset + 1], truth[:1]
+        outs = [fn(gray[offset : offset + 1], reference) for fn in methods.values()]
+        row = images.side_by_side([gray[offset : offset + 1].expand(1, 3, H, W), reference, *outs, target], height=H)
+        rows += [row, torch.ones(1, 3, 4, row.shape[-1])]
+    images.save_png(torch.cat(rows[:-1], 2), path)
+    print(f"strip: gray | reference | {' | '.join(methods)} | truth -> {path}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m psal.bench colour-video", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="write colour_video.md and colour_video.json into this folder")
@@ -283,6 +304,7 @@ def main(argv=None) -> int:
         "--models", help="a training run's folder (psal.pt, conv.pt, full.pt) for the frame pairs; default: the shipped network"
     )
     ap.add_argument("--pictures", nargs="+", default=None, help="the frame pairs' pictures (default: scenarios.EVAL_COLOUR)")
+    ap.add_argument("--strip", metavar="PNG", help="also write a picture of frame pairs at offset 10 (the first three pictures)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, for the test of the command")
     args = ap.parse_args(argv)
     W, H = args.size or ([40, 32] if args.dry_run else [160, 120])
@@ -315,6 +337,8 @@ def main(argv=None) -> int:
         pairs_text = pairs_report(pair_rows, pw, ph)
         print("\n" + pairs_text)
         text = (text + "\n\n" + pairs_text).strip()
+        if args.strip:
+            write_strip(args.strip, names[:3], args.models, args.seed)
     if args.out:
         import os
 

@@ -116,10 +116,11 @@ def cmd_colorize(args) -> dict:
 
     if len(args.reference) > 1:
         raise InputError(f"{len(args.reference)} references given: several references are keyframes of a video; a picture takes one")
+    model_path = _colour_checkpoint(args)
     if args.keyframes is not None:
         raise InputError("--keyframes is for a video (a video file, or a folder of frames with --video)")
     (reference_path,) = args.reference
-    check_output(args.out, [args.gray, reference_path])
+    check_output(args.out, [args.gray, reference_path] + ([args.checkpoint] if args.checkpoint else []))
     gray = read_image(args.gray, "gray image")
     reference = read_image(reference_path, "reference")
     check_reference(reference, f"reference {reference_path!r}")
@@ -127,11 +128,21 @@ def cmd_colorize(args) -> dict:
     t0 = time.perf_counter()
     out = colorize_image(
         gray, reference, device=device, seed=args.seed, patch_size=args.patch_size, k=args.k, iters=args.iters,
-        temperature_scale=args.temperature_scale, match_luminance=args.match_luminance,
+        temperature_scale=args.temperature_scale, match_luminance=args.match_luminance, checkpoint=model_path,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     write_image(out, args.out)
-    return {"command": "colorize", "output": args.out, "size": list(gray.shape[-2:]), "seconds": seconds}
+    report = {"command": "colorize", "output": args.out, "size": list(gray.shape[-2:]), "seconds": seconds}
+    return report | ({"model": model_path} if model_path else {})
+
+
+def _colour_checkpoint(args) -> str | None:
+    """The colour network's weights for ``--model`` (the shipped ones) or ``--checkpoint``."""
+    from psal.apps.colour_net import PRETRAINED_PATH
+
+    if args.match_luminance and (args.model or args.checkpoint):
+        raise InputError("--match-luminance is for the zero-shot method, not the trained network (--model, --checkpoint)")
+    return args.checkpoint or (PRETRAINED_PATH if args.model else None)
 
 
 def _keyframe_indices(text: str | None, count: int) -> list[int]:
@@ -160,8 +171,9 @@ def cmd_colorize_video(args) -> dict:
 
     if args.match_luminance:
         raise InputError("--match-luminance is for pictures; a video's keyframes are its own frames, in its own light")
+    model_path = _colour_checkpoint(args)
     key_indices = _keyframe_indices(args.keyframes, len(args.reference))
-    _check_video_output(args.out, [args.gray, *args.reference])
+    _check_video_output(args.out, [args.gray, *args.reference] + ([args.checkpoint] if args.checkpoint else []))
     keyframes = []
     for path in args.reference:
         picture = read_image(path, "keyframe")
@@ -179,7 +191,7 @@ def cmd_colorize_video(args) -> dict:
     try:
         out = colorize_video_frames(
             frames, keyframes, key_indices, device=device, seed=args.seed, patch_size=args.patch_size, k=args.k, iters=args.iters,
-            temperature_scale=args.temperature_scale, progress=progress,
+            temperature_scale=args.temperature_scale, checkpoint=model_path, progress=progress,
         )  # fmt: skip
     finally:
         if bar is not None:
@@ -196,7 +208,7 @@ def cmd_colorize_video(args) -> dict:
         "keyframes": key_indices,
         "seconds": seconds,
         "seconds_per_frame": seconds / T,
-    }
+    } | ({"model": model_path} if model_path else {})
 
 
 def cmd_inpaint(args) -> dict:
@@ -552,6 +564,8 @@ def _parser() -> argparse.ArgumentParser:
         help="move the reference's brightness and contrast to the gray image's first (for a reference taken in other light)",
     )
     p.add_argument("--keyframes", help="for a video: the frames the references show, e.g. 0,40 (default: 0, for one reference)")
+    p.add_argument("--model", action="store_true", help="use the trained colour network shipped with psal instead of the zero-shot method")
+    p.add_argument("--checkpoint", help="with the colour network of this checkpoint (python -m psal.examples.train_colorization) instead")
     p.add_argument("--video", action="store_true", help="GRAY is a folder of the frames of one video (sorted by file name)")
     p.set_defaults(run=cmd_colorize)
 

@@ -143,13 +143,22 @@ def colorize_image(
     iters: int = 6,
     temperature_scale: float = 0.5,
     match_luminance: bool = False,
+    checkpoint: str | None = None,
     progress=None,
 ) -> torch.Tensor:
     """``gray`` coloured like ``reference`` (see :func:`psal.apps.colorize.colorize`); its
-    luminance is kept (the caller checks the reference with :func:`check_reference`). ``progress``
-    is called once, at the end."""
+    luminance is kept (the caller checks the reference with :func:`check_reference`). With
+    ``checkpoint`` (a path), the trained colour network there colours it instead
+    (:mod:`psal.apps.colour_net`). ``progress`` is called once, at the end."""
     from psal.apps.colorize import colorize
 
+    if checkpoint is not None:
+        from psal.apps.colour_net import colorize_with_model
+
+        out = colorize_with_model(gray.to(device), reference.to(device), _colour_model(checkpoint, device), seed=seed)
+        if progress is not None:
+            progress(1, 1)
+        return out
     out = colorize(
         gray.to(device), reference.to(device), patch_size=patch_size, num_neighbors=k, num_iters=iters,
         temperature_scale=temperature_scale, match_luminance=match_luminance,
@@ -214,6 +223,19 @@ def inpaint_video_frames(
     return out[0].transpose(0, 1).cpu()
 
 
+def _colour_model(path: str, device: torch.device):
+    """The colour network of the checkpoint at ``path``, on ``device``; a wrong file is one line."""
+    from psal.apps.colour_net import load_pretrained
+
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path!r}: no such file")
+    try:
+        return load_pretrained(path, map_location=device)
+    except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"checkpoint {path!r}: not a colour network of psal ({first[:160]})") from None
+
+
 def colorize_video_frames(
     frames: torch.Tensor,
     keyframes: list[torch.Tensor],
@@ -225,11 +247,16 @@ def colorize_video_frames(
     k: int = 4,
     iters: int = 6,
     temperature_scale: float = 0.5,
+    checkpoint: str | None = None,
     progress=None,
 ) -> torch.Tensor:
     """``frames`` ``(T, C, H, W)`` coloured from the colour pictures ``keyframes``, which show the
     frames ``key_indices`` (:func:`psal.apps.colorize_video.colorize_video`); each frame keeps its
-    luminance (the caller checks the keyframes with :func:`check_reference`)."""
+    luminance (the caller checks the keyframes with :func:`check_reference`). With
+    ``checkpoint``, the trained colour network there colours every frame from the keyframe
+    nearest to it in time (the earlier one on a tie), brought to the frames' size."""
+    if checkpoint is not None:
+        return _colorize_frames_with_model(frames, keyframes, key_indices, _colour_model(checkpoint, device), device, seed, progress)
     from psal.apps.colorize_video import colorize_video
 
     out = colorize_video(
@@ -238,6 +265,25 @@ def colorize_video_frames(
         progress=progress,
     )  # fmt: skip
     return out.cpu()
+
+
+def _colorize_frames_with_model(frames, keyframes, key_indices, model, device, seed, progress):
+    import torch.nn.functional as F
+
+    from psal.apps.colour_net import colorize_with_model
+
+    T, _, H, W = frames.shape
+    keys = [
+        (t, key.to(device) if key.shape[-2:] == (H, W) else F.interpolate(key.to(device), size=(H, W), mode="bilinear", antialias=True))
+        for t, key in sorted(zip(key_indices, keyframes), key=lambda pair: pair[0])
+    ]
+    out = torch.empty(T, 3, H, W, dtype=torch.float32)
+    for t in range(T):
+        _, reference = min(keys, key=lambda pair: (abs(pair[0] - t), pair[0]))
+        out[t] = colorize_with_model(frames[t : t + 1].to(device), reference, model, seed=seed)[0].cpu()
+        if progress is not None:
+            progress(t + 1, T)
+    return out
 
 
 def _fill_with_model(path, image, hole, device, seed):
