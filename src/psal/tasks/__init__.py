@@ -223,17 +223,23 @@ def inpaint_video_frames(
     return out[0].transpose(0, 1).cpu()
 
 
-def _colour_model(path: str, device: torch.device):
-    """The colour network of the checkpoint at ``path``, on ``device``; a wrong file is one line."""
-    from psal.apps.colour_net import load_pretrained
-
+def _load_checkpoint(path: str, load, what: str, device: torch.device):
+    """``load(path, map_location=device)`` of a trained network's checkpoint; a missing or wrong
+    file is one line naming ``what`` the file should have been."""
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path!r}: no such file")
     try:
-        return load_pretrained(path, map_location=device)
+        return load(path, map_location=device)
     except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"checkpoint {path!r}: not a colour network of psal ({first[:160]})") from None
+        raise InputError(f"checkpoint {path!r}: not {what} ({first[:160]})") from None
+
+
+def _colour_model(path: str, device: torch.device):
+    """The colour network of the checkpoint at ``path``, on ``device``."""
+    from psal.apps.colour_net import load_pretrained
+
+    return _load_checkpoint(path, load_pretrained, "a colour network of psal", device)
 
 
 def colorize_video_frames(
@@ -290,13 +296,7 @@ def _fill_with_model(path, image, hole, device, seed):
     """One pass of the inpainting network of the checkpoint at ``path``."""
     from psal.apps.inpaint_net import inpaint_with_model, load_pretrained
 
-    if not os.path.isfile(path):
-        raise InputError(f"checkpoint {path!r}: no such file")
-    try:
-        model = load_pretrained(path, map_location=device)
-    except Exception as exc:  # torch.load and load_state_dict raise many kinds on a wrong file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"checkpoint {path!r}: not an inpainting checkpoint of psal ({first[:160]})") from None
+    model = _load_checkpoint(path, load_pretrained, "an inpainting checkpoint of psal", device)
     return inpaint_with_model(image.to(device), hole.to(device), model.to(device), seed=seed)
 
 
