@@ -128,12 +128,14 @@ def test_luminance_is_compared_as_it_is_unless_match_luminance():
     As they are, both target tones lie nearest the reference's blue; with Welsh's remapping
     (``match_luminance=True``) the reference's tones move onto the target's, red onto the dark half.
     (Hues are checked by sign: the sRGB gamut clips a colour's a and b differently at each L.)"""
-    reference = _two_tone(15, 35, (25.0, 15.0), (-5.0, -25.0))
-    target = _two_tone(40, 80, (0.0, 0.0), (0.0, 0.0))[:, :1]
+    # wide enough that the measured squares lie beyond the guided filter's reach of the step, where
+    # the edge features pair the target's step with the reference's (both tones meet there)
+    reference = _two_tone(15, 35, (25.0, 15.0), (-5.0, -25.0), size=(20, 64))
+    target = _two_tone(40, 80, (0.0, 0.0), (0.0, 0.0), size=(20, 64))[:, :1]
 
     def halves(out):
         lab = lab_from_rgb(out)
-        return lab[0, 1:, 6:14, 4:12].mean((1, 2)), lab[0, 1:, 6:14, 20:28].mean((1, 2))
+        return lab[0, 1:, 6:14, 6:18].mean((1, 2)), lab[0, 1:, 6:14, 46:58].mean((1, 2))
 
     left, right = halves(colorize(target, reference, generator=gen(0)))
     assert left[1] < -10 and right[1] < -10 and left[0] < 0 and right[0] < 0  # both blue
@@ -142,3 +144,38 @@ def test_luminance_is_compared_as_it_is_unless_match_luminance():
     assert right[1] < -10 and right[0] < 0  # blue
     with pytest.raises(TypeError, match="colorize: match_luminance must be a bool, got int"):
         colorize(target, reference, match_luminance=1)
+
+
+def test_matching_features_by_hand():
+    """``_features`` on maps whose statistics are known in closed form, away from the edges: on a
+    ramp ``L = 0.5 x + 2 y`` the local mean is L, the standard deviation over an n x n window
+    ``sqrt((0.5^2 + 2^2) var_n)`` with ``var_n = (n^2 - 1) / 12``, the gradient magnitude
+    ``sqrt(0.5^2 + 2^2)`` and the Laplacian 0; on ``L = 0.3 x^2`` the absolute 5-point Laplacian is
+    0.6. ``_feature_scale`` divides every channel to a spread of 1 over both maps."""
+    from psal.apps.colorize import _feature_scale, _features
+
+    y, x = torch.meshgrid(torch.arange(16.0, dtype=torch.float64), torch.arange(18.0, dtype=torch.float64), indexing="ij")
+    ramp = (0.5 * x + 2 * y)[None, None]
+    f = _features(ramp)
+    assert f.shape == (1, 9, 16, 18)
+    inner = (..., slice(4, -4), slice(4, -4))
+    slope2 = 0.5**2 + 2**2
+    want = [ramp]
+    for n in (3, 7):
+        want += [
+            ramp,
+            torch.full_like(ramp, (slope2 * (n * n - 1) / 12) ** 0.5),
+            torch.full_like(ramp, slope2**0.5),
+            torch.zeros_like(ramp),
+        ]
+    torch.testing.assert_close(f[inner], torch.cat(want, 1)[inner], atol=1e-9, rtol=0)
+    bowl = (0.3 * x.square())[None, None]
+    lap = _features(bowl)[:, [4, 8]]
+    torch.testing.assert_close(lap[inner], torch.full_like(lap[inner], 0.6), atol=1e-9, rtol=0)
+    # the scale: unit spread per channel over both maps; a flat channel stays finite
+    flat = torch.full((1, 1, 10, 12), 40.0, dtype=torch.float64)
+    q, k = _features(ramp), _features(flat)
+    scale = _feature_scale(q, k)
+    assert scale.shape == (1, 9, 1, 1) and bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+    pooled = torch.cat([(q / scale).flatten(2), (k / scale).flatten(2)], 2)
+    torch.testing.assert_close(pooled.std(2), torch.ones(1, 9, dtype=torch.float64), atol=1e-9, rtol=0)

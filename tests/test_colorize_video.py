@@ -95,7 +95,9 @@ def test_keyframes_of_another_size_are_brought_to_the_frames():
     frame = _picture("coffee")
     big = F.interpolate(frame, size=(96, 128), mode="bilinear")
     out = colorize_video(frame.expand(2, 3, 48, 64), [big], generator=gen(4))
-    assert chroma_psnr(out[1:], frame) > 37  # measured 40.9
+    # measured 36.6 (40.9 with the former luminance-led features); the top-left or central quarter
+    # of the big keyframe instead (its content at twice the frame's scale): 26.3 and 25.5
+    assert chroma_psnr(out[1:], frame) > 34
 
 
 def test_progress_counts_every_frame():

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import psal
 
 from .. import _checks as checks
-from .colorize import _GUIDE_EPS, _features, _guided, _luminance, _shrink, guided_upsample, lab_from_rgb, rgb_from_lab
+from .colorize import _GUIDE_EPS, _feature_scale, _features, _guided, _luminance, _shrink, guided_upsample, lab_from_rgb, rgb_from_lab
 
 # The spread of the change of luminance (L units) at which the temporal pull has fallen to e^-1.
 _STILL_SPREAD = 2.0
@@ -143,6 +143,8 @@ def colorize_video(
         key = keyframes[i].to(dt)
         labs.append(lab_from_rgb(F.interpolate(key, size=small, mode="bilinear", antialias=True) if key.shape[-2:] != small else key))
     key_feat = [_features(lab[:, :1]) for lab in labs]
+    scale = _feature_scale(*key_feat)  # every frame's features divided by the keyframes' spread
+    key_feat = [feat / scale for feat in key_feat]
     key_ab = torch.cat([lab[:, 1:] for lab in labs], 0).permute(1, 0, 2, 3).reshape(2, -1)  # (2, n * h * w)
     hw = small[0] * small[1]
     # Per coloured frame: its features and the keyframe source of each pixel's best match (what
@@ -165,12 +167,12 @@ def colorize_video(
         library = ([before[-1]] if before else []) + ([after[0]] if after else [])
         if previous not in library:
             library.append(previous)
-        q = _features(L)
+        q = _features(L) / scale
         weights, src = _match(q, [done[k] for k in library], patch_size, num_neighbors, num_iters, temperature_scale, generator)
         ab = (weights[None] * key_ab[:, src]).sum(1).view(1, 2, *small)
         ab = _guided(ab, L, _SMOOTH_RADIUS, _GUIDE_EPS)
         if temporal > 0:
-            change = L - done[previous][0][:, :1]  # the previous frame's luminance: its first feature
+            change = L - done[previous][0][:, :1] * scale[:, :1]  # the previous frame's luminance: its first feature
             pull = temporal * torch.exp(-(change / _STILL_SPREAD).square())
             ab = ab + pull * (done[previous][2] - ab)
         done[t] = (q, src[0], ab)
