@@ -10,7 +10,8 @@ the random search covers every frame of the library): the keyframe before it and
 it (those that exist: they anchor the colours, so that errors do not add up from frame to frame)
 and the frame coloured just before it (the nearest in time: whatever the motion did since the
 keyframe, it is there). Patches are compared on the luminance features of :mod:`.colorize`
-(luminance, local means and spreads). Colours are not copied from copies: a match in a coloured
+(luminance, local means, spreads and edge statistics, each divided by its spread over the
+keyframes). Colours are not copied from copies: a match in a coloured
 frame is followed to the keyframe pixel that frame's pixel took its colour from (each coloured
 frame keeps, per pixel, the keyframe source of its best match), so every frame's chroma is a
 softmax-weighted mean of keyframe chroma at its ``k`` matches' sources. Copying the previous
