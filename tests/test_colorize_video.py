@@ -100,6 +100,32 @@ def test_keyframes_of_another_size_are_brought_to_the_frames():
     assert chroma_psnr(out[1:], frame) > 34
 
 
+def test_re_anchoring_never_moves_a_source_to_a_worse_keyframe_patch():
+    """``_anchor`` searches the keyframes from the followed sources: every source's cost against
+    the keyframes (recomputed directly by ``psal.patch_costs``) is at most the cost of where it
+    started, best first, and sources knocked one pixel off move back toward the true ones."""
+    import psal
+    from psal.apps.colorize_video import _anchor
+
+    g = gen(6)
+    h, w, k = 14, 18, 3
+    keys = torch.rand(1, 5, 2, h, w, generator=g, dtype=torch.float64)  # two keyframes
+    q = keys[:, :, 1] + 0.01 * torch.rand(1, 5, h, w, generator=g, dtype=torch.float64)  # near keyframe 1
+    true = h * w + torch.arange(h * w)  # keyframe 1, same position
+    off = true.clone()
+    cols = torch.arange(h * w) % w
+    off[cols < w - 1] += 1  # one pixel to the right
+    start = torch.stack([off, torch.randint(0, 2 * h * w, (h * w,), generator=g), torch.randint(0, 2 * h * w, (h * w,), generator=g)])
+    cost, src = _anchor(q, keys, start, 5, gen(7))
+    assert cost.shape == src.shape == (k, h * w) and src.dtype == torch.int64
+    direct = psal.patch_costs(q[:, :, None], keys, src.view(1, 1, k, 1, h, w), patch_size=(1, 5, 5)).view(k, -1)
+    torch.testing.assert_close(cost, direct.to(cost.dtype), rtol=1e-5, atol=1e-6)
+    before = psal.patch_costs(q[:, :, None], keys, start.view(1, 1, k, 1, h, w), patch_size=(1, 5, 5)).view(k, -1)
+    assert bool((cost[0] <= before.min(0).values + 1e-6).all())  # the best is never worse than the best start
+    assert bool((cost[:-1] <= cost[1:] + 1e-6).all())  # best first
+    assert float((src[0] == true).double().mean()) > 2 * float((off == true).double().mean())
+
+
 def test_progress_counts_every_frame():
     video = _picture("coffee").expand(4, 3, 48, 64)
     calls = []
