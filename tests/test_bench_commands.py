@@ -334,3 +334,41 @@ def test_bench_colour_video_dry_run(tmp_path, capsys):
     assert {(r["offset"], r["start"]) for r in pairs} == {(1, 0), (10, 0)}
     assert {"psal zero-shot", "welsh+levin", "mean colour"} <= {r["method"] for r in pairs}
     assert all(r["chroma_psnr"] > 15 and r["delta_e"] > 0 for r in pairs) and "**Colour from a reference frame**" in out
+    assert "split by the videos' known motion" in out
+    assert all(len(r["visible_thirds_db"]) == 3 and len(r["new_thirds_db"]) == 3 for r in rows.values())
+
+
+def test_keyframe_visibility_follows_the_videos_content():
+    """``keyframe_visible``: on the drift, a pixel marked shown in frame t has frame 0's content at
+    its shifted place (frame 0 read bilinearly there; the frames are bilinear reads of one picture,
+    so up to resampling), the others lie past frame 0's edge; on the pan, frame 0 is all shown and
+    the shown share of the last frame is the overlap of its window with frame 0's, by hand."""
+    import torch
+    import torch.nn.functional as F
+
+    from psal.bench import colour_video, video
+
+    W, H, T = 80, 60, 30
+    truth = colour_video.make_colour_video("drift", W, H, T)
+    shown = colour_video.keyframe_visible("drift", W, H, T)
+    assert shown.shape == (T, H, W) and bool(shown[0].all()) and not bool(shown[-1].all())
+    vx, vy = video.drift_velocity(W, H)
+    t = T - 1
+    ys = torch.arange(H, dtype=torch.float64)[:, None] + vy * t
+    xs = torch.arange(W, dtype=torch.float64)[None, :] + vx * t
+    grid = torch.stack([((2 * xs + 1) / W - 1).expand(H, W), ((2 * ys + 1) / H - 1).expand(H, W)], -1)[None].float()
+    read = F.grid_sample(truth[:1], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+    err = (read - truth[t]).abs().mean(0)
+    assert float(err[shown[t]].mean()) < 0.02 and float(err[shown[t]].mean()) * 3 < float(err[~shown[t]].mean())
+    assert bool((ys.expand(H, W)[~shown[t]] > H - 1).logical_or(xs.expand(H, W)[~shown[t]] > W - 1).all())
+    # the pan: windows (top, left, height, width) on its picture
+    pan = colour_video.keyframe_visible("pan", W, H, T)
+    from psal import images
+
+    boxes = video.pan_boxes(W, H, T, *images.load_bundled(video.PAN_PICTURE).shape[-2:])
+    (y0, x0, h0, w0), (y1, x1, h1, w1) = boxes[0], boxes[-1]
+    overlap = max(0, min(y0 + h0, y1 + h1) - max(y0, y1)) * max(0, min(x0 + w0, x1 + w1) - max(x0, x1)) / (h1 * w1)
+    assert bool(pan[0].all()) and abs(float(pan[-1].double().mean()) - overlap) < 0.03
+    assert colour_video.keyframe_visible("parallax", W, H, T) is None
+    ret = colour_video.keyframe_visible("return", W, H, T)
+    assert torch.equal(ret[T // 2 :], ret[: T // 2].flip(0)) and bool(ret[-1].all())

@@ -23,6 +23,9 @@ of the video after the keyframe (frames 1 to T/3 - 1, T/3 to 2T/3 - 1, 2T/3 to T
 CIEDE2000; flicker, the mean over every pixel and frame of ``|(ab_t - ab_{t-1}) - (truth_t -
 truth_{t-1})|`` in Lab units; seconds per frame. The goal of issue 31: on the mean over the
 videos, psal-video's last third at most 2 dB below its first third (colour does not drain away).
+Where the motion is known (``drift``, ``pan``, ``return``: :func:`keyframe_visible`), the thirds
+are also scored apart over the pixels whose content frame 0 shows and over the new ones, which
+tells colour lost along the way from content no keyframe showed.
 
 Frame pairs (``--pairs``, issue 31's evaluation of the trained colour network): a camera moving
 over each colour photograph of ``scenarios.EVAL_COLOUR`` that imports here (pictures the network
@@ -67,6 +70,32 @@ def make_colour_video(kind: str, W: int, H: int, T: int) -> torch.Tensor:
     return clip[0].transpose(0, 1).contiguous()
 
 
+def keyframe_visible(kind: str, W: int, H: int, T: int) -> torch.Tensor | None:
+    """``(T, H, W)`` bool: the pixels whose content frame 0 shows too (from the videos' known
+    motion), for ``drift``, ``pan`` and ``return``; ``None`` for ``parallax`` (not computed)."""
+    from psal.bench import video
+
+    if kind == "drift":
+        vx, vy = video.drift_velocity(W, H)
+        t = torch.arange(T, dtype=torch.float64)[:, None, None]
+        i = torch.arange(H, dtype=torch.float64)[None, :, None]
+        j = torch.arange(W, dtype=torch.float64)[None, None, :]
+        return (i + vy * t <= H - 1) & (j + vx * t <= W - 1)
+    if kind == "pan":
+        from psal import images
+
+        boxes = torch.tensor(video.pan_boxes(W, H, T, *images.load_bundled(video.PAN_PICTURE).shape[-2:]), dtype=torch.float64)
+        y0, x0, ch, cw = (boxes[:, c, None, None] for c in range(4))
+        py = y0 + (torch.arange(H, dtype=torch.float64)[None, :, None] + 0.5) * ch / H  # picture point of each pixel
+        px = x0 + (torch.arange(W, dtype=torch.float64)[None, None, :] + 0.5) * cw / W
+        return (py >= y0[0]) & (py <= y0[0] + ch[0]) & (px >= x0[0]) & (px <= x0[0] + cw[0])
+    if kind == "return":
+        there = keyframe_visible("pan", W, H, (T + 1) // 2)
+        assert there is not None
+        return torch.cat([there, there.flip(0)])[:T].contiguous()
+    return None
+
+
 def gray_frames(frames: torch.Tensor) -> torch.Tensor:
     """``(T, 1, H, W)``: the sRGB gray of each pixel's relative luminance Y, so that the gray's
     CIE L is the colour pixel's own."""
@@ -91,25 +120,43 @@ def colour(method: str, truth: torch.Tensor, seed: int) -> torch.Tensor:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def scores(out: torch.Tensor, truth: torch.Tensor) -> dict:
-    """Chroma PSNR per third after frame 0, mean CIEDE2000 and chroma flicker (module docstring)."""
+def _thirds(T: int) -> list[range]:
+    edges = [1, max(T // 3, 2), max(2 * T // 3, 3), T]
+    return [range(a, min(max(b, a + 1), T)) for a, b in zip(edges, edges[1:])]
+
+
+def _region_psnr(sq: torch.Tensor, region: torch.Tensor, frames: range) -> float | None:
+    """The mean over ``frames`` of each frame's chroma PSNR over its ``region`` pixels (``sq``: the
+    squared a, b errors summed, ``(T, H, W)``); frames with no such pixel are left out."""
+    psnr = [float(10 * torch.log10(256.0**2 / (sq[t][region[t]].mean() / 2).clamp_min(1e-12))) for t in frames if bool(region[t].any())]
+    return sum(psnr) / len(psnr) if psnr else None
+
+
+def scores(out: torch.Tensor, truth: torch.Tensor, visible: torch.Tensor | None = None) -> dict:
+    """Chroma PSNR per third after frame 0, mean CIEDE2000 and chroma flicker (module docstring);
+    given ``visible`` (``(T, H, W)`` bool, :func:`keyframe_visible`), also the thirds' chroma PSNR
+    over the pixels whose content frame 0 shows and over the others."""
     from psal.apps.colorize import lab_from_rgb
     from psal.apps.metrics import chroma_psnr, mean_delta_e
 
     T = len(truth)
-    edges = [1, max(T // 3, 2), max(2 * T // 3, 3), T]
     thirds = []
-    for a, b in zip(edges, edges[1:]):
-        psnr = [chroma_psnr(out[t : t + 1], truth[t : t + 1]) for t in range(a, max(b, a + 1)) if t < T]
+    for frames in _thirds(T):
+        psnr = [chroma_psnr(out[t : t + 1], truth[t : t + 1]) for t in frames]
         thirds.append(sum(psnr) / len(psnr))
     ab, abt = lab_from_rgb(out)[:, 1:], lab_from_rgb(truth)[:, 1:]
     flicker = float(((ab[1:] - ab[:-1]) - (abt[1:] - abt[:-1])).abs().mean()) if T > 1 else 0.0
-    return {
+    result = {
         "chroma_psnr_thirds_db": thirds,
         "drop_db": thirds[0] - thirds[-1],
         "delta_e": sum(mean_delta_e(out[t : t + 1], truth[t : t + 1]) for t in range(1, T)) / max(T - 1, 1),
         "flicker": flicker,
     }
+    if visible is not None:
+        sq = (ab - abt).square().sum(1)
+        result["visible_thirds_db"] = [_region_psnr(sq, visible, f) for f in _thirds(T)]
+        result["new_thirds_db"] = [_region_psnr(sq, ~visible, f) for f in _thirds(T)]
+    return result
 
 
 def report(rows: list[dict], W: int, H: int, T: int) -> tuple[str, dict]:
@@ -128,6 +175,26 @@ def report(rows: list[dict], W: int, H: int, T: int) -> tuple[str, dict]:
                       "flicker": avg("flicker"), "seconds_per_frame": avg("seconds_per_frame")})  # fmt: skip
         lines.append([f"**mean of {len(mine)}**", m, *(f"{x:.2f}" for x in thirds), f"{thirds[0] - thirds[-1]:.2f}",
                       f"{avg('delta_e'):.2f}", f"{avg('flicker'):.3f}", f"{avg('seconds_per_frame'):.3f}"])  # fmt: skip
+    split = [r for r in rows if r.get("visible_thirds_db")]
+    split_text = ""
+    if split:
+
+        def cell(x):
+            return "–" if x is None else f"{x:.2f}"
+
+        split_lines = [
+            [r["video"], r["method"], *(cell(x) for x in r["visible_thirds_db"]),
+             cell(None if None in (r["visible_thirds_db"][0], r["visible_thirds_db"][-1]) else r["visible_thirds_db"][0] - r["visible_thirds_db"][-1]),
+             *(cell(x) for x in r["new_thirds_db"])]
+            for r in split
+        ]  # fmt: skip
+        split_text = (
+            "\n\nThe same, split by the videos' known motion: the pixels whose content frame 0 shows too (what colour can be "
+            "followed to) and the others (new content, coloured from look-alike patches); chroma PSNR by thirds\n\n"
+            + common.markdown_table(
+                ["video", "method", "shown: 1st third", "2nd", "last", "drop dB", "new: 1st third", "2nd", "last"], split_lines
+            )
+        )
     ours = next((m for m in means if m["method"] == "psal-video"), None)
     goal = {"drop_at_most_db": GOAL_DROP_DB, "drop_db": None if ours is None else ours["drop_db"]}
     goal["holds"] = ours is not None and ours["drop_db"] <= GOAL_DROP_DB
@@ -142,6 +209,7 @@ def report(rows: list[dict], W: int, H: int, T: int) -> tuple[str, dict]:
             else f"Goal of issue 31 (psal-video's last third at most {GOAL_DROP_DB:.0f} dB below its first, mean over the videos): "
             f"{ours['drop_db']:.2f} dB: " + ("holds." if goal["holds"] else "does not hold.")
         )
+        + split_text
     )
     return text, {"means": means, "goal": goal}
 
@@ -319,7 +387,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             out = colour(m, truth, args.seed)
             seconds = time.perf_counter() - t0
-            row = {"video": v, "method": m, "seconds_per_frame": seconds / T, **scores(out, truth)}
+            row = {"video": v, "method": m, "seconds_per_frame": seconds / T, **scores(out, truth, keyframe_visible(v, W, H, T))}
             rows.append(row)
             print(f"  {v} {m}: thirds " + " ".join(f"{x:.2f}" for x in row["chroma_psnr_thirds_db"]) + f" dB, {seconds:.1f} s",
                   file=sys.stderr, flush=True)  # fmt: skip

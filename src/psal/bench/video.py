@@ -96,12 +96,13 @@ def _translated(picture: torch.Tensor, top: torch.Tensor, left: torch.Tensor, H:
     return out.clamp(0, 1)
 
 
-def _pan(W: int, H: int, T: int) -> torch.Tensor:
-    from psal import images
+PAN_PICTURE = "coffee"
 
-    pic = images.load_bundled("coffee")  # (1, 3, 400, 600)
-    Hp, Wp = pic.shape[-2:]
-    frames = []
+
+def pan_boxes(W: int, H: int, T: int, Hp: int, Wp: int) -> list[tuple[int, int, int, int]]:
+    """The ``pan``'s window on its ``Hp x Wp`` picture in each frame: ``(top, left, height,
+    width)``, each resized to ``H x W`` (a pan to the right with a 12% zoom in)."""
+    boxes = []
     for r in _ramp(T).tolist():
         zoom = 1 - 0.12 * r
         ch = min(Hp, round(0.75 * Hp * zoom))
@@ -109,7 +110,15 @@ def _pan(W: int, H: int, T: int) -> torch.Tensor:
         cx, cy = (0.36 + 0.24 * r) * Wp, (0.5 + 0.04 * r) * Hp
         x0 = min(max(round(cx - cw / 2), 0), Wp - cw)
         y0 = min(max(round(cy - ch / 2), 0), Hp - ch)
-        frames.append(images.resize(pic[..., y0 : y0 + ch, x0 : x0 + cw], (H, W))[0])
+        boxes.append((y0, x0, ch, cw))
+    return boxes
+
+
+def _pan(W: int, H: int, T: int) -> torch.Tensor:
+    from psal import images
+
+    pic = images.load_bundled(PAN_PICTURE)  # (1, 3, 400, 600)
+    frames = [images.resize(pic[..., y0 : y0 + ch, x0 : x0 + cw], (H, W))[0] for y0, x0, ch, cw in pan_boxes(W, H, T, *pic.shape[-2:])]
     return torch.stack(frames, 1)[None].contiguous()
 
 
@@ -117,12 +126,18 @@ def _drift(W: int, H: int, T: int) -> torch.Tensor:
     return drift_over(W, H, T, "brick")
 
 
+def drift_velocity(W: int, H: int) -> tuple[float, float]:
+    """The drift's motion, ``(vx, vy)`` pixels a frame: frame ``t``'s pixel ``(i, j)`` shows what
+    frame 0 shows at ``(i + vy t, j + vx t)``."""
+    return 0.6 * W / 160, 0.25 * H / 120
+
+
 def drift_over(W: int, H: int, T: int, picture: str) -> torch.Tensor:
     """``(1, 3, T, H, W)``: the bundled ``picture``, as a square, drifting by 0.6 and 0.25 pixels
     a frame at 160 x 120 (``drift`` is the gray ``brick``)."""
     from psal import images
 
-    vx, vy = 0.6 * W / 160, 0.25 * H / 120  # pixels a frame
+    vx, vy = drift_velocity(W, H)
     side = max(round(1.6 * max(W, H)), W + math.ceil(vx * T) + 4, H + math.ceil(vy * T) + 4)
     tex = images.load_bundled(picture, side)
     x0, y0 = (side - W - vx * (T - 1)) / 2, (side - H - vy * (T - 1)) / 2
