@@ -121,11 +121,12 @@ def _features(L: torch.Tensor) -> torch.Tensor:
 
 
 def _feature_scale(*maps: torch.Tensor) -> torch.Tensor:
-    """``(1, F, 1, 1)``: each feature channel's standard deviation over all the pixels of ``maps``
-    (``(1, F, ...)`` each), floored; patches are compared on the features divided by it, so that
-    every channel (brightness, contrast, edges) spreads alike whatever its units."""
-    flat = torch.cat([m.reshape(m.shape[1], -1) for m in maps], 1)
-    return flat.std(1).clamp_min(1e-3).view(1, -1, 1, 1)
+    """``(B, F, 1, 1)``: each feature channel's standard deviation over all the pixels of ``maps``
+    (``(B, F, ...)`` each), per batch element, floored; patches are compared on the features
+    divided by it, so that every channel (brightness, contrast, edges) spreads alike whatever its
+    units."""
+    flat = torch.cat([m.flatten(2) for m in maps], 2)
+    return flat.std(2).clamp_min(1e-3)[..., None, None]
 
 
 def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:

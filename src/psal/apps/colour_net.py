@@ -5,7 +5,10 @@ cross-attention (the experiment of the PSAL authors' code history), and its two 
 
 - matching features, learnt: one small convolutional encoder (shared, siamese) maps the target's
   luminance and the reference's to ``features`` channels; the query is the target's, the key the
-  reference's;
+  reference's. With ``hand_features`` (the default) the encoder also reads the zero-shot
+  colorizer's luminance statistics (``psal.apps.colorize._features``, each channel divided by
+  its spread over the pair); they are added in a second stage of training, to a network trained
+  without them (trained with them from the start, it learnt to match far worse);
 - the value: the reference's chroma (a, b) and ``values - 2`` learnt channels of the reference's
   Lab;
 - what the reference brings to each target pixel (its key features and value), by the mixer,
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +46,17 @@ from torch import nn
 
 from ..functional import full_attention
 from ..nn import PSAttention
-from .colorize import _luminance, lab_from_rgb, rgb_from_lab
+from .colorize import _feature_scale, _features, _luminance, lab_from_rgb, rgb_from_lab
 
-__all__ = ["ColourNet", "MIXERS", "PRETRAINED_PATH", "colorize_with_model", "load_pretrained"]
+__all__ = ["ColourNet", "MIXERS", "PRETRAINED_PATH", "colorize_with_model", "load_pretrained", "with_hand_features"]
 
 MIXERS = ("psal", "conv", "full")
 PRETRAINED_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "colour_psal.pt")
 _FN = "psal.apps.ColourNet"
 # Lab units per unit of the network's chroma channels.
 _AB_SCALE = 100.0
+# The zero-shot colorizer's luminance statistics that ``hand_features`` adds to the encoder's input.
+HAND_FEATURES = 9
 
 
 def _conv(cin: int, cout: int) -> nn.Module:
@@ -66,6 +72,8 @@ class ColourNet(nn.Module):
         features: channels of the matching features (query and key).
         values: channels of the value (the reference's a and b, and ``values - 2`` learnt).
         patch_size, num_neighbors: of the attention (``"psal"`` and ``"full"``).
+        hand_features: the encoder also reads the zero-shot colorizer's luminance statistics of
+            the pair (False: the luminance only).
 
     Shapes:
         ``forward(target, reference)``: target ``(B, 1 or 3, H, W)`` in ``[0, 1]`` (read for its
@@ -82,6 +90,7 @@ class ColourNet(nn.Module):
         patch_size: int = 5,
         num_neighbors: int = 4,
         full_stride: int = 2,
+        hand_features: bool = True,
     ) -> None:
         super().__init__()
         if mixer not in MIXERS:
@@ -90,12 +99,15 @@ class ColourNet(nn.Module):
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{_FN}: {name} must be an int >= {low}, got {v!r}")
         self.mixer_kind = mixer
-        self.config = dict(
+        self.config: dict[str, Any] = dict(
             mixer=mixer, width=width, features=features, values=values, patch_size=patch_size, num_neighbors=num_neighbors,
-            full_stride=full_stride,
+            full_stride=full_stride, hand_features=hand_features,
         )  # fmt: skip
         self.features, self.full_stride = features, full_stride
-        self.encode = nn.Sequential(_conv(1, width), _conv(width, width), nn.Conv2d(width, features, 3, padding=1))
+        self.hand_features = hand_features
+        self.encode = nn.Sequential(
+            _conv(1 + HAND_FEATURES * hand_features, width), _conv(width, width), nn.Conv2d(width, features, 3, padding=1)
+        )
         self.value = nn.Sequential(_conv(3, width), nn.Conv2d(width, values - 2, 3, padding=1))
         self.attention: PSAttention | None = None
         if mixer == "psal":
@@ -113,7 +125,12 @@ class ColourNet(nn.Module):
         if self.mixer_kind == "conv" and ref.shape[-2:] != L.shape[-2:]:
             ref = F.interpolate(ref, size=L.shape[-2:], mode="bilinear", antialias=True, align_corners=False)
         Lr, ab_r = ref[:, :1] / 100, ref[:, 1:] / _AB_SCALE
-        q, k = self.encode(L), self.encode(Lr)
+        if self.hand_features:
+            fq, fk = _features(L * 100), _features(Lr * 100)
+            scale = _feature_scale(fq, fk)
+            q, k = self.encode(torch.cat([L, fq / scale], 1)), self.encode(torch.cat([Lr, fk / scale], 1))
+        else:
+            q, k = self.encode(L), self.encode(Lr)
         v = torch.cat([k, ab_r, self.value(torch.cat([Lr, ab_r], 1))], 1)  # what a match brings
         if self.attention is not None:
             brought = self.attention(q, k, v)
@@ -143,6 +160,20 @@ def _check(target, reference) -> None:
         )
 
 
+def with_hand_features(model: ColourNet) -> ColourNet:
+    """A copy of ``model`` (trained without ``hand_features``) that reads them, computing what
+    ``model`` computes: every weight copied, the encoder's first convolution given zero weights
+    for the new input channels (the second stage of ``python -m psal.examples.train_colorization``)."""
+    if model.hand_features:
+        raise ValueError(f"with_hand_features: the model reads them already ({model.config})")
+    out = ColourNet(**(model.config | {"hand_features": True}))
+    state = dict(model.state_dict())
+    w = state["encode.0.0.weight"]
+    state["encode.0.0.weight"] = torch.cat([w, w.new_zeros(w.shape[0], HAND_FEATURES, *w.shape[2:])], 1)
+    out.load_state_dict(state)
+    return out
+
+
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -160,7 +191,7 @@ def load_pretrained(path: str | None = None, map_location: str | torch.device = 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_pretrained: no weights at {path!r}")
     saved = torch.load(path, map_location=map_location, weights_only=True)
-    model = ColourNet(**saved["config"])
+    model = ColourNet(**{"hand_features": False} | saved["config"])  # a config from before the option: without
     model.load_state_dict(saved["model"])
     return model.eval()
 

@@ -4,7 +4,9 @@ same data, steps and optimiser.
 
     python -m psal.examples.train_colorization                          # the three models, one after the other
     python -m psal.examples.train_colorization --models psal --minutes 30 --out runs/colour
-    python -m psal.examples.train_colorization --export runs/colour/psal.pt src/psal/weights/colour_psal.pt
+    python -m psal.examples.train_colorization --models psal conv --steps 1200 --lr 5e-4 \
+        --hand-features-from runs/colour --out runs/colour2     # the second stage
+    python -m psal.examples.train_colorization --export runs/colour2/psal.pt src/psal/weights/colour_psal.pt
 
 Data, made here, never from the pictures of the evaluation (``psal.apps.scenarios.EVAL_COLOUR``,
 the photographs that ``python -m psal.bench apps`` and the video colour benchmark use): pairs
@@ -19,6 +21,13 @@ cells, a page of text) each coloured with random palettes: their quantised, blur
 levels take random colours, plus a smooth random chroma field. A network that colours by copying
 the colours its matches point to does not need the colours of the world, only matching; a
 network that paints colours it learnt by heart learns nothing it can use on new pictures here.
+
+Two stages: the models are trained first on the luminance alone (``ColourNet(hand_features=
+False)``), then given the zero-shot colorizer's luminance statistics as extra encoder inputs
+(:func:`psal.apps.colour_net.with_hand_features`: zero weights for them at first, so the second
+stage starts from what the first learnt) and trained on with ``--hand-features-from``. With the
+statistics from the first step, the PSAL network learnt to match far worse (validation 21.5 dB at
+4,000 steps against 23.6).
 
 Loss: the mean squared error of the chroma (a, b in units of 100). Adam, cosine decay of the
 learning rate. Every model gets the same batches (the same seed) and ``--steps`` steps (or as
@@ -42,7 +51,7 @@ import torch.nn.functional as F
 
 from psal import images
 from psal.apps.colorize import lab_from_rgb, rgb_from_lab
-from psal.apps.colour_net import MIXERS, ColourNet, chroma_psnr_ab, mse_ab, parameter_count
+from psal.apps.colour_net import MIXERS, ColourNet, chroma_psnr_ab, load_pretrained, mse_ab, parameter_count, with_hand_features
 
 COLOUR_SOURCES = ("motorcycle_left", "motorcycle_right", "colorwheel")
 GRAY_SOURCES = ("brick", "grass", "gravel", "camera", "clock", "coins", "moon", "cell", "page", "text")
@@ -135,10 +144,11 @@ class Pairs:
 
 
 def train(mixer: str, steps: int, batch: int, crop: int, lr: float, seed: int, device: torch.device, minutes: float | None,
-          log_every: int = 50) -> tuple[ColourNet, dict]:  # fmt: skip
-    """One model; returns it and its record (losses, validation curve, steps done, seconds)."""
+          log_every: int = 50, init: ColourNet | None = None) -> tuple[ColourNet, dict]:  # fmt: skip
+    """One model (``init``: go on training that one); returns it and its record (losses,
+    validation curve, steps done, seconds)."""
     torch.manual_seed(seed)
-    model = ColourNet(mixer).to(device)
+    model = (ColourNet(mixer, hand_features=False) if init is None else init).to(device).train()
     if model.attention is not None:
         model.attention.generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -207,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="runs/colour")
     ap.add_argument("--export", nargs=2, metavar=("CHECKPOINT", "DEST"), help="write the shipped weights of a checkpoint and stop")
+    ap.add_argument("--hand-features-from", metavar="DIR",
+                    help="the second stage: each model's checkpoint in DIR (a first run), given the hand features and trained on")  # fmt: skip
     args = ap.parse_args(argv)
     if args.export:
         export(*args.export)
@@ -215,7 +227,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     steps, minutes, report = args.steps, args.minutes, {}
     for mixer in args.models:
-        model, record = train(mixer, steps, args.batch, args.crop, args.lr, args.seed, device, minutes)
+        init = None
+        if args.hand_features_from:
+            init = with_hand_features(load_pretrained(os.path.join(args.hand_features_from, f"{mixer}.pt")))
+        model, record = train(mixer, steps, args.batch, args.crop, args.lr, args.seed, device, minutes, init=init)
         steps, minutes = record["steps"], None  # the same step budget for the twins
         _save(os.path.join(args.out, f"{mixer}.pt"), model, record)
         report[mixer] = {k: v for k, v in record.items() if k != "loss"} | {"loss_every_50": record["loss"][::50]}
