@@ -46,7 +46,7 @@ from torch import nn
 
 from ..functional import full_attention
 from ..nn import PSAttention
-from .colorize import _feature_scale, _features, _luminance, lab_from_rgb, rgb_from_lab
+from .colorize import _FEATURE_CHANNELS, _feature_scale, _features, _luminance, lab_from_rgb, rgb_from_lab
 
 __all__ = ["ColourNet", "MIXERS", "PRETRAINED_PATH", "colorize_with_model", "load_pretrained", "with_hand_features"]
 
@@ -56,7 +56,7 @@ _FN = "psal.apps.ColourNet"
 # Lab units per unit of the network's chroma channels.
 _AB_SCALE = 100.0
 # The zero-shot colorizer's luminance statistics that ``hand_features`` adds to the encoder's input.
-HAND_FEATURES = 9
+HAND_FEATURES = _FEATURE_CHANNELS
 
 
 def _conv(cin: int, cout: int) -> nn.Module:

@@ -70,6 +70,18 @@ def make_colour_video(kind: str, W: int, H: int, T: int) -> torch.Tensor:
     return clip[0].transpose(0, 1).contiguous()
 
 
+def _pan_visible(W: int, H: int, T: int) -> torch.Tensor:
+    """``(T, H, W)`` bool: the pan's pixels whose picture point lies in frame 0's window."""
+    from psal import images
+    from psal.bench import video
+
+    boxes = torch.tensor(video.pan_boxes(W, H, T, *images.load_bundled(video.PAN_PICTURE).shape[-2:]), dtype=torch.float64)
+    y0, x0, ch, cw = (boxes[:, c, None, None] for c in range(4))
+    py = y0 + (torch.arange(H, dtype=torch.float64)[None, :, None] + 0.5) * ch / H  # picture point of each pixel
+    px = x0 + (torch.arange(W, dtype=torch.float64)[None, None, :] + 0.5) * cw / W
+    return (py >= y0[0]) & (py <= y0[0] + ch[0]) & (px >= x0[0]) & (px <= x0[0] + cw[0])
+
+
 def keyframe_visible(kind: str, W: int, H: int, T: int) -> torch.Tensor | None:
     """``(T, H, W)`` bool: the pixels whose content frame 0 shows too (from the videos' known
     motion), for ``drift``, ``pan`` and ``return``; ``None`` for ``parallax`` (not computed)."""
@@ -82,16 +94,9 @@ def keyframe_visible(kind: str, W: int, H: int, T: int) -> torch.Tensor | None:
         j = torch.arange(W, dtype=torch.float64)[None, None, :]
         return (i + vy * t <= H - 1) & (j + vx * t <= W - 1)
     if kind == "pan":
-        from psal import images
-
-        boxes = torch.tensor(video.pan_boxes(W, H, T, *images.load_bundled(video.PAN_PICTURE).shape[-2:]), dtype=torch.float64)
-        y0, x0, ch, cw = (boxes[:, c, None, None] for c in range(4))
-        py = y0 + (torch.arange(H, dtype=torch.float64)[None, :, None] + 0.5) * ch / H  # picture point of each pixel
-        px = x0 + (torch.arange(W, dtype=torch.float64)[None, None, :] + 0.5) * cw / W
-        return (py >= y0[0]) & (py <= y0[0] + ch[0]) & (px >= x0[0]) & (px <= x0[0] + cw[0])
+        return _pan_visible(W, H, T)
     if kind == "return":
-        there = keyframe_visible("pan", W, H, (T + 1) // 2)
-        assert there is not None
+        there = _pan_visible(W, H, (T + 1) // 2)
         return torch.cat([there, there.flip(0)])[:T].contiguous()
     return None
 
